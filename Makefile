@@ -1,0 +1,26 @@
+# `make test` and `make demo` each build .venv from nothing on a fresh machine, then run.
+# torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plots]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest tests -n 2 --dist loadfile
+
+demo: $(STAMP)
+	$(VENV)/bin/jaxlens demo --out demo_out
+
+bench: $(STAMP)
+	$(VPY) benchmarks/forward.py
+
+clean:
+	rm -rf $(VENV) demo_out

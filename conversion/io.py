@@ -1,0 +1,134 @@
+"""Reading HF checkpoint folders with numpy: config.json, (sharded) safetensors, .bin via torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, needed by safetensors.numpy)
+import numpy as np
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be converted; the message says what and how to fix."""
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no config.json: pass a HuggingFace model folder (save_pretrained output) or a jaxlens converted folder")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e}); re-save the model with save_pretrained") from e
+
+
+def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(
+            f"cannot read {file}: {e}. The file is truncated or corrupt; re-download or re-save it"
+        ) from e
+
+
+def _load_bin(file: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            f"{file} is a PyTorch .bin checkpoint and torch is not installed: pip install 'jaxlens[torch]', "
+            "or convert the checkpoint to safetensors"
+        ) from e
+    try:
+        sd = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file} with torch.load(weights_only=True): {e}") from e
+    out = {}
+    for k, v in sd.items():
+        if v.dtype == torch.bfloat16:
+            out[k] = v.float().numpy().astype(ml_dtypes.bfloat16)
+        else:
+            out[k] = v.numpy()
+    return out
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder: model.safetensors, a sharded index, or .bin files."""
+    path = Path(path)
+    idx = path / "model.safetensors.index.json"
+    if idx.is_file():
+        try:
+            weight_map = json.loads(idx.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{idx} is not a valid safetensors index ({e})") from e
+        out: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            f = path / shard
+            if not f.is_file():
+                raise CheckpointError(f"{idx} names shard {shard!r}, which is missing from {path}")
+            out.update(_load_safetensors(f))
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise CheckpointError(f"tensors listed in {idx.name} are in no shard: {missing[:5]}")
+        return out
+    single = path / "model.safetensors"
+    if single.is_file():
+        return _load_safetensors(single)
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        out = {}
+        for f in bins:
+            out.update(_load_bin(f))
+        return out
+    raise CheckpointError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+class Tensors:
+    """Checked access to a checkpoint's tensors: each `take` verifies shape and marks it used."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], dtype: Any, source: str = "checkpoint"):
+        self._t = tensors
+        self._used: set[str] = set()
+        self.dtype = dtype
+        self.source = source
+
+    def has(self, name: str) -> bool:
+        return name in self._t
+
+    def take(self, name: str, shape: Iterable[int]) -> np.ndarray:
+        shape = tuple(int(s) for s in shape)
+        if name not in self._t:
+            raise CheckpointError(
+                f"tensor {name!r} is missing from {self.source}; the file is incomplete or its "
+                "config.json describes a different model"
+            )
+        a = self._t[name]
+        if tuple(a.shape) != shape:
+            raise CheckpointError(
+                f"tensor {name!r} in {self.source} has shape {tuple(a.shape)} but config.json implies {shape}; "
+                "the weights and config.json disagree"
+            )
+        self._used.add(name)
+        return np.asarray(a).astype(np.float32) if a.dtype != np.float32 else np.asarray(a)
+
+    def leftovers(self, ignore: tuple[str, ...] = ()) -> list[str]:
+        return sorted(k for k in self._t if k not in self._used and not any(s in k for s in ignore))
+
+
+def cast_tree(tree: Any, dtype: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: cast_tree(v, dtype) for k, v in tree.items()}
+    return np.asarray(tree).astype(dtype)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

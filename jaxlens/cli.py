@@ -1,0 +1,110 @@
+"""The `jaxlens` command: convert checkpoints, run a prompt, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def default_model() -> Path:
+    """The model shipped inside the package (see `jaxlens.assets`)."""
+    from jaxlens.assets import model_dir
+
+    return model_dir()
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    import jaxlens
+
+    m = jaxlens.from_pretrained(a.src, dtype=a.dtype)
+    out = m.save(a.dst)
+    n = sum(x.size for x in __import__("jax").tree.leaves(m.params))
+    print(f"converted {a.src} ({m.cfg.model_type}, {m.cfg.n_layers} layers, {n:,} parameters, {a.dtype}) -> {out}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    import jaxlens
+
+    path = Path(a.model) if a.model else default_model()
+    m = jaxlens.from_pretrained(path, dtype=a.dtype)
+    if a.tokens:
+        toks = np.array([[int(t) for t in a.tokens.split(",")]], np.int32)
+        text_toks = None
+    else:
+        toks = np.asarray(m.to_tokens(a.prompt))
+        text_toks = m.to_str_tokens(toks[0]) if m.tokenizer is not None else None
+    logits, cache = m.run_with_cache(toks, names_filter=a.names_filter)
+    probs = np.asarray(__import__("jax").nn.softmax(logits[0].astype("float32"), -1))
+    print(f"model: {path} ({m.cfg.model_type}, {m.cfg.n_layers} layers, d_model {m.cfg.d_model})")
+    print(f"\ntop-{a.top_k} next tokens per position:")
+    for p in range(toks.shape[1]):
+        top = np.argsort(-probs[p])[: a.top_k]
+        here = repr(text_toks[p]) if text_toks else str(int(toks[0, p]))
+        preds = ", ".join(
+            f"{(repr(m.to_string([int(t)])) if m.tokenizer is not None else int(t))} {probs[p, t]:.2f}" for t in top)
+        print(f"  {p:3d} {here:>16s} -> {preds}")
+    print(f"\ncached activations ({len(cache)}):")
+    print(f"  {'name':44s} {'shape':>22s} {'dtype':>9s} {'bytes':>11s}")
+    total = 0
+    for name, v in cache.items():
+        nbytes = v.size * v.dtype.itemsize
+        total += nbytes
+        print(f"  {name:44s} {str(tuple(v.shape)):>22s} {str(v.dtype):>9s} {_fmt_bytes(nbytes):>11s}")
+    print(f"  {'total':44s} {'':>22s} {'':>9s} {_fmt_bytes(total):>11s}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from jaxlens.demo import run_demo
+
+    return run_demo(model=a.model, out=Path(a.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxlens", description="Mechanistic interpretability in JAX.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="convert a HF checkpoint folder to a jaxlens folder (no torch needed to load)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.set_defaults(fn=cmd_convert)
+    r = sub.add_parser("run", help="run a prompt: top-k next tokens and a table of cached activations")
+    r.add_argument("--model", default=None, help="HF or jaxlens folder (default: the shipped model)")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--prompt", default="When Mary and John went to the store, John gave a drink to")
+    g.add_argument("--tokens", default=None, help="comma-separated token ids instead of a prompt")
+    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--names-filter", default=None, help="one hook name to cache (default: all)")
+    r.set_defaults(fn=cmd_run)
+    d = sub.add_parser("demo", help="find circuits in the shipped model; writes a report folder")
+    d.add_argument("--model", default=None)
+    d.add_argument("--out", default="demo_out")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxlens: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

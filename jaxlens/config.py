@@ -1,0 +1,114 @@
+"""ModelConfig: every architectural switch of a supported transformer, explicit and frozen.
+
+A `ModelConfig` is hashable, so it is passed to `jax.jit` as a static argument and compiled
+programs are cached per configuration. Field names follow TransformerLens's `cfg` where one
+exists (`d_model`, `n_heads`, `d_head`, `d_mlp`, `d_vocab`, `n_ctx`, `act_fn`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+NormType = Literal["LN", "RMS"]
+PosType = Literal["standard", "rotary"]
+ACT_FNS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "silu", "relu", "gelu_fast")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer.
+
+    `attn_scale` is the divisor of the attention scores (TransformerLens's name): √d_head
+    unless a family says otherwise. `norm_offset`-style gains (Gemma's `1 + w`) are folded into
+    the stored weights at conversion, so norms here are always `normalized * w (+ b)`.
+    """
+
+    model_type: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    n_kv_heads: int | None = None
+    act_fn: str = "gelu_new"
+    normalization_type: NormType = "LN"
+    eps: float = 1e-5
+    positional_embedding_type: PosType = "standard"
+    rotary_dim: int | None = None
+    rotary_base: float = 10000.0
+    parallel_attn_mlp: bool = False
+    gated_mlp: bool = False
+    attn_scale: float | None = None
+    use_qkv_bias: bool = True
+    use_o_bias: bool = True
+    use_mlp_bias: bool = True
+    tie_word_embeddings: bool = False
+    embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(d_model)
+    sliding_window: int | None = None  # keys further back than this many positions are masked
+    default_prepend_bos: bool = True
+    tokenizer_name: str | None = None
+    model_name: str = "jaxlens-model"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
+            if int(getattr(self, f)) <= 0:
+                problems.append(f"{f}={getattr(self, f)} must be positive")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.act_fn not in ACT_FNS:
+            problems.append(f"act_fn={self.act_fn!r} is not one of {ACT_FNS}")
+        if self.normalization_type not in ("LN", "RMS"):
+            problems.append(f"normalization_type={self.normalization_type!r} must be 'LN' or 'RMS'")
+        if self.positional_embedding_type not in ("standard", "rotary"):
+            problems.append(f"positional_embedding_type={self.positional_embedding_type!r} must be 'standard' or 'rotary'")
+        if self.positional_embedding_type == "rotary":
+            rd = self.rotary_dim
+            if rd is None or rd <= 0 or rd > self.d_head or rd % 2:
+                problems.append(f"rotary_dim={rd} must be even and in (0, d_head={self.d_head}]")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    # --- derived --------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (== n_heads unless grouped-query attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def scale(self) -> float:
+        """Divisor applied to q·k (TransformerLens `attn_scale`)."""
+        return self.attn_scale if self.attn_scale is not None else self.d_head**0.5
+
+    @property
+    def has_pos_embed(self) -> bool:
+        return self.positional_embedding_type == "standard"
+
+    # --- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig fields {unknown}: this file was written by a newer jaxlens; "
+                "upgrade jaxlens or re-convert the checkpoint"
+            )
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,338 @@
+"""Hook names, names_filter resolution, and the one hook-point helper every module calls.
+
+A hook point is a named activation (TransformerLens's names and shapes). At each one,
+`hook_point` (1) applies any user edit registered for that name, then (2) sows the result into
+the `intermediates` collection if the run asked to capture it. Both decisions are static: the
+set of names to capture is a frozenset, and edits are a `Hooks` pytree whose functions are
+static and whose arrays are traced leaves. So a jitted run materialises only what was asked
+for, and a grid of edits can be `vmap`-ed.
+
+Inside `nn.scan` the layer index is traced; names are then templates (`blocks.*.attn.hook_q`)
+and per-layer edits are dispatched with `lax.switch`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from jaxlens.config import ModelConfig
+
+LAYER = "{l}"
+WILDCARD = "*"
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+def block_hook_templates(cfg: ModelConfig, include_result: bool = True) -> list[str]:
+    """Per-layer hook names with `{l}` for the layer, in forward order."""
+    t = [
+        "blocks.{l}.hook_resid_pre",
+        "blocks.{l}.ln1.hook_scale",
+        "blocks.{l}.ln1.hook_normalized",
+        "blocks.{l}.attn.hook_q",
+        "blocks.{l}.attn.hook_k",
+        "blocks.{l}.attn.hook_v",
+    ]
+    if cfg.positional_embedding_type == "rotary":
+        t += ["blocks.{l}.attn.hook_rot_q", "blocks.{l}.attn.hook_rot_k"]
+    t += ["blocks.{l}.attn.hook_attn_scores", "blocks.{l}.attn.hook_pattern", "blocks.{l}.attn.hook_z"]
+    if include_result:
+        t.append("blocks.{l}.attn.hook_result")
+    t.append("blocks.{l}.hook_attn_out")
+    if not cfg.parallel_attn_mlp:
+        t.append("blocks.{l}.hook_resid_mid")
+    t += ["blocks.{l}.ln2.hook_scale", "blocks.{l}.ln2.hook_normalized", "blocks.{l}.mlp.hook_pre"]
+    if cfg.gated_mlp:
+        t.append("blocks.{l}.mlp.hook_pre_linear")
+    t += ["blocks.{l}.mlp.hook_post", "blocks.{l}.hook_mlp_out", "blocks.{l}.hook_resid_post"]
+    return t
+
+
+def hook_names(cfg: ModelConfig, include_result: bool = True) -> list[str]:
+    """Every hook name of a model with this config, in forward order.
+
+    `hook_result` ([batch pos head d_model]) is opt-in as in TransformerLens: it is listed
+    here when `include_result`, but a run captures it only when asked for by name.
+    """
+    names = ["hook_embed"] + (["hook_pos_embed"] if cfg.has_pos_embed else [])
+    for l in range(cfg.n_layers):
+        names += [t.format(l=l) for t in block_hook_templates(cfg, include_result)]
+    names += ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    return names
+
+
+NamesFilter = Union[None, str, re.Pattern, Sequence[str], Callable[[str], bool]]
+
+
+def resolve_names(names_filter: NamesFilter, cfg: ModelConfig) -> frozenset[str]:
+    """Turn a TransformerLens-style names_filter into the static set of names to capture.
+
+    None: every hook except the opt-in `hook_result`. str: that exact name. re.Pattern: names
+    it `search`es. list/tuple: those names. callable: names for which it returns True.
+    Unknown names and filters that match nothing raise ValueError (a typo should not give an
+    empty cache silently).
+    """
+    every = hook_names(cfg, include_result=True)
+    if names_filter is None:
+        return frozenset(n for n in every if not n.endswith("attn.hook_result"))
+    if isinstance(names_filter, str):
+        wanted = [names_filter]
+    elif isinstance(names_filter, re.Pattern):
+        chosen = frozenset(n for n in every if names_filter.search(n))
+        if not chosen:
+            raise ValueError(f"names_filter regex {names_filter.pattern!r} matches no hook of this model; see jaxlens.hooks.hook_names(cfg)")
+        return chosen
+    elif callable(names_filter):
+        chosen = frozenset(n for n in every if names_filter(n))
+        if not chosen:
+            raise ValueError("names_filter callable matched no hook of this model; see jaxlens.hooks.hook_names(cfg)")
+        return chosen
+    else:
+        wanted = list(names_filter)
+        if not wanted:
+            raise ValueError("names_filter is an empty list: name at least one hook, or pass None for all")
+    known = set(every)
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        hint = _closest(unknown[0], every)
+        raise ValueError(
+            f"names_filter names no hook of this model: {unknown}" + (f" (did you mean {hint!r}?)" if hint else "")
+            + "; see jaxlens.hooks.hook_names(cfg)"
+        )
+    return frozenset(wanted)
+
+
+def _closest(name: str, options: Iterable[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(name, list(options), n=1)
+    return m[0] if m else None
+
+
+_ACT_ALIAS = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
+              "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
+_LAYER_TYPE_ALIAS = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+
+
+def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """TransformerLens's `utils.get_act_name`: ("pattern", 3) -> "blocks.3.attn.hook_pattern".
+
+    Also ("scale", 2, "ln1") -> "blocks.2.ln1.hook_scale", ("resid_pre", 0) ->
+    "blocks.0.hook_resid_pre", ("scale",) -> "ln_final.hook_scale", ("embed",) -> "hook_embed".
+    """
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    match = re.match(r"([a-z_]+)(\d+)([a-z]?.*)", name)
+    if match is not None:
+        name, layer, layer_type = match.groups(0)  # e.g. "attn3" -> ("attn", 3)
+        layer = int(layer)
+        layer_type = layer_type or None
+    name = _ACT_ALIAS.get(name, name)
+    full = f"blocks.{layer}." if layer is not None else ""
+    if name in ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores"):
+        layer_type = "attn"
+    elif name in ("pre", "post", "mid", "pre_linear"):
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIAS:
+        layer_type = _LAYER_TYPE_ALIAS[layer_type]
+    if layer_type:
+        full += f"{layer_type}."
+    full += f"hook_{name}"
+    if name in ("scale", "normalized") and layer is None:
+        full = f"ln_final.{full}"
+    return full
+
+
+# ---------------------------------------------------------------------------------------------
+# Edits
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HookPoint:
+    """What a hook function receives as `hook` (TransformerLens's HookPoint, read-only)."""
+
+    name: str
+    _layer: int | None = None
+
+    def layer(self) -> int:
+        if self._layer is None:
+            raise ValueError(f"hook {self.name!r} is not inside a block, so it has no layer")
+        return self._layer
+
+
+HookFn = Callable[[jax.Array, HookPoint], "jax.Array | None"]
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, jnp.ndarray)) or hasattr(x, "__jax_array__") or (
+        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type)
+    )
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True)
+class Hooks:
+    """Forward hooks as a pytree: ((names, fn), ...) in the order they apply.
+
+    `names` is the frozenset of concrete hook names the entry edits (resolved from a name,
+    list, regex or callable against the model's names). `fn(activation, hook)` returns the
+    new activation (or None for "unchanged"). Any array inside `fn` that is a pytree leaf (an
+    edit dataclass registered as a pytree, a `functools.partial`'s array arguments) is a traced
+    leaf here, so edits can be batched with `vmap`; everything else is static.
+    """
+
+    entries: tuple[tuple[frozenset[str], Any], ...] = ()
+
+    def tree_flatten(self):
+        leaves, statics = [], []
+        for names, fn in self.entries:
+            fl, treedef = jax.tree_util.tree_flatten(fn)
+            mask = tuple(_is_array(x) for x in fl)
+            leaves.extend(x for x, m in zip(fl, mask) if m)
+            static_leaves = tuple(None if m else x for x, m in zip(fl, mask))
+            statics.append((names, treedef, mask, static_leaves))
+        return leaves, tuple(statics)
+
+    @classmethod
+    def tree_unflatten(cls, statics, leaves):
+        it = iter(leaves)
+        entries = []
+        for names, treedef, mask, static_leaves in statics:
+            fl = [next(it) if m else s for m, s in zip(mask, static_leaves)]
+            entries.append((names, jax.tree_util.tree_unflatten(treedef, fl)))
+        return cls(tuple(entries))
+
+    def for_name(self, name: str) -> list[Any]:
+        return [fn for names, fn in self.entries if name in names]
+
+    def touches(self, name: str) -> bool:
+        return any(name in names for names, _ in self.entries)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+
+def make_hooks(fwd_hooks: Sequence[tuple[NamesFilter, Any]] | Hooks | None, cfg: ModelConfig) -> Hooks:
+    """Resolve TransformerLens-style `fwd_hooks=[(name_or_filter, fn), ...]` into `Hooks`."""
+    if fwd_hooks is None:
+        return Hooks()
+    if isinstance(fwd_hooks, Hooks):
+        return fwd_hooks
+    entries = []
+    for i, item in enumerate(fwd_hooks):
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise ValueError(f"fwd_hooks[{i}] must be a (name_or_filter, fn) pair, got {type(item).__name__}")
+        flt, fn = item
+        if not callable(fn):
+            raise ValueError(f"fwd_hooks[{i}]: the hook function must be callable, got {type(fn).__name__}")
+        names = resolve_names([flt] if isinstance(flt, str) else flt, cfg)
+        entries.append((names, fn))
+    return Hooks(tuple(entries))
+
+
+# ---------------------------------------------------------------------------------------------
+# The hook point
+# ---------------------------------------------------------------------------------------------
+
+class RunCtx(NamedTuple):
+    """What every module's __call__ receives: static capture set, edits, and the layer.
+
+    `layer` is an int in the unrolled model and a traced scalar inside `nn.scan` (then
+    `n_layers` is needed to resolve per-layer names). `kv` is the per-layer KV-cache slot.
+    """
+
+    capture: frozenset[str] = frozenset()
+    hooks: Hooks = Hooks()
+    layer: Any = None
+    n_layers: int = 0
+
+    def at_layer(self, layer: Any) -> "RunCtx":
+        return self._replace(layer=layer)
+
+    def wants(self, template: str) -> bool:
+        """Is this hook (any layer, for block templates) captured or edited?"""
+        return any(n in self.capture or self.hooks.touches(n) for n in self.names_for(template))
+
+    def names_for(self, template: str) -> list[str]:
+        if LAYER not in template:
+            return [template]
+        if isinstance(self.layer, int):
+            return [template.format(l=self.layer)]
+        return [template.format(l=l) for l in range(self.n_layers)]
+
+
+def _apply_fns(fns: list[Any], x: jax.Array, point: HookPoint) -> jax.Array:
+    for fn in fns:
+        y = fn(x, point)
+        if y is None:
+            continue
+        if not hasattr(y, "shape") or tuple(y.shape) != tuple(x.shape):
+            raise ValueError(
+                f"hook on {point.name!r} returned shape {getattr(y, 'shape', type(y).__name__)}; "
+                f"it must return an array of the activation's shape {tuple(x.shape)} (or None)"
+            )
+        x = y.astype(x.dtype)
+    return x
+
+
+def hook_point(mod: Any, template: str, x: jax.Array, ctx: RunCtx) -> jax.Array:
+    """The hook point: apply edits registered for this name, then sow it if captured.
+
+    `template` is the full TransformerLens name with `{l}` for the layer. In the unrolled
+    model the name is concrete. Inside `nn.scan` (traced layer) edits are chosen per layer by
+    `lax.switch` and the sown value is stacked over layers under the `*` name.
+    """
+    if isinstance(ctx.layer, int) or LAYER not in template:
+        name = template.format(l=ctx.layer) if LAYER in template else template
+        layer = ctx.layer if LAYER in template else None
+        if ctx.hooks:
+            fns = ctx.hooks.for_name(name)
+            if fns:
+                x = _apply_fns(fns, x, HookPoint(name, layer))
+        if name in ctx.capture:
+            mod.sow("intermediates", name, x, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+        return x
+    # scanned: traced layer index
+    names = [template.format(l=l) for l in range(ctx.n_layers)]
+    if ctx.hooks:
+        per_layer = [ctx.hooks.for_name(n) for n in names]
+        edited = [l for l, fns in enumerate(per_layer) if fns]
+        if edited:
+            branch = jnp.asarray([edited.index(l) + 1 if l in edited else 0 for l in range(ctx.n_layers)])
+            branches = [lambda v: v] + [
+                (lambda v, l=l: _apply_fns(per_layer[l], v, HookPoint(names[l], l))) for l in edited
+            ]
+            x = jax.lax.switch(branch[ctx.layer], branches, x)
+    if any(n in ctx.capture for n in names):
+        mod.sow("intermediates", template.replace(LAYER, WILDCARD), x,
+                reduce_fn=lambda _, new: new, init_fn=lambda: None)
+    return x
+
+
+def collect_intermediates(inter: Any, capture: frozenset[str]) -> dict[str, jax.Array]:
+    """Flatten the sown `intermediates` tree into {hook name: array}, keeping only `capture`.
+
+    Names with `*` (sown inside `nn.scan`, stacked over layers) are split per layer.
+    """
+    out: dict[str, jax.Array] = {}
+
+    def walk(node: Any) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict) or hasattr(v, "items"):
+                walk(v)
+            elif WILDCARD in k:
+                for l in range(v.shape[0]):
+                    n = k.replace(WILDCARD, str(l))
+                    if n in capture:
+                        out[n] = v[l]
+            elif k in capture:
+                out[k] = v
+
+    walk(inter)
+    return out

@@ -1,0 +1,54 @@
+"""Shared numerics: activations, rotary embedding, masked softmax. Pure functions."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    """The MLP non-linearity by its HF/TransformerLens name."""
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def rotary_angles(positions: jax.Array, rotary_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [batch pos rotary_dim] for integer positions [batch pos] (HF layout)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b p rd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) -> jax.Array:
+    """Rotate the first `rotary_dim` dims of x [batch pos head d_head] (rotate-half convention)."""
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    out = rot * c + rotated_half * s
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Softmax over the last axis where `allowed`; a fully masked row gives zeros, not NaN."""
+    s = jnp.where(allowed, scores.astype(jnp.float32), -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(allowed, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(denom == 0, 1.0, denom)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids from a [batch pos] 0/1 mask: the count of real tokens before each one."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)

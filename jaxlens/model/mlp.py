@@ -1,0 +1,50 @@
+"""Plain and gated MLPs with TransformerLens hooks."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlens.config import ModelConfig
+from jaxlens.hooks import RunCtx, hook_point
+from jaxlens.model.layers import activation
+
+_init = nn.initializers.normal(0.02)
+P = "blocks.{l}.mlp"
+
+
+class MLP(nn.Module):
+    """Plain: post = act(x W_in + b_in). Gated (Llama): pre = x W_gate, pre_linear = x W_in,
+    post = act(pre) * pre_linear. Output post W_out + b_out."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ctx: RunCtx) -> jax.Array:
+        cfg = self.cfg
+        dt = x.dtype
+        W_in = self.param("W_in", _init, (cfg.d_model, cfg.d_mlp), dt)
+        W_out = self.param("W_out", _init, (cfg.d_mlp, cfg.d_model), dt)
+        bias = cfg.use_mlp_bias
+        if cfg.gated_mlp:
+            W_gate = self.param("W_gate", _init, (cfg.d_model, cfg.d_mlp), dt)
+            pre = x @ W_gate
+            lin = x @ W_in
+            if bias:
+                pre = pre + self.param("b_gate", nn.initializers.zeros, (cfg.d_mlp,), dt)
+                lin = lin + self.param("b_in", nn.initializers.zeros, (cfg.d_mlp,), dt)
+            pre = hook_point(self, f"{P}.hook_pre", pre, ctx)
+            lin = hook_point(self, f"{P}.hook_pre_linear", lin, ctx)
+            post = activation(cfg.act_fn, pre) * lin
+        else:
+            pre = x @ W_in
+            if bias:
+                pre = pre + self.param("b_in", nn.initializers.zeros, (cfg.d_mlp,), dt)
+            pre = hook_point(self, f"{P}.hook_pre", pre, ctx)
+            post = activation(cfg.act_fn, pre)
+        post = hook_point(self, f"{P}.hook_post", post, ctx)
+        out = post @ W_out
+        if bias:
+            out = out + self.param("b_out", nn.initializers.zeros, (cfg.d_model,), dt)
+        return out

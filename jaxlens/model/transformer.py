@@ -1,0 +1,108 @@
+"""The whole decoder: embed -> blocks (unrolled or nn.scan) -> ln_final -> unembed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlens.config import ModelConfig
+from jaxlens.hooks import RunCtx, hook_point
+from jaxlens.model.block import Block
+from jaxlens.model.layers import positions_from_mask, rotary_angles
+from jaxlens.model.norms import Norm
+
+_init = nn.initializers.normal(0.02)
+
+
+class _ScanBody(nn.Module):
+    """One scanned layer: carry is the residual, xs are (layer index, kv slot or None)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, xs, allowed, rotary, ctx: RunCtx, index):
+        layer, kv = xs
+        kv_slot = None if kv is None else (kv[0], kv[1], index)
+        x, new_kv = Block(self.cfg, name="block")(x, allowed, rotary, ctx.at_layer(layer), kv_slot)
+        return x, new_kv
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer. Parameters live under TransformerLens-like names:
+    `W_E`, `W_pos`, `blocks_{l}/{ln1,attn,ln2,mlp}` (or `blocks/block/...` stacked over layers
+    when `scan_layers`), `ln_final`, `W_U`, `b_U`.
+
+    __call__(tokens [batch pos] int, attention_mask [batch pos] 0/1, ctx, kv=None)
+    -> (logits [batch pos vocab], new kv or None). `kv` is (keys, values, mask, length) with
+    keys/values [layer batch max_len kv_head d_head], mask [batch max_len], length a scalar.
+    """
+
+    cfg: ModelConfig
+    scan_layers: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, attention_mask, ctx: RunCtx, kv=None):
+        cfg = self.cfg
+        ctx = ctx._replace(n_layers=cfg.n_layers)
+        b, q = tokens.shape
+        W_E = self.param("W_E", _init, (cfg.d_vocab, cfg.d_model), self.dtype)
+        attention_mask = attention_mask.astype(jnp.int32)
+        if kv is None:
+            full_mask, offset = attention_mask, 0
+        else:
+            keys, values, kv_mask, offset = kv
+            full_mask = jax.lax.dynamic_update_slice(kv_mask, attention_mask.astype(kv_mask.dtype), (0, offset))
+        positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(full_mask), offset, q, axis=1)
+        k_len = full_mask.shape[1]
+        q_idx = offset + jnp.arange(q)
+        k_idx = jnp.arange(k_len)[None, :]
+        causal = k_idx <= q_idx[:, None]  # [q k]
+        if cfg.sliding_window is not None:  # HF: a key is visible while q - k < window
+            causal = causal & (k_idx > q_idx[:, None] - cfg.sliding_window)
+        allowed = causal[None, None] & (full_mask[:, None, None, :] > 0)  # [b 1 q k]
+
+        embed = W_E[tokens]
+        if cfg.embed_scale is not None:
+            embed = embed * jnp.asarray(cfg.embed_scale, embed.dtype)
+        x = hook_point(self, "hook_embed", embed, ctx)
+        rotary = None
+        if cfg.has_pos_embed:
+            W_pos = self.param("W_pos", _init, (cfg.n_ctx, cfg.d_model), self.dtype)
+            x = x + hook_point(self, "hook_pos_embed", W_pos[positions], ctx)
+        else:
+            rotary = rotary_angles(positions, cfg.rotary_dim, cfg.rotary_base)
+
+        if self.scan_layers:
+            scan = nn.scan(
+                _ScanBody,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+            )
+            kv_xs = None if kv is None else (keys, values)
+            x, new = scan(cfg, name="blocks")(x, (jnp.arange(cfg.n_layers), kv_xs), allowed, rotary, ctx, offset)
+            new_kv = None if kv is None else (new[0], new[1])
+        else:
+            new_k, new_v = [], []
+            for l in range(cfg.n_layers):
+                slot = None if kv is None else (keys[l], values[l], offset)
+                x, nkv = Block(cfg, name=f"blocks_{l}")(x, allowed, rotary, ctx.at_layer(l), slot)
+                if nkv is not None:
+                    new_k.append(nkv[0])
+                    new_v.append(nkv[1])
+            new_kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+
+        x = Norm(cfg, "ln_final", name="ln_final")(x, ctx)
+        if cfg.tie_word_embeddings:
+            logits = x @ W_E.T
+        else:
+            logits = x @ self.param("W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype)
+        logits = logits + self.param("b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
+        if kv is None:
+            return logits, None
+        return logits, (new_kv[0], new_kv[1], full_mask, offset + q)

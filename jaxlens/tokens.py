@@ -1,0 +1,100 @@
+"""Text <-> tokens, and the input checks every entry point shares (JAX gathers clamp silently)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxlens.config import ModelConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model")
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """The HF tokenizer saved in `path`, or None if the folder holds none."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def check_tokens(tokens: Any, cfg: ModelConfig, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate token ids and mask; returns int32 [batch pos] tokens and mask.
+
+    Raises ValueError naming the problem: empty input, wrong rank, non-integer ids, ids
+    outside [0, d_vocab), sequences longer than n_ctx, a mask of another shape.
+    """
+    t = np.asarray(tokens)
+    if t.ndim == 1:
+        t = t[None]
+    if t.ndim != 2:
+        raise ValueError(f"tokens must be [batch pos] (or [pos]); got shape {t.shape}")
+    if t.size == 0:
+        raise ValueError(f"tokens are empty (shape {t.shape}); give at least one token")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {t.dtype}")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= cfg.d_vocab:
+        bad = lo if lo < 0 else hi
+        where = tuple(int(i) for i in np.argwhere(t == bad)[0])
+        raise ValueError(f"token id {bad} at {where} is outside the vocabulary [0, {cfg.d_vocab}); "
+                         "check the tokenizer matches the model")
+    if t.shape[1] > cfg.n_ctx:
+        raise ValueError(f"sequence length {t.shape[1]} exceeds the model's context n_ctx={cfg.n_ctx}; "
+                         "truncate the input")
+    if attention_mask is None:
+        m = np.ones(t.shape, np.int32)
+    else:
+        m = np.asarray(attention_mask)
+        if m.ndim == 1:
+            m = m[None]
+        if m.shape != t.shape:
+            raise ValueError(f"attention_mask shape {m.shape} differs from tokens shape {t.shape}")
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        m = m.astype(np.int32)
+    return t.astype(np.int32), m
+
+
+def encode(tokenizer: Any, text: str | Sequence[str], cfg: ModelConfig, prepend_bos: bool | None = None,
+           padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize a string or list of strings to padded [batch pos] tokens and mask.
+
+    BOS is added by us (not the tokenizer), once, when `prepend_bos` (default: the family's
+    `default_prepend_bos`, as TransformerLens has it).
+    """
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer (none was saved beside it): pass token ids instead of text")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts:
+        raise ValueError("input is an empty list of strings")
+    if not all(isinstance(s, str) for s in texts):
+        raise ValueError("text input must be a string or a list of strings")
+    prepend_bos = cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else cfg.bos_token_id
+    if prepend_bos and bos is None:
+        raise ValueError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
+    seqs = []
+    for s in texts:
+        ids = list(tokenizer(s, add_special_tokens=False)["input_ids"])
+        seqs.append(([bos] if prepend_bos else []) + ids)
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("an input string encodes to no tokens (empty string without BOS)")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    n = max(len(s) for s in seqs)
+    toks = np.full((len(seqs), n), pad, np.int32)
+    mask = np.zeros((len(seqs), n), np.int32)
+    for i, s in enumerate(seqs):
+        sl = slice(n - len(s), n) if padding_side == "left" else slice(0, len(s))
+        toks[i, sl] = s
+        mask[i, sl] = 1
+    return toks, mask

@@ -1,0 +1,132 @@
+"""Bad input gets a clear error that names the thing and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import jaxlens
+from jaxlens.conversion import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def gpt2_path(hf_root):
+    from hf_models import build
+    import conftest
+
+    if "gpt2" not in conftest._BUILT:
+        conftest._BUILT["gpt2"] = build("gpt2", hf_root)
+    return conftest._BUILT["gpt2"][0]
+
+
+@pytest.fixture(scope="module")
+def model(gpt2_path):
+    return jaxlens.from_pretrained(gpt2_path)
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unknown_model_type(gpt2_path, tmp_path):
+    d = copy(gpt2_path, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'mamba'.*supported"):
+        jaxlens.from_pretrained(d)
+
+
+def test_missing_tensor(gpt2_path, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = copy(gpt2_path, tmp_path / "m")
+    t = load_file(str(d / "model.safetensors"))
+    name = next(k for k in t if k.endswith("h.1.mlp.c_fc.weight"))
+    del t[name]
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"h\.1\.mlp\.c_fc\.weight.* is missing"):
+        jaxlens.from_pretrained(d)
+
+
+def test_wrong_shape(gpt2_path, tmp_path):
+    d = copy(gpt2_path, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_inner"] = 100
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape .* config.json implies"):
+        jaxlens.from_pretrained(d)
+
+
+def test_truncated_safetensors(gpt2_path, tmp_path):
+    d = copy(gpt2_path, tmp_path / "m")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        jaxlens.from_pretrained(d)
+
+
+def test_missing_folder_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        jaxlens.from_pretrained(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        jaxlens.from_pretrained(tmp_path)
+
+
+def test_unsupported_rope_scaling(hf_root, tmp_path):
+    from hf_models import build
+    import conftest
+
+    if "llama" not in conftest._BUILT:
+        conftest._BUILT["llama"] = build("llama", hf_root)
+    d = copy(conftest._BUILT["llama"][0], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="rope scaling type 'yarn' is not supported"):
+        jaxlens.from_pretrained(d)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.array([[0, 1, 300]]), r"token id 300 .* outside the vocabulary \[0, 300\)"),
+    (np.array([[0, -1, 2]]), r"token id -1 .* outside the vocabulary"),
+    (np.zeros((1, 65), np.int32), r"sequence length 65 exceeds .* n_ctx=64"),
+    (np.zeros((1, 0), np.int32), "empty"),
+    (np.zeros((2, 2, 2), np.int32), r"must be \[batch pos\]"),
+    (np.array([[0.5, 1.0]]), "must be integers"),
+])
+def test_bad_tokens(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        model(bad)
+
+
+def test_bad_text_inputs(model):
+    with pytest.raises(ValueError, match="input is empty"):
+        model([])
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        model("", prepend_bos=False)
+
+
+def test_bad_mask(model):
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(np.array([[0, 1, 2]]), attention_mask=np.array([[1, 1]]))
+
+
+def test_names_filter_matching_nothing(model):
+    with pytest.raises(ValueError, match="names no hook.*did you mean 'blocks.0.attn.hook_pattern'"):
+        model.run_with_cache(np.array([[0, 1]]), names_filter="blocks.0.attn.hook_patern")
+    with pytest.raises(ValueError, match="callable matched no hook"):
+        model.run_with_cache(np.array([[0, 1]]), names_filter=lambda n: False)
+    with pytest.raises(ValueError, match="return_type"):
+        model(np.array([[0, 1]]), return_type="probs")
+
+
+def test_cache_key_error_says_fix(model):
+    _, cache = model.run_with_cache(np.array([[0, 1]]), names_filter="blocks.0.hook_resid_pre")
+    with pytest.raises(KeyError, match="names_filter"):
+        cache["pattern", 0]
