@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-NormType = Literal["LN", "RMS"]
+NormType = Literal["LN", "RMS", "LNPre", "RMSPre"]  # *Pre: weightless (after fold_ln, as TransformerLens)
 PosType = Literal["standard", "rotary"]
 ACT_FNS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "silu", "relu", "gelu_fast")
 
@@ -66,8 +66,8 @@ class ModelConfig:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.act_fn not in ACT_FNS:
             problems.append(f"act_fn={self.act_fn!r} is not one of {ACT_FNS}")
-        if self.normalization_type not in ("LN", "RMS"):
-            problems.append(f"normalization_type={self.normalization_type!r} must be 'LN' or 'RMS'")
+        if self.normalization_type not in ("LN", "RMS", "LNPre", "RMSPre"):
+            problems.append(f"normalization_type={self.normalization_type!r} must be 'LN', 'RMS', 'LNPre' or 'RMSPre'")
         if self.positional_embedding_type not in ("standard", "rotary"):
             problems.append(f"positional_embedding_type={self.positional_embedding_type!r} must be 'standard' or 'rotary'")
         if self.positional_embedding_type == "rotary":

@@ -49,11 +49,21 @@ class HookedTransformer:
     # --- construction -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", *, scan_layers: bool = False,
-                        precision: str | None = "highest", tokenizer: Any = None) -> "HookedTransformer":
+                        precision: str | None = "highest", tokenizer: Any = None, fold_ln: bool = False,
+                        center_writing_weights: bool = False, center_unembed: bool = False,
+                        fold_value_biases: bool = False) -> "HookedTransformer":
+        """Load a checkpoint. The processing flags (TransformerLens's weight processing, see
+        `jaxlens.processing`) default to off, like TransformerLens 4.x's `boot_transformers`, so
+        activations match HF; turn them on (or call `process_weights()`) for TransformerLens's
+        processed coordinates (`enable_compatibility_mode()`, legacy `HookedTransformer`)."""
         from jaxlens.conversion import load_any
+        from jaxlens.processing import process_params
 
         cfg, params = load_any(path, dtype)
         params = jax.tree.map(jnp.asarray, params)
+        if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
+            params, cfg = process_params(params, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                         center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         if scan_layers and "blocks" not in params:
             params = stack_layers(params, cfg.n_layers)
         if not scan_layers and "blocks" in params:
@@ -136,8 +146,16 @@ class HookedTransformer:
         return out, acts
 
     def __call__(self, input: Any, attention_mask: Any = None, return_type: str | None = "logits", *,
-                 prepend_bos: bool | None = None, padding_side: str = "right", fwd_hooks: Any = None) -> Any:
-        """Logits [batch pos vocab] (or loss, both, None) for a string, strings or token ids."""
+                 prepend_bos: bool | None = None, padding_side: str = "right", fwd_hooks: Any = None,
+                 kv_cache: Any = None) -> Any:
+        """Logits [batch pos vocab] (or loss, both, None) for a string, strings or token ids.
+
+        With `kv_cache` (a `jaxlens.kv_cache.KVCache`), the input continues the cached tokens and
+        the call returns (logits, new cache); the given cache is left unchanged.
+        """
+        if kv_cache is not None:
+            return self._run_cached(input, attention_mask, kv_cache, make_hooks(fwd_hooks, self.cfg), prepend_bos,
+                                    padding_side, return_type)
         out, _ = self._run(input, attention_mask, frozenset(), make_hooks(fwd_hooks, self.cfg), prepend_bos,
                            padding_side, return_type)
         return out
@@ -151,7 +169,7 @@ class HookedTransformer:
         capture = resolve_names(names_filter, self.cfg)
         out, acts = self._run(input, attention_mask, capture, make_hooks(fwd_hooks, self.cfg), prepend_bos,
                               padding_side, return_type)
-        cache = ActivationCache(acts, self.cfg, True, self.cache_weights())
+        cache = ActivationCache(acts, self.cfg, True, self.cache_weights(), tokenizer=self.tokenizer)
         return out, (cache.remove_batch_dim() if remove_batch_dim else cache)
 
     def run_with_hooks(self, input: Any, fwd_hooks: Any = (), attention_mask: Any = None,
@@ -159,16 +177,56 @@ class HookedTransformer:
         """Run with TransformerLens-style `fwd_hooks=[(name_or_filter, fn)]` applied inside jit."""
         return self(input, attention_mask, return_type, fwd_hooks=fwd_hooks, **kw)
 
-    # --- weights (TransformerLens layout, stacked over layers) -------------------------------
-    def _blocks(self) -> dict[str, Any]:
-        if self.scan_layers:
-            return self.params["blocks"]["block"]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *[self.params[f"blocks_{l}"] for l in range(self.cfg.n_layers)])
+    # --- KV cache and generation (jaxlens/kv_cache.py, jaxlens/generate.py) ------------------
+    def _run_cached(self, input, attention_mask, kv_cache, hooks, prepend_bos, padding_side, return_type):
+        from jaxlens.kv_cache import check_cache, forward_cached_jit
 
-    def _stacked(self, sub: str, name: str, shape: tuple[int, ...]) -> jax.Array:
-        blk = self._blocks()[sub]
-        if name in blk:
-            return blk[name]
+        if return_type != "logits":
+            raise ValueError(f"with kv_cache only return_type='logits' is supported, got {return_type!r}")
+        toks, mask = self._inputs(input, attention_mask, prepend_bos, padding_side)
+        check_cache(kv_cache, self.cfg, toks.shape[0], toks.shape[1])
+        logits, _, new_cache = forward_cached_jit(self.params, self.cfg, toks, mask, kv_cache, hooks=hooks,
+                                                  precision=self.precision)
+        return logits, new_cache
+
+    def init_kv_cache(self, batch: int, max_len: int) -> Any:
+        """An empty `KVCache` for this model (its dtype) of `batch` rows and `max_len` slots."""
+        from jaxlens.kv_cache import KVCache
+
+        return KVCache.init(self.cfg, batch, max_len, self.params["W_E"].dtype)
+
+    def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,
+                 eos_token_id: Any = None, do_sample: bool = True, top_k: int | None = None,
+                 top_p: float | None = None, temperature: float = 1.0, *, key: Any = None,
+                 prepend_bos: bool | None = None, attention_mask: Any = None, return_type: str = "input",
+                 names_filter: NamesFilter = None, fwd_hooks: Any = None, kv_cache: Any = None,
+                 max_len: int | None = None) -> Any:
+        """TransformerLens's `generate` as one compiled loop; see `jaxlens.generate.generate`.
+
+        Sampling (do_sample and temperature > 0) needs an explicit `key`. With `names_filter`
+        returns (output, ActivationCache over the generated steps); `fwd_hooks` act at every step.
+        """
+        from jaxlens.generate import generate
+
+        return generate(self, input, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+                        do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature, key=key,
+                        prepend_bos=prepend_bos, attention_mask=attention_mask, return_type=return_type,
+                        names_filter=names_filter, fwd_hooks=fwd_hooks, kv_cache=kv_cache, max_len=max_len)
+
+    # --- weights (TransformerLens layout, stacked over layers) -------------------------------
+    def _layer_param(self, sub: str, name: str) -> jax.Array | None:
+        """One block parameter stacked over layers (a copy unless scanned); None if absent."""
+        if self.scan_layers:
+            return self.params["blocks"]["block"][sub].get(name)
+        per_layer = [self.params[f"blocks_{l}"][sub].get(name) for l in range(self.cfg.n_layers)]
+        return None if per_layer[0] is None else jnp.stack(per_layer)
+
+    def _stacked(self, sub: str, name: str, shape: tuple[int, ...] | None = None) -> jax.Array:
+        w = self._layer_param(sub, name)
+        if w is not None:
+            return w
+        if shape is None:
+            raise AttributeError(f"{self.cfg.model_type} has no {sub}.{name}")
         return jnp.zeros((self.cfg.n_layers, *shape), self.params["W_E"].dtype)
 
     def _expand_kv(self, w: jax.Array) -> jax.Array:
@@ -192,30 +250,46 @@ class HookedTransformer:
     def b_U(self) -> jax.Array:
         return self.params["b_U"]
 
-    W_Q = property(lambda self: self._blocks()["attn"]["W_Q"])
-    W_K = property(lambda self: self._expand_kv(self._blocks()["attn"]["W_K"]))
-    W_V = property(lambda self: self._expand_kv(self._blocks()["attn"]["W_V"]))
-    W_O = property(lambda self: self._blocks()["attn"]["W_O"])
+    W_Q = property(lambda self: self._stacked("attn", "W_Q"))
+    W_K = property(lambda self: self._expand_kv(self._stacked("attn", "W_K")))
+    W_V = property(lambda self: self._expand_kv(self._stacked("attn", "W_V")))
+    W_O = property(lambda self: self._stacked("attn", "W_O"))
     b_Q = property(lambda self: self._stacked("attn", "b_Q", (self.cfg.n_heads, self.cfg.d_head)))
     b_K = property(lambda self: self._expand_kv(self._stacked("attn", "b_K", (self.cfg.kv_heads, self.cfg.d_head))))
     b_V = property(lambda self: self._expand_kv(self._stacked("attn", "b_V", (self.cfg.kv_heads, self.cfg.d_head))))
     b_O = property(lambda self: self._stacked("attn", "b_O", (self.cfg.d_model,)))
-    W_in = property(lambda self: self._blocks()["mlp"]["W_in"])
+    W_in = property(lambda self: self._stacked("mlp", "W_in"))
     b_in = property(lambda self: self._stacked("mlp", "b_in", (self.cfg.d_mlp,)))
-    W_out = property(lambda self: self._blocks()["mlp"]["W_out"])
+    W_out = property(lambda self: self._stacked("mlp", "W_out"))
     b_out = property(lambda self: self._stacked("mlp", "b_out", (self.cfg.d_model,)))
 
     @property
     def W_gate(self) -> jax.Array:
         if not self.cfg.gated_mlp:
             raise AttributeError(f"{self.cfg.model_type} has no gated MLP: no W_gate")
-        return self._blocks()["mlp"]["W_gate"]
+        return self._stacked("mlp", "W_gate")
 
     def cache_weights(self) -> dict[str, jax.Array]:
-        """The weights the cache's analyses need (issue: ActivationCache analyses)."""
-        return {"W_U": self.W_U, "b_U": self.b_U, "W_O": self.W_O, "b_O": self.b_O, "W_out": self.W_out,
-                "b_out": self.b_out, "ln_final.w": self.params["ln_final"]["w"],
-                **({"ln_final.b": self.params["ln_final"]["b"]} if "b" in self.params["ln_final"] else {})}
+        """The weights the cache's analyses need; stacked once per params object and reused."""
+        memo = getattr(self, "_weights_memo", None)
+        if memo is not None and memo[0] is self.params:
+            return memo[1]
+        weights = {"W_U": self.W_U, "b_U": self.b_U, "W_O": self.W_O, "b_O": self.b_O, "W_out": self.W_out,
+                "b_out": self.b_out,  # ln_final has no params once fold_ln made it LNPre/RMSPre
+                **{f"ln_final.{k}": v for k, v in self.params.get("ln_final", {}).items()}}
+        self._weights_memo = (self.params, weights)
+        return weights
+
+    def process_weights(self, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+                        fold_value_biases: bool = True) -> "HookedTransformer":
+        """A new model with TransformerLens's weight processing applied (defaults as its
+        `process_weights`); log-probabilities are unchanged. See `jaxlens.processing`."""
+        from jaxlens.processing import process_params
+
+        params, cfg = process_params(self.params, self.cfg, fold_ln=fold_ln,
+                                     center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                                     fold_value_biases=fold_value_biases)
+        return type(self)(cfg, params, self.tokenizer, precision=self.precision)
 
     def hook_names(self, include_result: bool = True) -> list[str]:
         from jaxlens.hooks import hook_names

@@ -267,9 +267,38 @@ class RunCtx(NamedTuple):
         return [template.format(l=l) for l in range(self.n_layers)]
 
 
+_JIT_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+               jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError,
+               jax.errors.NonConcreteBooleanIndexError)
+
+
+def _call_hook(fn: Any, x: jax.Array, point: HookPoint) -> Any:
+    """Call one user hook; turn the errors of code that cannot run under jit into a ValueError
+    that names the hook and says why (hooks run traced: values are unknown until run time)."""
+    try:
+        return fn(x, point)
+    except _JIT_ERRORS as e:
+        kind = type(e).__name__
+        raise ValueError(
+            f"hook {getattr(fn, '__name__', type(fn).__name__)!r} on {point.name!r} cannot run inside jit ({kind}): "
+            "jaxlens hooks are traced, so the activation has no concrete value while the hook runs. Do not "
+            "convert it to numpy/float/bool, branch on its values (`if x.sum() > 0`), or select with a "
+            "data-dependent boolean mask (`x[x > 0]`, shapes must be static); use jnp.where / lax.cond "
+            "instead, and return the result rather than storing it (a hook's side effects run once, at "
+            "trace time). Original error: " + str(e).split("\n")[0]
+        ) from e
+    except TypeError as e:
+        if "immutable" not in str(e) and "item assignment" not in str(e):
+            raise
+        raise ValueError(
+            f"hook {getattr(fn, '__name__', type(fn).__name__)!r} on {point.name!r} assigns into the activation "
+            "in place (`x[...] = v`): JAX arrays are immutable. Return `x.at[...].set(v)` instead."
+        ) from e
+
+
 def _apply_fns(fns: list[Any], x: jax.Array, point: HookPoint) -> jax.Array:
     for fn in fns:
-        y = fn(x, point)
+        y = _call_hook(fn, x, point)
         if y is None:
             continue
         if not hasattr(y, "shape") or tuple(y.shape) != tuple(x.shape):

@@ -105,3 +105,25 @@ def test_jit_vmap_grad_through_forward(paths):
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
     per_row = jax.vmap(lambda t: jaxlens.forward(m.params, m.cfg, t[None])[0][0])(toks)
     assert_close(per_row, m(TOKS), "vmap", rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_batch_equals_single_device(paths):
+    """The batch sharded over 8 simulated host devices gives the single-device numbers."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set by conftest)")
+    m = jaxlens.from_pretrained(paths)
+    toks = jnp.asarray(np.tile(TOKS, (4, 1)))
+    mesh = Mesh(np.array(jax.devices()[:8]), ("batch",))
+    sharded = jax.device_put(toks, NamedSharding(mesh, P("batch")))
+    params = jax.device_put(m.params, NamedSharding(mesh, P()))
+    capture = frozenset({"blocks.1.attn.hook_pattern", "blocks.0.hook_resid_post"})
+    from jaxlens.forward import forward_jit
+
+    la, ca, _ = forward_jit(m.params, m.cfg, toks, jnp.ones_like(toks), capture=capture, precision="highest")
+    lb, cb, _ = forward_jit(params, m.cfg, sharded, jnp.ones_like(sharded), capture=capture, precision="highest")
+    assert len(lb.sharding.device_set) == 8
+    assert_close(la, lb, "logits", rtol=1e-6, atol=1e-6)
+    for k in capture:
+        assert_close(ca[k], cb[k], k, rtol=1e-6, atol=1e-6)

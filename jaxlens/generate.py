@@ -1,0 +1,384 @@
+"""Compiled generation: prefill, then one jit-compiled `lax.while_loop` over decoding steps.
+
+TransformerLens generates in a Python loop and cannot capture activations while it does. Here
+the whole decode (sampling, stop tokens, KV-cache writes, hooks, captured activations) is one
+XLA program. Compiled programs are cached per bucketed shape: batch, prompt length and
+`max_new_tokens` are rounded up (padding rows, extra left padding, a loop bound that is a
+traced value under a static buffer size), so a new prompt of a similar size reuses the
+program. Sampling takes an explicit PRNG key; step `s` draws with `fold_in(key, s)`.
+
+Layout: the prompt (left-padded) is prefilled but for its last token; step `s` feeds one token
+(the last prompt token, then new token `s-1`) and samples new token `s`. Activations captured
+at step `s` are those of that fed position, so a captured activation has the shape the same
+hook has in `run_with_cache`, with the position axis running over the generation steps, and
+equals `run_with_cache(output)` at positions `prompt_len - 1 + s`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlens.config import ModelConfig
+from jaxlens.hooks import Hooks
+from jaxlens.kv_cache import KVCache, check_cache, forward_cached
+from jaxlens.tokens import check_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+def filter_logits(logits: jax.Array, temperature: jax.Array | float = 1.0, top_k: int | None = None,
+                  top_p: jax.Array | float | None = None) -> jax.Array:
+    """Logits [.. vocab] divided by temperature, with tokens outside top-k / top-p set to -inf.
+
+    Order as HF's warpers: temperature, then top-k, then top-p. top-k keeps every token tied
+    with the k-th largest logit. top-p keeps the smallest set of most likely tokens whose
+    probability reaches `top_p` (always at least one), again keeping ties at the threshold.
+    Sampling `softmax` of the result is what `sample_logits` does.
+    """
+    x = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    neg = jnp.asarray(-jnp.inf, jnp.float32)
+    if top_k is not None:
+        k = min(int(top_k), x.shape[-1])
+        kth = jax.lax.top_k(x, k)[0][..., -1:]
+        x = jnp.where(x >= kth, x, neg)
+    if top_p is not None:
+        srt = -jnp.sort(-x, axis=-1)  # descending
+        probs = jax.nn.softmax(srt, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep = before < jnp.asarray(top_p, jnp.float32)
+        n_keep = jnp.maximum(keep.sum(axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
+        x = jnp.where(x >= threshold, x, neg)
+    return x
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The static part of a sampling rule: greedy or not, top-k, whether top-p applies.
+
+    Temperature and the top-p value are traced, so changing them does not recompile.
+    """
+
+    greedy: bool = True
+    top_k: int | None = None
+    use_top_p: bool = False
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperature: jax.Array | float = 1.0,
+                  top_p: jax.Array | float = 1.0) -> jax.Array:
+    """Next tokens [batch] int32 from last-position logits [batch vocab]."""
+    if sampler.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = filter_logits(logits, temperature, sampler.top_k, top_p if sampler.use_top_p else None)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled loop
+# ---------------------------------------------------------------------------------------------
+
+class GenerateOutput(NamedTuple):
+    """What `generate_tokens` returns (a pytree).
+
+    tokens: [batch prompt+max_new] the prompt as given, then the generated tokens; a row that
+      stopped holds pad after its stop token, and columns past `n_steps` hold pad.
+    attention_mask: same shape; the prompt's mask, then 1 for every column < prompt + n_steps.
+    n_steps: scalar, decoding steps run (fewer than max_new_tokens when every row stopped).
+    finished: [batch] bool, the row emitted a stop token.
+    acts: {hook name: activation} captured at every step, the position axis running over steps
+      (e.g. resid [batch step d_model], pattern [batch head step key]); the key axis of
+      patterns/scores runs over the cached prefix (if a kv_cache was given) and then the
+      returned tokens' columns.
+    logits: [batch step vocab] when asked for, else None.
+    kv_cache: the cache after the last step (it holds every token but the last one sampled).
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    n_steps: jax.Array
+    finished: jax.Array
+    acts: dict[str, jax.Array]
+    logits: jax.Array | None
+    kv_cache: KVCache
+
+
+def _pos_axis(name: str) -> int:
+    """Which axis of a hook's activation is the query position."""
+    return 2 if name.endswith(("hook_attn_scores", "hook_pattern")) else 1
+
+
+def _write(buf: jax.Array, x: jax.Array, step: jax.Array, axis: int) -> jax.Array:
+    """Write one position (axis size 1) of `x` into `buf` at `step` along `axis`."""
+    idx = [jnp.zeros((), jnp.int32)] * buf.ndim
+    idx[axis] = step
+    return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), tuple(idx))
+
+
+@partial(jax.jit, static_argnames=("cfg", "sampler", "eos", "n_buf", "capture", "precision", "return_logits"))
+def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache, n_new, key, temperature, top_p, pad_id,
+                   hooks: Hooks, *, sampler: Sampler, eos: tuple[int, ...], n_buf: int, capture: frozenset[str],
+                   precision: str | None, return_logits: bool):
+    """Prefill all but the last prompt token, then decode up to `n_new` (<= n_buf) tokens."""
+    batch, p = tokens.shape
+    run = partial(forward_cached, params, cfg, hooks=hooks, precision=precision)
+    if p > 1:
+        _, _, cache = run(tokens[:, :-1], mask[:, :-1], cache)
+
+    step_shape = jax.eval_shape(lambda c: run(tokens[:, -1:], mask[:, -1:], c, capture=capture), cache)
+    logits_sd, acts_sd, _ = step_shape
+
+    def grow(sd: jax.ShapeDtypeStruct, axis: int) -> jax.Array:
+        shape = list(sd.shape)
+        shape[axis] = n_buf
+        return jnp.zeros(shape, sd.dtype)
+
+    acts0 = {n: grow(sd, _pos_axis(n)) for n, sd in acts_sd.items()}
+    logits0 = grow(logits_sd, 1) if return_logits else None
+    eos_arr = jnp.asarray(eos, jnp.int32) if eos else None
+
+    def cond(state):
+        step, done = state[0], state[3]
+        go = step < n_new
+        return go & ~jnp.all(done) if eos else go
+
+    def body(state):
+        step, cur, cur_mask, done, out, cache, acts, logits_buf = state
+        logits, step_acts, cache = run(cur[:, None], cur_mask[:, None], cache, capture=capture)
+        nxt = sample_logits(logits[:, 0], jax.random.fold_in(key, step), sampler, temperature, top_p)
+        if eos:
+            nxt = jnp.where(done, pad_id, nxt)
+            done = done | jnp.isin(nxt, eos_arr)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), step))
+        acts = {n: _write(acts[n], step_acts[n], step, _pos_axis(n)) for n in acts}
+        if return_logits:
+            logits_buf = _write(logits_buf, logits, step, 1)
+        return step + 1, nxt, jnp.ones_like(cur_mask), done, out, cache, acts, logits_buf
+
+    state = (jnp.zeros((), jnp.int32), tokens[:, -1], mask[:, -1], jnp.zeros((batch,), bool),
+             jnp.full((batch, n_buf), pad_id, jnp.int32), cache, acts0, logits0)
+    n_steps, _, _, done, out, cache, acts, logits = jax.lax.while_loop(cond, body, state)
+    gen_mask = (jnp.arange(n_buf) < n_steps).astype(mask.dtype)
+    return GenerateOutput(jnp.concatenate([tokens, out], axis=1),
+                          jnp.concatenate([mask, jnp.broadcast_to(gen_mask, (batch, n_buf))], axis=1),
+                          n_steps, done, acts, logits, cache)
+
+
+def compile_count() -> int:
+    """How many programs the generation loop has compiled so far (for tests and tuning)."""
+    return _generate_core._cache_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional entry point
+# ---------------------------------------------------------------------------------------------
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Round a size up to a compile bucket: a power of two up to 64, then a multiple of 64."""
+    n = max(int(n), minimum)
+    if n <= 64:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 64) * 64
+
+
+def _check_args(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not np.isfinite(float(temperature)) or float(temperature) < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filtering), got {top_p!r}")
+
+
+def _eos_tuple(eos_token_id: int | Sequence[int] | None, cfg: ModelConfig) -> tuple[int, ...]:
+    ids = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+    if ids is None:
+        raise ValueError("stop_at_eos=True but no eos_token_id is known for this model; pass eos_token_id=... "
+                         "or stop_at_eos=False")
+    ids = (ids,) if isinstance(ids, (int, np.integer)) else tuple(ids)
+    if not ids or any(not (0 <= int(i) < cfg.d_vocab) for i in ids):
+        raise ValueError(f"eos_token_id {eos_token_id!r} must be token id(s) in [0, {cfg.d_vocab})")
+    return tuple(sorted(set(int(i) for i in ids)))
+
+
+def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, attention_mask: Any = None, *,
+                    max_new_tokens: int, key: jax.Array | None = None, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, stop_at_eos: bool = True,
+                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                    capture: frozenset[str] = frozenset(), hooks: Hooks = Hooks(), kv_cache: KVCache | None = None,
+                    max_len: int | None = None, return_logits: bool = False, precision: str | None = None,
+                    bucket_shapes: bool = True) -> GenerateOutput:
+    """Generate `max_new_tokens` after left-padded prompts `tokens` [batch pos] (mask 0 = padding).
+
+    temperature 0 is greedy (argmax); otherwise sampling from `filter_logits` needs an explicit
+    `key`. With `stop_at_eos`, a row stops after emitting one of `eos_token_id` (default the
+    model's) and is padded with `pad_token_id` (default the model's pad, else the first EOS).
+    `capture` (from `resolve_names`) and `hooks` act at every step, prefill included.
+    `kv_cache` continues from a cached prefix (a batch-1 cache is forked to the batch); else a
+    cache of `max_len` slots (default: the bucketed prompt plus new tokens) is made.
+    Returns a `GenerateOutput` with the prompt's original width and batch.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    toks, mask = check_tokens(tokens, cfg, attention_mask)
+    batch, p = toks.shape
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"prompt row(s) {empty.tolist()} have no real tokens (attention_mask all 0); "
+                         "every prompt needs at least one token (e.g. BOS)")
+    if not mask[:, -1].all():
+        rows = np.flatnonzero(mask[:, -1] == 0).tolist()
+        raise ValueError(f"prompt row(s) {rows} end in padding: generation needs left-padded prompts "
+                         "(padding_side='left'), so every row's last column is a real token")
+    greedy = float(temperature) == 0.0
+    if not greedy and key is None:
+        raise ValueError("sampling needs an explicit PRNG key: pass key=jax.random.key(0) "
+                         "(or temperature=0 for greedy decoding)")
+    eos = _eos_tuple(eos_token_id, cfg) if stop_at_eos else ()
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
+                                                          else (eos[0] if eos else 0))
+    if not 0 <= int(pad) < cfg.d_vocab:
+        raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {cfg.d_vocab})")
+    longest = int(mask.sum(axis=1).max())
+    dtype = params["W_E"].dtype
+
+    if kv_cache is not None:
+        if kv_cache.batch_size == 1 and batch > 1:
+            kv_cache = kv_cache.fork(batch)
+        check_cache(kv_cache, cfg, batch, p + max_new_tokens - 1)
+        b_pad, p_pad, n_buf = batch, p, max_new_tokens
+        if bucket_shapes and int(kv_cache.length) + p + bucket(max_new_tokens) - 1 <= kv_cache.max_len:
+            n_buf = bucket(max_new_tokens)
+        cache = kv_cache
+        cached = int(kv_cache.length)
+    else:
+        if cfg.has_pos_embed and longest + max_new_tokens > cfg.n_ctx:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"context n_ctx={cfg.n_ctx}; lower max_new_tokens or shorten the prompt")
+        b_pad, p_pad, n_buf = batch, p, max_new_tokens
+        if bucket_shapes:
+            b_pad, p_pad, n_buf = bucket(batch), bucket(p, 8), bucket(max_new_tokens, 8)
+        need = p_pad + n_buf - 1
+        if max_len is not None:
+            if max_len < p + max_new_tokens - 1:
+                raise ValueError(f"max_len={max_len} is too small: a {p}-token prompt and {max_new_tokens} new tokens "
+                                 f"need {p + max_new_tokens - 1} cache slots")
+            if max_len < need:  # no room for bucket padding: use the exact shapes
+                b_pad, p_pad, n_buf = b_pad, p, max_new_tokens
+            need = max_len
+        cache = KVCache.init(cfg, b_pad, need, dtype)
+        cached = 0
+
+    left = p_pad - p
+    toks_b = np.full((b_pad, p_pad), pad, np.int32)
+    mask_b = np.zeros((b_pad, p_pad), np.int32)
+    toks_b[:batch, left:], mask_b[:batch, left:] = toks, mask
+    if key is None:
+        key = jax.random.key(0)  # unused by greedy decoding
+    out = _generate_core(params, cfg, jnp.asarray(toks_b), jnp.asarray(mask_b), cache, jnp.int32(max_new_tokens), key,
+                         jnp.float32(temperature if not greedy else 1.0), jnp.float32(1.0 if top_p is None else top_p),
+                         jnp.int32(pad), hooks,
+                         sampler=Sampler(greedy, None if greedy else top_k, (not greedy) and top_p is not None),
+                         eos=eos, n_buf=n_buf, capture=capture, precision=precision, return_logits=return_logits)
+    cols = slice(left, p_pad + max_new_tokens)
+    keys = slice(0, cached + p + max_new_tokens) if kv_cache is not None else slice(left, p_pad + max_new_tokens)
+
+    def unpad_act(name: str, a: jax.Array) -> jax.Array:
+        a = a[:batch]
+        a = jax.lax.slice_in_dim(a, 0, max_new_tokens, axis=_pos_axis(name))
+        if _pos_axis(name) == 2:  # key axis of scores/patterns
+            a = a[..., keys]
+        return a
+
+    cache_out = out.kv_cache
+    if b_pad != batch:
+        cache_out = KVCache(cache_out.keys[:, :batch], cache_out.values[:, :batch], cache_out.mask[:batch],
+                            cache_out.length)
+    return GenerateOutput(out.tokens[:batch, cols], out.attention_mask[:batch, cols], out.n_steps, out.finished[:batch],
+                          {n: unpad_act(n, a) for n, a in out.acts.items()},
+                          None if out.logits is None else out.logits[:batch, :max_new_tokens], cache_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# TransformerLens-style entry point (HookedTransformer.generate)
+# ---------------------------------------------------------------------------------------------
+
+RETURN_TYPES = ("input", "str", "tokens")
+
+
+def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: bool = True,
+             eos_token_id: int | Sequence[int] | None = None, do_sample: bool = True, top_k: int | None = None,
+             top_p: float | None = None, temperature: float = 1.0, key: jax.Array | None = None,
+             prepend_bos: bool | None = None, attention_mask: Any = None, return_type: str = "input",
+             names_filter: Any = None, fwd_hooks: Any = None, kv_cache: KVCache | None = None,
+             max_len: int | None = None) -> Any:
+    """`HookedTransformer.generate`: TransformerLens's signature, one compiled loop.
+
+    input: a string, a list of strings (left-padded into a batch) or token ids [pos] /
+    [batch pos] (with `attention_mask` for left padding). do_sample=False (or temperature 0)
+    is greedy; sampling needs `key`. return_type "input" gives text for text input and tokens
+    for tokens; "str" decodes (special tokens skipped, as TransformerLens); "tokens" gives
+    [batch prompt+new] ids. Columns after the last step any row ran are dropped.
+    names_filter: also return {hook: activation over the generated steps} (see
+    `GenerateOutput.acts`), as an `ActivationCache` whose position axis runs over the steps.
+    fwd_hooks: TransformerLens-style hooks applied at every step (prefill included).
+    """
+    from jaxlens.cache import ActivationCache
+    from jaxlens.hooks import make_hooks, resolve_names
+    from jaxlens.tokens import encode
+
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+    is_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and len(input) > 0
+                                         and all(isinstance(s, str) for s in input))
+    if is_text:
+        if attention_mask is not None:
+            raise ValueError("attention_mask is computed from text input; pass it only with token ids")
+        toks, mask = encode(model.tokenizer, input, model.cfg, prepend_bos, padding_side="left")
+    else:
+        if isinstance(input, (list, tuple)) and len(input) == 0:
+            raise ValueError("input is empty: give a string, a list of strings or token ids")
+        toks, mask = input, attention_mask
+    capture = resolve_names(names_filter, model.cfg) if names_filter is not None else frozenset()
+    tok = model.tokenizer
+    eos = eos_token_id
+    if stop_at_eos and eos is None and model.cfg.eos_token_id is None and tok is not None:
+        eos = tok.eos_token_id
+    pad = model.cfg.pad_token_id
+    if pad is None and tok is not None:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = generate_tokens(model.params, model.cfg, toks, mask, max_new_tokens=max_new_tokens, key=key,
+                          temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                          stop_at_eos=stop_at_eos, eos_token_id=eos, pad_token_id=pad, capture=capture,
+                          hooks=make_hooks(fwd_hooks, model.cfg), kv_cache=kv_cache, max_len=max_len,
+                          precision=model.precision)
+    n_steps = int(out.n_steps)
+    width = out.tokens.shape[1] - max_new_tokens + n_steps
+    tokens_out = out.tokens[:, :width]
+    if return_type == "str" or (return_type == "input" and is_text):
+        if tok is None:
+            raise ValueError("return_type='str' needs a tokenizer; this model has none: use return_type='tokens'")
+        rows = np.asarray(tokens_out)
+        keep = np.asarray(out.attention_mask[:, :width]).astype(bool)
+        texts = [tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(rows, keep)]
+        result: Any = texts[0] if isinstance(input, str) else texts
+    else:
+        result = tokens_out
+    if names_filter is None:
+        return result
+    unused = max_new_tokens - n_steps  # trailing columns no row reached: dropped from steps and keys
+
+    def trim(name: str, a: jax.Array) -> jax.Array:
+        a = jax.lax.slice_in_dim(a, 0, n_steps, axis=_pos_axis(name))
+        return a[..., : a.shape[-1] - unused] if _pos_axis(name) == 2 else a
+
+    acts = {n: trim(n, a) for n, a in out.acts.items()}
+    return result, ActivationCache(acts, model.cfg, True, model.cache_weights())

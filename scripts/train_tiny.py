@@ -1,0 +1,215 @@
+"""Train the small GPT-2 that jaxlens ships, from nothing, on CPU, and export it as an HF checkpoint.
+
+    .venv/bin/python scripts/train_tiny.py                # writes jaxlens/assets/tiny + prompts.jsonl
+
+1. generates a text corpus with `jaxlens.data` (seeded) and trains a byte-level BPE tokenizer on it;
+2. trains a GPT-2-architecture model with optax, using jaxlens's own Flax model (`jaxlens.forward`),
+   on packed text rows plus rows of repeated random tokens (induction);
+3. measures it (held-out losses, IOI-like accuracy on held-out templates, induction scores) and
+   exports it with `jaxlens.export.save_hf_gpt2` (config.json, model.safetensors, tokenizer files,
+   training_log.json with the curve and final numbers).
+Deterministic given --seed (up to floating-point reduction order on a different machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from jaxlens import data  # noqa: E402
+from jaxlens.config import ModelConfig  # noqa: E402
+from jaxlens.export import save_hf_gpt2  # noqa: E402
+from jaxlens.forward import forward  # noqa: E402
+from jaxlens.hooked import lm_loss  # noqa: E402
+from jaxlens.hooks import RunCtx  # noqa: E402
+from jaxlens.model import Transformer  # noqa: E402
+from jaxlens.probes import ioi_batch, model_induction_scores, model_ioi_scores  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIAL = "<|endoftext|>"
+
+
+def build_tokenizer(seed: int, vocab_size: int, n_docs: int) -> Any:
+    """Byte-level BPE trained on generated text, wrapped so `AutoTokenizer.from_pretrained` loads it."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(data.corpus(seed, n_docs), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[SPECIAL], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=SPECIAL, eos_token=SPECIAL,
+                                  unk_token=SPECIAL, pad_token=SPECIAL, model_max_length=10**6)
+    multi = [n for n in data.NAMES if len(tok.encode(" " + n, add_special_tokens=False)) != 1]
+    if multi:
+        raise ValueError(f"names {multi} are not single tokens; raise --vocab or --tok-docs")
+    return tok
+
+
+def text_docs(tok: Any, rng: np.random.Generator, chunk: int = 256) -> Iterator[list[int]]:
+    """Endless tokenized training documents (IOI from train templates only)."""
+    while True:
+        for enc in tok.backend_tokenizer.encode_batch([data.document(rng) for _ in range(chunk)],
+                                                      add_special_tokens=False):
+            yield enc.ids
+
+
+def batches(tok: Any, cfg: ModelConfig, seed: int, batch: int, seq_len: int, frac_random: float) -> Iterator[np.ndarray]:
+    """[batch seq_len] rows: packed documents, and `frac_random` of rows of repeated random tokens."""
+    rng = np.random.default_rng(seed)
+    docs = text_docs(tok, rng)
+    n_rand = int(round(batch * frac_random))
+    while True:
+        rows = np.concatenate([data.pack_rows(docs, batch - n_rand, seq_len, cfg.bos_token_id),
+                               data.random_repeat_rows(rng, n_rand, seq_len, cfg.d_vocab, cfg.bos_token_id)])
+        yield rows[rng.permutation(batch)]
+
+
+def eval_sets(tok: Any, cfg: ModelConfig, seed: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Fixed held-out rows per document kind (IOI from held-out templates) and repeated random tokens."""
+    rng = np.random.default_rng(seed + 1_000_003)
+    out = {}
+    for kind in data.DOC_KINDS:
+        if kind == "ioi":
+            texts = [e.text for e in data.ioi_examples(rng, 512, "heldout")]
+        else:
+            texts = [data.document(rng, kind) for _ in range(512)]
+        ids = iter([e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)])
+        out[kind] = data.pack_rows(ids, 16, seq_len, cfg.bos_token_id)
+    out["random_repeat"] = data.random_repeat_rows(rng, 16, seq_len, cfg.d_vocab, cfg.bos_token_id)
+    return out
+
+
+def make_step(cfg: ModelConfig, opt: optax.GradientTransformation, compute_dtype: Any):
+    """The jitted update: f32 master weights, forward in `compute_dtype`, b_U kept at zero (GPT-2 has none)."""
+
+    def loss_fn(trainable, tokens):
+        p = jax.tree.map(lambda x: x.astype(compute_dtype), trainable)
+        p["b_U"] = jnp.zeros((cfg.d_vocab,), compute_dtype)
+        logits, _, _ = forward(p, cfg, tokens)
+        return lm_loss(logits, tokens)
+
+    @jax.jit
+    def step(trainable, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, tokens)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss, optax.global_norm(grads)
+
+    eval_loss = jax.jit(loss_fn)
+    return step, eval_loss
+
+
+def measure(params: dict[str, Any], cfg: ModelConfig, tok: Any, evals: dict[str, np.ndarray], eval_loss,
+            ioi: dict[str, np.ndarray], probe: np.ndarray) -> dict[str, Any]:
+    trainable = {k: v for k, v in params.items() if k != "b_U"}
+    losses = {k: float(eval_loss(trainable, jnp.asarray(v))) for k, v in evals.items()}
+    ind = model_induction_scores(params, cfg, probe)
+    l, h = np.unravel_index(ind.argmax(), ind.shape)
+    return {"eval_loss": losses, "ioi_heldout": model_ioi_scores(params, cfg, ioi),
+            "induction_best": {"layer": int(l), "head": int(h), "score": float(ind[l, h])},
+            "induction_scores": np.round(ind, 4).tolist()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "jaxlens/assets/tiny"))
+    ap.add_argument("--prompts", default=str(ROOT / "jaxlens/assets/prompts.jsonl"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--tok-docs", type=int, default=20000)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--frac-random", type=float, default=0.25, help="share of rows of repeated random tokens")
+    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--eval-every", type=int, default=250)
+    a = ap.parse_args(argv)
+    t0 = time.time()
+
+    tok = build_tokenizer(a.seed, a.vocab, a.tok_docs)
+    eot = tok.convert_tokens_to_ids(SPECIAL)
+    cfg = ModelConfig(model_type="gpt2", d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
+                      d_head=a.d_model // a.heads, d_mlp=4 * a.d_model, d_vocab=len(tok), n_ctx=a.seq_len,
+                      act_fn="gelu_new", tie_word_embeddings=True, model_name="jaxlens-tiny",
+                      bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    print(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.1f}s); model: {cfg.n_layers} layers, "
+          f"d_model {cfg.d_model}, {cfg.n_heads} heads, n_ctx {cfg.n_ctx}", flush=True)
+
+    key = jax.random.key(a.seed)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    params = Transformer(cfg).init(key, dummy, jnp.ones_like(dummy), RunCtx())["params"]
+    # GPT-2 init: residual-writing projections scaled by 1/sqrt(2 * n_layers)
+    for l in range(cfg.n_layers):
+        b = params[f"blocks_{l}"]
+        b["attn"]["W_O"] = b["attn"]["W_O"] / np.sqrt(2 * cfg.n_layers)
+        b["mlp"]["W_out"] = b["mlp"]["W_out"] / np.sqrt(2 * cfg.n_layers)
+    trainable = {k: v for k, v in params.items() if k != "b_U"}
+    n_params = sum(x.size for x in jax.tree.leaves(trainable))
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup, a.steps, end_value=a.lr * 0.05)
+    decay_mask = jax.tree.map(lambda x: x.ndim >= 2, trainable)
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=a.weight_decay, mask=decay_mask))
+    opt_state = opt.init(trainable)
+    step, eval_loss = make_step(cfg, opt, jnp.bfloat16 if a.compute_dtype == "bfloat16" else jnp.float32)
+
+    evals = eval_sets(tok, cfg, a.seed, a.seq_len)
+    ioi = ioi_batch(tok, data.ioi_examples(a.seed + 7, 400, "heldout"), eot)
+    probe = data.repeated_tokens(np.random.default_rng(a.seed + 11), 16, 50, cfg.d_vocab, eot)
+    full = lambda tr: {**tr, "b_U": jnp.zeros((cfg.d_vocab,), jnp.float32)}  # noqa: E731
+
+    curve, evals_log = [], []
+    stream = batches(tok, cfg, a.seed, a.batch, a.seq_len, a.frac_random)
+    t_train = time.time()
+    for i in range(1, a.steps + 1):
+        trainable, opt_state, loss, gnorm = step(trainable, opt_state, jnp.asarray(next(stream)))
+        if i % 10 == 0 or i == 1:
+            curve.append({"step": i, "loss": round(float(loss), 4), "grad_norm": round(float(gnorm), 3),
+                          "lr": float(sched(i)), "time_s": round(time.time() - t_train, 1)})
+        if i % a.eval_every == 0 or i == a.steps:
+            m = measure(full(trainable), cfg, tok, evals, eval_loss, ioi, probe)
+            evals_log.append({"step": i, **{k: v for k, v in m.items() if k != "induction_scores"}})
+            print(f"step {i:5d}  loss {float(loss):.3f}  ioi top1 {m['ioi_heldout']['top1']:.2f} "
+                  f"diff-acc {m['ioi_heldout']['logit_diff_acc']:.2f}  induction {m['induction_best']['score']:.2f} "
+                  f"(L{m['induction_best']['layer']}H{m['induction_best']['head']})  "
+                  f"[{time.time() - t_train:.0f}s]", flush=True)
+    train_s = time.time() - t_train
+
+    params = full(trainable)
+    out = save_hf_gpt2(a.out, cfg, params, tok)
+    final = measure(params, cfg, tok, evals, eval_loss, ioi, probe)
+    log = {
+        "command": "python scripts/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": vars(a), "n_params": int(n_params), "config": cfg.to_dict(),
+        "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
+        "machine": {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+        "final": {"train_loss_last50": float(np.mean([c["loss"] for c in curve[-5:]])), **final},
+        "evals": evals_log, "curve": curve,
+    }
+    (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    data.write_prompts(a.prompts, a.seed)
+    print(f"saved {out} ({n_params:,} parameters) in {time.time() - t0:.0f}s; final: "
+          f"{json.dumps({k: v for k, v in final.items() if k != 'induction_scores'})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

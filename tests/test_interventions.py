@@ -1,0 +1,425 @@
+"""User hooks and edits-as-pytrees against the same edit done by a torch hook on the HF model or by
+TransformerLens's `run_with_hooks` on its bridge; jit-breaking hooks fail with a clear message."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxlens
+from conftest import assert_close
+from jaxlens import interventions as iv
+from jaxlens.forward import stack_layers
+
+TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 17, 250, 8, 3, 3, 60, 61]], np.int32)
+CLEAN = np.array([[0, 5, 9, 31, 2, 7, 100, 44], [0, 17, 251, 8, 3, 4, 60, 61]], np.int32)
+
+
+def _built(family, hf_root):
+    import conftest
+    from hf_models import build
+
+    if family not in conftest._BUILT:
+        conftest._BUILT[family] = build(family, hf_root)
+    return conftest._BUILT[family]
+
+
+@pytest.fixture(scope="module")
+def gpt2(hf_root):
+    path, model = _built("gpt2", hf_root)
+    return jaxlens.from_pretrained(path), model
+
+
+@pytest.fixture(scope="module")
+def llama(hf_root):
+    path, model = _built("llama", hf_root)
+    return jaxlens.from_pretrained(path), model
+
+
+@pytest.fixture(scope="module")
+def bridge_llama(hf_root):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path, _ = _built("llama", hf_root)
+    b = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
+    b.enable_compatibility_mode(no_processing=True)
+    return b
+
+
+# --- torch reference helpers --------------------------------------------------------------------
+
+def torch_logits(model, toks, hooks=()):
+    """Run the HF model with (module, "pre"|"fwd", fn) hooks; fn maps the tensor to its replacement."""
+    handles = []
+    for module, kind, fn in hooks:
+        if kind == "pre":
+            def pre(mod, args, kwargs, fn=fn):
+                if args:
+                    return (fn(args[0]),) + tuple(args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(mod, args, out, fn=fn):
+                return (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)
+            handles.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor(toks, dtype=torch.long)).logits.numpy()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def torch_capture(model, toks, module, kind):
+    store = {}
+
+    def fn(x):
+        store["x"] = x.clone()
+        return x
+
+    torch_logits(model, toks, [(module, kind, fn)])
+    return store["x"]
+
+
+def _heads(x, n):  # [b p n*d] <-> [b p n d]
+    return x.reshape(*x.shape[:2], n, -1)
+
+
+@pytest.fixture(scope="module")
+def gpt2_pattern_hookable(gpt2):
+    """GPT-2's reorder_and_upcast path routes the pattern through the attn_dropout module (identity
+    in eval) so a torch forward hook can edit it; numerically the same f32 attention."""
+    _, model = gpt2
+    for blk in model.transformer.h:
+        blk.attn.reorder_and_upcast_attn = True
+    yield model
+    for blk in model.transformer.h:
+        blk.attn.reorder_and_upcast_attn = False
+
+
+# --- user hooks ---------------------------------------------------------------------------------
+
+def test_user_hook_matches_torch_hook_and_cache_sees_edit(gpt2):
+    m, model = gpt2
+    vec = np.linspace(-1, 1, m.cfg.d_model).astype(np.float32)
+
+    def hook(x, hook):
+        assert hook.name == "blocks.1.hook_resid_pre" and hook.layer() == 1
+        return x.at[:, 2].multiply(0.5) + jnp.asarray(vec)
+
+    logits, cache = m.run_with_cache(TOKS, names_filter=["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"],
+                                     fwd_hooks=[("blocks.1.hook_resid_pre", hook)])
+
+    def ref(x):
+        x = x.clone()
+        x[:, 2] *= 0.5
+        return x + torch.tensor(vec)
+
+    ref_logits = torch_logits(model, TOKS, [(model.transformer.h[1], "pre", ref)])
+    assert_close(logits, ref_logits, "logits")
+    unedited = torch_capture(model, TOKS, model.transformer.h[1], "pre")
+    assert_close(cache["resid_pre", 1], ref(unedited).numpy(), "cache holds the edited activation")
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_resid_pre", hook)]), ref_logits, "run_with_hooks")
+
+
+def _layer_hooks_jax():
+    def scale_q(x, hook):
+        return x * (1.0 + 0.1 * hook.layer())
+
+    def damp_pattern(x, hook):
+        return x.at[:, 1, 3:, :2].multiply(0.25)
+
+    def shift_mlp(x, hook):
+        return x + 0.05 * (hook.layer() + 1)
+
+    return [(lambda n: n.endswith("attn.hook_q"), scale_q), ("blocks.0.attn.hook_pattern", damp_pattern),
+            (lambda n: n.endswith("hook_mlp_out"), shift_mlp)]
+
+
+def _layer_hooks_torch(cfg):
+    def layer(hook):
+        return int(hook.name.split(".")[1])
+
+    def scale_q(x, hook):
+        return x * (1.0 + 0.1 * layer(hook))
+
+    def damp_pattern(x, hook):
+        x = x.clone()
+        x[:, 1, 3:, :2] *= 0.25
+        return x
+
+    def shift_mlp(x, hook):
+        return x + 0.05 * (layer(hook) + 1)
+
+    hooks = [(f"blocks.{l}.attn.hook_q", scale_q) for l in range(cfg.n_layers)]
+    hooks.append(("blocks.0.attn.hook_pattern", damp_pattern))
+    hooks += [(f"blocks.{l}.hook_mlp_out", shift_mlp) for l in range(cfg.n_layers)]
+    return hooks
+
+
+def test_user_hooks_match_transformer_lens(llama, bridge_llama):
+    """Filters, hook.layer() and several hooks at once (queries, pattern, mlp_out) on a GQA model."""
+    m, _ = llama
+    logits = m.run_with_hooks(TOKS, fwd_hooks=_layer_hooks_jax())
+    with torch.no_grad():
+        ref = bridge_llama.run_with_hooks(torch.tensor(TOKS, dtype=torch.long), fwd_hooks=_layer_hooks_torch(m.cfg))
+    assert_close(logits, ref.numpy(), "logits")
+    scanned = jaxlens.HookedTransformer(m.cfg, stack_layers(m.params, m.cfg.n_layers), m.tokenizer)
+    assert_close(scanned.run_with_hooks(TOKS, fwd_hooks=_layer_hooks_jax()), ref.numpy(), "scanned model")
+
+
+# --- edits vs torch hooks on HF GPT-2 -----------------------------------------------------------
+
+def test_resid_ablation_and_patch(gpt2):
+    m, model = gpt2
+    _, clean = m.run_with_cache(CLEAN, names_filter="blocks.1.hook_resid_pre")
+    clean_t = torch_capture(model, CLEAN, model.transformer.h[1], "pre")
+    assert_close(clean["resid_pre", 1], clean_t.numpy(), "clean resid")
+
+    def zero(x):
+        x = x.clone()
+        x[:, [1, 3]] = 0
+        return x
+
+    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_resid_pre", iv.intervention_resid([1, 3]))])
+    assert_close(got, torch_logits(model, TOKS, [(model.transformer.h[1], "pre", zero)]), "ablate")
+
+    def patch(x):
+        x = x.clone()
+        x[:, [2, -1]] = clean_t[:, [2, -1]]
+        return x
+
+    ref = torch_logits(model, TOKS, [(model.transformer.h[1], "pre", patch)])
+    edit = iv.intervention_resid([2, -1], clean["resid_pre", 1])
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_resid_pre", edit)]), ref, "patch from full")
+    edit = iv.intervention_resid([2, -1], clean["resid_pre", 1][:, jnp.array([2, 7])], at_positions=True)
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_resid_pre", edit)]), ref, "patch per position")
+
+
+def test_head_edits_on_z(gpt2):
+    m, model = gpt2
+    H = m.cfg.n_heads
+    attn = model.transformer.h[0].attn
+    clean_z = torch_capture(model, CLEAN, attn.c_proj, "pre")
+
+    def zero(x):
+        z = _heads(x.clone(), H)
+        z[:, :, [1, 2]] = 0
+        return z.reshape(x.shape)
+
+    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.attn.hook_z", iv.ablate_heads([1, 2]))])
+    assert_close(got, torch_logits(model, TOKS, [(attn.c_proj, "pre", zero)]), "zero heads")
+
+    def patch(x):
+        z = _heads(x.clone(), H)
+        z[:, 4:, 3] = _heads(clean_z, H)[:, 4:, 3]
+        return z.reshape(x.shape)
+
+    _, c = m.run_with_cache(CLEAN, names_filter="blocks.0.attn.hook_z")
+    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.attn.hook_z", iv.patch_heads([3], c["z", 0], positions=[4, 5, 6, 7]))])
+    assert_close(got, torch_logits(model, TOKS, [(attn.c_proj, "pre", patch)]), "patch head 3 at positions 4..7")
+
+
+def _torch_attn_mat(x, heads, qs, ks, mult, normalize=None):
+    x = x.clone()
+    orig = x.clone()
+    for h in heads:
+        for q in qs:
+            x[:, h, q, ks] *= mult
+    if normalize == "renorm":
+        for h in heads:
+            x[:, h] = x[:, h] / x[:, h].sum(-1, keepdim=True)
+    elif normalize == "softmax":
+        for h in heads:
+            x[:, h] = torch.softmax(x[:, h].masked_fill(orig[:, h] <= 0, float("-inf")), dim=-1)
+    return x
+
+
+@pytest.mark.parametrize("normalize", [None, "renorm", "softmax"])
+def test_attn_mat_edit(gpt2, gpt2_pattern_hookable, normalize):
+    m, _ = gpt2
+    model = gpt2_pattern_hookable
+    heads, qs, ks = [0, 3], [3, 4, 5], [1, 2]
+    edit = iv.intervention_attn_mat(heads, qs, ks, multiplier=0.3, normalize=normalize)
+    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.attn.hook_pattern", edit)])
+    ref = torch_logits(model, TOKS, [(model.transformer.h[1].attn.attn_dropout, "fwd",
+                                      lambda x: _torch_attn_mat(x, heads, qs, ks, 0.3, normalize))])
+    assert_close(got, ref, f"attn mat normalize={normalize}")
+
+
+def test_attn_mat_set_values_and_keep_self_attn(gpt2, gpt2_pattern_hookable):
+    m, _ = gpt2
+    model = gpt2_pattern_hookable
+    mod = model.transformer.h[0].attn.attn_dropout
+    _, c = m.run_with_cache(CLEAN, names_filter="blocks.0.attn.hook_pattern")
+    clean_p = torch.tensor(np.asarray(c["pattern", 0]))
+
+    def set_vals(x):
+        x = x.clone()
+        x[:, 2, 6, :3] = clean_p[:, 2, 6, :3]
+        return x
+
+    edit = iv.intervention_attn_mat([2], [6], [0, 1, 2], values=c["pattern", 0])
+    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.attn.hook_pattern", edit)])
+    assert_close(got, torch_logits(model, TOKS, [(mod, "fwd", set_vals)]), "set from clean pattern")
+
+    def keep_self(x):  # easyroutine's ablate_pos_keep_self_attn_hook, per batch row
+        x = x.clone()
+        for h, p in zip([1, 3, 3], [4, 7, 2]):
+            x[:, h, p, :-1] = 0
+        return x
+
+    edit = iv.ablate_keep_self_attn([1, 3, 3], [4, -1, 2])
+    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.attn.hook_pattern", edit)])
+    assert_close(got, torch_logits(model, TOKS, [(mod, "fwd", keep_self)]), "keep self attn")
+
+
+def test_steer_mean_ablation_and_combined(gpt2):
+    m, model = gpt2
+    vec = np.cos(np.arange(m.cfg.d_model)).astype(np.float32)
+    h1, mlp0, c_proj1 = model.transformer.h[1], model.transformer.h[0].mlp, model.transformer.h[1].attn.c_proj
+    batch = np.concatenate([TOKS, CLEAN, TOKS[:, ::-1]])
+    _, cache = m.run_with_cache(batch, names_filter="blocks.0.hook_mlp_out")
+    mean_t = torch_capture(model, batch, mlp0, "fwd").mean(0, keepdim=True)
+    assert_close(cache["mlp_out", 0].mean(0), mean_t[0].numpy(), "mlp_out mean")
+
+    def steer_t(out):
+        out = out.clone()
+        out[:, [5, 6]] += 2.0 * torch.tensor(vec)
+        return out
+
+    def mean_t_fn(out):
+        return mean_t.expand_as(out).clone()
+
+    def zero_head(x):
+        z = _heads(x.clone(), m.cfg.n_heads)
+        z[:, :, 0] = 0
+        return z.reshape(x.shape)
+
+    steer = ("blocks.1.hook_resid_post", iv.steer(vec, 2.0, positions=[5, 6]))
+    got = m.run_with_hooks(TOKS, fwd_hooks=[steer])
+    assert_close(got, torch_logits(model, TOKS, [(h1, "fwd", steer_t)]), "steer")
+    got = m.run_with_hooks(TOKS, fwd_hooks=iv.mean_ablation(cache, "blocks.0.hook_mlp_out"))
+    assert_close(got, torch_logits(model, TOKS, [(mlp0, "fwd", mean_t_fn)]), "mean ablation")
+    combined = iv.mean_ablation(cache, "blocks.0.hook_mlp_out") + [("blocks.1.attn.hook_z", iv.ablate_heads(0)), steer]
+    ref = torch_logits(model, TOKS, [(mlp0, "fwd", mean_t_fn), (c_proj1, "pre", zero_head), (h1, "fwd", steer_t)])
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=combined), ref, "three edits in one run")
+
+
+# --- GQA model edits vs TransformerLens -----------------------------------------------------------
+
+def test_gqa_edits_match_transformer_lens(llama, bridge_llama):
+    m, _ = llama
+    _, clean = m.run_with_cache(CLEAN, names_filter=["blocks.1.attn.hook_v", "blocks.0.attn.hook_pattern"])
+    clean_v = torch.tensor(np.asarray(clean["v", 1]))
+
+    def v_t(x, hook):
+        x = x.clone()
+        x[:, :, 1] = clean_v[:, :, 1]  # kv head 1 (serves query heads 2 and 3)
+        return x
+
+    def scores_t(x, hook):
+        x = x.clone()
+        x[:, 3, 4:, :3] *= 0.5  # allowed (causal) entries only
+        return x
+
+    def z_t(x, hook):
+        x = x.clone()
+        x[:, :, 2] = 0
+        return x
+
+    fwd = [("blocks.1.attn.hook_v", iv.patch_heads([1], clean["v", 1])),
+           ("blocks.0.attn.hook_attn_scores", iv.intervention_attn_mat([3], [4, 5, 6, 7], [0, 1, 2], 0.5)),
+           ("blocks.0.attn.hook_z", iv.ablate_heads([2]))]
+    ref_hooks = [("blocks.1.attn.hook_v", v_t), ("blocks.0.attn.hook_attn_scores", scores_t), ("blocks.0.attn.hook_z", z_t)]
+    with torch.no_grad():
+        ref = bridge_llama.run_with_hooks(torch.tensor(TOKS, dtype=torch.long), fwd_hooks=ref_hooks).numpy()
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=fwd), ref, "GQA edits")
+
+
+# --- batches of edits ----------------------------------------------------------------------------
+
+def test_vmapped_edits_equal_single_runs(gpt2):
+    """A stack of edits is a pytree with a leading axis: vmap runs them all in one program."""
+    from jaxlens.forward import forward
+    from jaxlens.hooks import make_hooks
+
+    m, _ = gpt2
+    edits = iv.stack_edits([iv.intervention_attn_mat([h], [5, 6, 7], [0], multiplier=s)
+                            for h, s in [(0, 0.0), (1, 0.5), (3, 2.0)]])
+    assert edits.heads.shape == (3, 1) and edits.multiplier.shape == (3,)
+
+    @jax.jit
+    def grid(edits):
+        def one(e):
+            return forward(m.params, m.cfg, jnp.asarray(TOKS), hooks=make_hooks([("blocks.1.attn.hook_pattern", e)], m.cfg))[0]
+        return jax.vmap(one)(edits)
+
+    out = grid(edits)
+    for i in range(3):
+        e = jax.tree.map(lambda x: x[i], edits)
+        assert_close(out[i], m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.attn.hook_pattern", e)]), f"edit {i}")
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+def _bad_float(x, hook):
+    return x * float(x.sum())
+
+
+def _bad_numpy(x, hook):
+    return jnp.asarray(np.asarray(x) + 1)
+
+
+def _bad_branch(x, hook):
+    return x * 2 if x.sum() > 0 else x
+
+
+def _bad_boolean_index(x, hook):
+    return x.at[:, 0].set(x[x > 0].mean())
+
+
+def _bad_inplace(x, hook):
+    x[:, 0] = 0
+    return x
+
+
+@pytest.mark.parametrize("fn,why", [(_bad_float, "ConcretizationTypeError"), (_bad_numpy, "TracerArrayConversionError"),
+                                    (_bad_branch, "TracerBoolConversionError"),
+                                    (_bad_boolean_index, "NonConcreteBooleanIndexError"), (_bad_inplace, "immutable")])
+def test_jit_breaking_hooks_say_why(gpt2, fn, why):
+    m, _ = gpt2
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_post") as e:
+        m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.hook_resid_post", fn)])
+    assert why in str(e.value) and fn.__name__ in str(e.value)
+
+
+def test_edit_errors(gpt2):
+    m, _ = gpt2
+    cases = [
+        ([("blocks.0.hook_resid_pre", iv.ablate_heads([0]))], "per-head activation"),
+        ([("blocks.0.attn.hook_pattern", iv.intervention_resid([0]))], "AttnMatEdit or HeadEdit"),
+        ([("blocks.0.hook_resid_pre", iv.intervention_resid([0], jnp.ones((3, 5))))], "do not broadcast"),
+        ([("blocks.0.hook_mlp_out", iv.intervention_attn_mat([0], [1], [0]))], "hook_pattern or hook_attn_scores"),
+        ([("blocks.0.attn.hook_attn_scores", iv.intervention_attn_mat([0], [1], [0], normalize="renorm"))],
+         "applies at hook_pattern only"),
+        ([("blocks.0.hook_resid_pre", iv.steer(np.ones(7)))], "vector has width 7"),
+        ([("blocks.0.attn.hook_z", iv.ablate_keep_self_attn([0], [1]))], "applies at hook_pattern"),
+    ]
+    for hooks, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            m.run_with_hooks(TOKS, fwd_hooks=hooks)
+    with pytest.raises(ValueError, match="paired element-wise"):
+        iv.ablate_keep_self_attn([0, 1], [2])
+    with pytest.raises(ValueError, match="must be integers"):
+        iv.intervention_resid([1.5])
+    with pytest.raises(ValueError, match="normalize must be"):
+        iv.intervention_attn_mat([0], [1], [0], normalize="exp")
+    _, cache = m.run_with_cache(TOKS, names_filter="blocks.0.hook_mlp_out")
+    with pytest.raises(ValueError, match="not in the cache"):
+        iv.mean_ablation(cache, "blocks.1.hook_mlp_out")
+    with pytest.raises(ValueError, match="differs in type or static fields"):
+        iv.stack_edits([iv.intervention_resid([0]), iv.intervention_resid([0], at_positions=True)])
