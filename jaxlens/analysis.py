@@ -17,7 +17,6 @@ inconsistencies, which are noted where they occur.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Iterable
 
 import jax
@@ -55,7 +54,7 @@ def scale_key(cfg: ModelConfig, layer: int, mlp_input: bool) -> str:
     return f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
 
 
-def _mlp_input_ok(cfg: ModelConfig, layer: int, what: str) -> None:
+def check_mlp_input(cfg: ModelConfig, layer: int, what: str) -> None:
     if layer >= cfg.n_layers:
         raise ValueError(f"{what}: mlp_input=True needs layer < n_layers={cfg.n_layers} (the unembed has no MLP)")
 
@@ -86,7 +85,7 @@ def decompose_plan(cfg: ModelConfig, keys: Iterable[str], layer: int, mlp_input:
     if mode not in MODES:
         raise ValueError(f"decompose_resid: mode={mode!r} must be one of {MODES}")
     if mlp_input:
-        _mlp_input_ok(cfg, layer, "decompose_resid")
+        check_mlp_input(cfg, layer, "decompose_resid")
     keys = set(keys)
     plan = []
     if incl_embeds:
@@ -360,9 +359,11 @@ def compute_head_results(cache: Any) -> dict[str, jax.Array]:
 # Compiled versions (flags static; Slices and arrays are traced)
 # ---------------------------------------------------------------------------------------------
 
-apply_ln_to_stack_jit = jax.jit(apply_ln_to_stack, static_argnames=("layer", "mlp_input", "has_batch_dim", "recompute_ln"))
+apply_ln_to_stack_jit = jax.jit(apply_ln_to_stack,
+                                static_argnames=("layer", "mlp_input", "has_batch_dim", "recompute_ln"))
 accumulated_resid_jit = jax.jit(accumulated_resid, static_argnames=("layer", "incl_mid", "apply_ln", "mlp_input"))
-decompose_resid_jit = jax.jit(decompose_resid, static_argnames=("layer", "mlp_input", "mode", "apply_ln", "incl_embeds"))
+decompose_resid_jit = jax.jit(decompose_resid,
+                              static_argnames=("layer", "mlp_input", "mode", "apply_ln", "incl_embeds"))
 stack_head_results_jit = jax.jit(stack_head_results, static_argnames=("layer", "incl_remainder", "apply_ln"))
 get_neuron_results_jit = jax.jit(get_neuron_results, static_argnames=("layer",))
 stack_neuron_results_jit = jax.jit(stack_neuron_results,

@@ -16,7 +16,7 @@ batches (`cat`, strategies, info, metadata, memory tree) is `jaxlens.aggregate`'
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,10 +89,16 @@ class ActivationCache:
                                kw.get("has_batch_dim", self.has_batch_dim), kw.get("weights", self.weights),
                                tokenizer=kw.get("tokenizer", self.tokenizer), meta=kw.get("meta", self.meta))
 
+    def spec(self, activations: Any, weights: Any = None) -> "ActivationCache":
+        """A tree of this cache's structure holding `activations` at every activation and `weights`
+        at every weight: vmap axes, or shardings for `jax.device_put` (e.g. activations split over
+        the batch, weights replicated)."""
+        return self._replace({k: activations for k in self._d}, weights={k: weights for k in self.weights})
+
     def batch_axes(self, axis: int = 0) -> "ActivationCache":
         """An `in_axes`/`out_axes` spec for `jax.vmap` over the batch: activations on `axis`,
         weights unmapped. `jax.vmap(f, in_axes=(cache.batch_axes(),))(cache)`."""
-        return self._replace({k: axis for k in self._d}, weights={k: None for k in self.weights})
+        return self.spec(axis, None)
 
     # --- mapping ----------------------------------------------------------------------------
     def _key(self, key: Any) -> str:
@@ -215,7 +221,7 @@ class ActivationCache:
         if not apply_ln:
             return []
         if mlp_input:
-            A._mlp_input_ok(self.cfg, layer, "apply_ln with mlp_input")
+            A.check_mlp_input(self.cfg, layer, "apply_ln with mlp_input")
         return [A.scale_key(self.cfg, layer, mlp_input)]
 
     # --- TransformerLens analyses -----------------------------------------------------------
@@ -317,7 +323,7 @@ class ActivationCache:
         cfg = self._need_cfg("stack_neuron_results")
         layer = A.resolve_layer(cfg, layer, "stack_neuron_results")
         if mlp_input:
-            A._mlp_input_ok(cfg, layer, "stack_neuron_results")
+            A.check_mlp_input(cfg, layer, "stack_neuron_results")
         ns = Slice.unwrap(neuron_slice).collapse_free().check(cfg.d_mlp, "neuron_slice")
         keys = [f"blocks.{l}.mlp.hook_post" for l in range(layer)]
         if incl_remainder:
@@ -341,7 +347,7 @@ class ActivationCache:
         cfg = self._need_cfg("get_full_resid_decomposition")
         layer = A.resolve_layer(cfg, layer, "get_full_resid_decomposition")
         if mlp_input:
-            A._mlp_input_ok(cfg, layer, "get_full_resid_decomposition")
+            A.check_mlp_input(cfg, layer, "get_full_resid_decomposition")
         keys, wkeys = self._head_inputs(layer + (1 if mlp_input else 0))
         if layer == 0 and not mlp_input:
             keys += self._empty_key()
@@ -371,7 +377,7 @@ class ActivationCache:
                              f"got shape {tuple(stack.shape)}")
         recompute = recompute_ln and layer == cfg.n_layers
         if mlp_input and not recompute:
-            A._mlp_input_ok(cfg, layer, "apply_ln_to_stack")
+            A.check_mlp_input(cfg, layer, "apply_ln_to_stack")
         keys = [] if recompute else [A.scale_key(cfg, layer, mlp_input)]
         wkeys = [k for k in ("ln_final.w", "ln_final.b") if recompute and k in self.weights]
         bs = self._batch(batch_slice)

@@ -67,7 +67,8 @@ class ModelConfig:
         if self.act_fn not in ACT_FNS:
             problems.append(f"act_fn={self.act_fn!r} is not one of {ACT_FNS}")
         if self.normalization_type not in ("LN", "RMS", "LNPre", "RMSPre"):
-            problems.append(f"normalization_type={self.normalization_type!r} must be 'LN', 'RMS', 'LNPre' or 'RMSPre'")
+            problems.append(f"normalization_type={self.normalization_type!r} must be 'LN', 'RMS', "
+                            "'LNPre' or 'RMSPre'")
         if self.positional_embedding_type not in ("standard", "rotary"):
             problems.append(f"positional_embedding_type={self.positional_embedding_type!r} must be 'standard' or 'rotary'")
         if self.positional_embedding_type == "rotary":
@@ -87,6 +88,15 @@ class ModelConfig:
     def scale(self) -> float:
         """Divisor applied to q·k (TransformerLens `attn_scale`)."""
         return self.attn_scale if self.attn_scale is not None else self.d_head**0.5
+
+    @property
+    def n_key_value_heads(self) -> int | None:
+        """TransformerLens's name for `n_kv_heads` (None when not grouped)."""
+        return self.n_kv_heads if self.n_kv_heads not in (None, self.n_heads) else None
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
 
     @property
     def has_pos_embed(self) -> bool:

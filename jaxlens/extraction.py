@@ -121,7 +121,10 @@ def pattern_block_stats(pattern: Array, col_groups: Any, row_groups: Any = None,
     `col_groups[j]`; repeated positions count as often as listed (as with easyroutine's list
     indexing). "mean"/"sum" are the block's mean/sum; "baseline_ratio" is the mean divided by
     the mean over the block's rows of (#columns ≤ row) / (row + 1), the value a uniform causal
-    pattern would give. Positions are buffer indices, as in easyroutine.
+    pattern would give; a block wholly above the diagonal has baseline 0 and gives NaN, as in
+    easyroutine. Positions are buffer indices (padding is not discounted), as in easyroutine.
+    easyroutine's code computes block statistics only when a row partition is given; its
+    docstring's default (rows = the column groups) is what `row_groups=None` does here.
     """
     if stat not in ("mean", "sum", "baseline_ratio"):
         raise ValueError(f"stat must be 'mean', 'sum' or 'baseline_ratio', got {stat!r}")
@@ -290,7 +293,8 @@ def extract(model: Any, input: Any, token_groups: Any, what: Sequence[str] = ("r
     head_out, projected_query, projected_key, projected_value, pattern}. Per-layer keys are
     `{what}_{layer}` ([batch tokens d_model]); per-head keys `{what}_L{layer}H{head}`
     ([batch tokens d], patterns [batch tokens tokens], or [batch G_row G_col] with
-    `pattern_stat`). `avg` averages each token group instead of flattening them.
+    `pattern_stat`). `avg` averages each token group instead of flattening them (patterns are
+    always flattened, or summarised by `pattern_stat`, as in easyroutine).
     """
     cfg = model.cfg
     toks, mask = model._inputs(input, attention_mask, None, "right")

@@ -107,15 +107,18 @@ def attribution_patching(model: Any, clean_input: Any, corrupted_input: Any, met
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    base, other = (corrupted_input, clean_input) if direction == "denoise" else (clean_input, corrupted_input)
-    _, base_cache, grads = run_with_cache_and_grad(model, base, metric, names_filter, attention_mask)
-    _, other_cache = model.run_with_cache(other, names_filter, attention_mask, return_type=None)
+    clean, clean_mask = model._inputs(clean_input, attention_mask, None, "right")
+    corrupt, corrupt_mask = model._inputs(corrupted_input, attention_mask, None, "right")
+    if clean.shape != corrupt.shape:
+        raise ValueError(f"clean input {tuple(clean.shape)} and corrupted input {tuple(corrupt.shape)} tokenize to "
+                         "different shapes: the two inputs must have the same batch size and length")
+    base, other = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    base_mask, other_mask = (corrupt_mask, clean_mask) if direction == "denoise" else (clean_mask, corrupt_mask)
+    _, base_cache, grads = run_with_cache_and_grad(model, base, metric, names_filter, base_mask)
+    _, other_cache = model.run_with_cache(other, names_filter, other_mask, return_type=None)
     scores = {}
     for name in grads:
         diff = jnp.asarray(other_cache[name]) - jnp.asarray(base_cache[name])
-        if diff.shape != grads[name].shape:
-            raise ValueError(f"clean and corrupted runs differ in shape at {name!r} ({diff.shape} vs {grads[name].shape}): "
-                             "the two inputs must have the same batch size and length")
         prod = jnp.where(jnp.isfinite(diff), diff * grads[name], 0.0)
         if reduce_last_axis and not name.endswith(_ELEMENTWISE):
             prod = prod.sum(-1)

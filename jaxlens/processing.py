@@ -17,7 +17,9 @@ direct logit attribution) are read in. Each step follows TransformerLens 4.x
 
 Tied embeddings are untied first (W_U becomes a separate array). Biases that folding creates
 (Q/K/V and MLP-in biases on LN models without them, b_O on Qwen2) switch the config's bias flags on.
-All arithmetic is in float32 and cast back, as TransformerLens does.
+All arithmetic is in float32 and cast back, as TransformerLens does. A tree of numpy arrays (as
+`from_pretrained` loads it) is processed with numpy on the host, with no compilation; a tree of jax
+arrays with jax.numpy (so `process_params` can also run under `jit`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.forward import stack_layers, unstack_layers
 
 
 def _is_ln(cfg: ModelConfig) -> bool:
@@ -45,9 +47,11 @@ def process_params(params: dict[str, Any], cfg: ModelConfig, *, fold_ln: bool = 
     """
     if fold_ln and cfg.normalization_type in ("LNPre", "RMSPre"):
         fold_ln = False  # already folded: a second pass would be a no-op in TransformerLens too
+    xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)) else jnp
     scanned = "blocks" in params
-    p = _to_f32(params if scanned else stack_layers(params, cfg.n_layers))
-    dtypes = jax.tree.map(lambda x: x.dtype, params if scanned else stack_layers(params, cfg.n_layers))
+    stacked = params if scanned else _stack(params, cfg.n_layers, xp)
+    dtypes = jax.tree.map(lambda x: x.dtype, stacked)
+    p = _to_f32(stacked, xp)
     blk = p["blocks"]["block"]
     changes: dict[str, Any] = {}
     untie = cfg.tie_word_embeddings and (fold_ln or center_unembed or (center_writing_weights and _is_ln(cfg)))
@@ -56,7 +60,7 @@ def process_params(params: dict[str, Any], cfg: ModelConfig, *, fold_ln: bool = 
         dtypes["W_U"] = dtypes["W_E"]
         changes["tie_word_embeddings"] = False
     if fold_ln:
-        changes.update(_fold_ln(p, blk, cfg, dtypes))
+        changes.update(_fold_ln(p, blk, cfg, dtypes, xp))
     centre_writers = center_writing_weights and _is_ln(cfg)
     if centre_writers:
         _center_writing(p, blk, cfg)
@@ -64,20 +68,35 @@ def process_params(params: dict[str, Any], cfg: ModelConfig, *, fold_ln: bool = 
         p["W_U"] = p["W_U"] - p["W_U"].mean(-1, keepdims=True)
         p["b_U"] = p["b_U"] - p["b_U"].mean()
     if fold_value_biases and "b_V" in blk["attn"]:
-        changes.update(_fold_value_biases(blk, cfg, dtypes, centre_writers))
+        changes.update(_fold_value_biases(blk, cfg, dtypes, centre_writers, xp))
     out = jax.tree.map(lambda x, d: x.astype(d), p, dtypes)
     new_cfg = cfg.replace(**changes)
-    return (out if scanned else unstack_layers(out, cfg.n_layers)), new_cfg
+    return (out if scanned else _unstack(out, cfg.n_layers)), new_cfg
 
 
-def _to_f32(tree: dict[str, Any]) -> dict[str, Any]:
+def _stack(params: dict[str, Any], n_layers: int, xp: Any) -> dict[str, Any]:
+    """Unrolled `blocks_{l}` -> `blocks/block` with a leading layer axis (numpy or jax)."""
+    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    out["blocks"] = {"block": jax.tree.map(lambda *xs: xp.stack(xs), *[params[f"blocks_{l}"] for l in range(n_layers)])}
+    return out
+
+
+def _unstack(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for l in range(n_layers):
+        out[f"blocks_{l}"] = jax.tree.map(lambda x: x[l], params["blocks"]["block"])
+    return out
+
+
+def _to_f32(tree: dict[str, Any], xp: Any) -> dict[str, Any]:
     """A mutable copy of the nested dict with float32 leaves."""
     if isinstance(tree, dict):
-        return {k: _to_f32(v) for k, v in tree.items()}
-    return jnp.asarray(tree, jnp.float32)
+        return {k: _to_f32(v, xp) for k, v in tree.items()}
+    return xp.asarray(tree, xp.float32)
 
 
-def _fold_ln(p: dict[str, Any], blk: dict[str, Any], cfg: ModelConfig, dtypes: dict[str, Any]) -> dict[str, Any]:
+def _fold_ln(p: dict[str, Any], blk: dict[str, Any], cfg: ModelConfig, dtypes: dict[str, Any],
+             xp: Any) -> dict[str, Any]:
     """Fold ln1 into Q/K/V, ln2 into the MLP input, ln_final into the unembed (stacked layers)."""
     ln = _is_ln(cfg)
     attn, mlp = blk["attn"], blk["mlp"]
@@ -90,8 +109,8 @@ def _fold_ln(p: dict[str, Any], blk: dict[str, Any], cfg: ModelConfig, dtypes: d
     for w, b in (("W_Q", "b_Q"), ("W_K", "b_K"), ("W_V", "b_V")):
         W = attn[w]
         if ln:
-            bias = attn.get(b, jnp.zeros((W.shape[0], W.shape[1], W.shape[3]), W.dtype))
-            attn[b] = bias + jnp.einsum("lhmd,lm->lhd", W, ln1["b"])
+            bias = attn.get(b, xp.zeros((W.shape[0], W.shape[1], W.shape[3]), W.dtype))
+            attn[b] = bias + xp.einsum("lhmd,lm->lhd", W, ln1["b"])
             dt_attn.setdefault(b, dt_attn[w])
         W = W * ln1["w"][:, None, :, None]
         attn[w] = W - W.mean(2, keepdims=True) if ln else W
@@ -101,8 +120,8 @@ def _fold_ln(p: dict[str, Any], blk: dict[str, Any], cfg: ModelConfig, dtypes: d
             continue
         W = mlp[w]
         if ln:
-            bias = mlp.get(b, jnp.zeros((W.shape[0], W.shape[2]), W.dtype))
-            mlp[b] = bias + jnp.einsum("lmn,lm->ln", W, ln2["b"])
+            bias = mlp.get(b, xp.zeros((W.shape[0], W.shape[2]), W.dtype))
+            mlp[b] = bias + xp.einsum("lmn,lm->ln", W, ln2["b"])
             dt_mlp.setdefault(b, dt_mlp[w])
         W = W * ln2["w"][:, :, None]
         mlp[w] = W - W.mean(1, keepdims=True) if (ln and w == "W_in") else W
@@ -111,10 +130,10 @@ def _fold_ln(p: dict[str, Any], blk: dict[str, Any], cfg: ModelConfig, dtypes: d
         changes["use_qkv_bias"] = True
         if not cfg.use_mlp_bias:  # b_in was created; the rest of the MLP biases start at zero
             L = mlp["W_in"].shape[0]
-            mlp["b_out"] = jnp.zeros((L, cfg.d_model), jnp.float32)
+            mlp["b_out"] = xp.zeros((L, cfg.d_model), xp.float32)
             dt_mlp["b_out"] = dt_mlp["W_out"]
             if "W_gate" in mlp and "b_gate" not in mlp:
-                mlp["b_gate"] = jnp.zeros((L, cfg.d_mlp), jnp.float32)
+                mlp["b_gate"] = xp.zeros((L, cfg.d_mlp), xp.float32)
                 dt_mlp["b_gate"] = dt_mlp["W_gate"]
             changes["use_mlp_bias"] = True
         p["b_U"] = p["b_U"] + lnf["b"] @ p["W_U"]
@@ -137,13 +156,14 @@ def _center_writing(p: dict[str, Any], blk: dict[str, Any], cfg: ModelConfig) ->
                 blk[sub][n] = centre(blk[sub][n])
 
 
-def _fold_value_biases(blk: dict[str, Any], cfg: ModelConfig, dtypes: dict[str, Any], centre: bool) -> dict[str, Any]:
+def _fold_value_biases(blk: dict[str, Any], cfg: ModelConfig, dtypes: dict[str, Any], centre: bool,
+                       xp: Any) -> dict[str, Any]:
     """b_O += sum over heads of b_V W_O (grouped value heads repeated); b_V = 0."""
     attn = blk["attn"]
-    b_V = jnp.repeat(attn["b_V"], cfg.n_heads // cfg.kv_heads, axis=1)  # [L, H, d_head]
+    b_V = xp.repeat(attn["b_V"], cfg.n_heads // cfg.kv_heads, axis=1)  # [L, H, d_head]
     L = b_V.shape[0]
-    b_O = attn.get("b_O", jnp.zeros((L, cfg.d_model), jnp.float32)) + jnp.einsum("lhd,lhdm->lm", b_V, attn["W_O"])
+    b_O = attn.get("b_O", xp.zeros((L, cfg.d_model), xp.float32)) + xp.einsum("lhd,lhdm->lm", b_V, attn["W_O"])
     attn["b_O"] = b_O - b_O.mean(-1, keepdims=True) if centre else b_O
     dtypes["blocks"]["block"]["attn"].setdefault("b_O", dtypes["blocks"]["block"]["attn"]["W_O"])
-    attn["b_V"] = jnp.zeros_like(attn["b_V"])
+    attn["b_V"] = xp.zeros_like(attn["b_V"])
     return {"use_o_bias": True}

@@ -122,7 +122,6 @@ def test_user_hook_matches_torch_hook_and_cache_sees_edit(gpt2):
     assert_close(logits, ref_logits, "logits")
     unedited = torch_capture(model, TOKS, model.transformer.h[1], "pre")
     assert_close(cache["resid_pre", 1], ref(unedited).numpy(), "cache holds the edited activation")
-    assert_close(m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_resid_pre", hook)]), ref_logits, "run_with_hooks")
 
 
 def _layer_hooks_jax():
@@ -175,52 +174,46 @@ def test_user_hooks_match_transformer_lens(llama, bridge_llama):
 
 def test_resid_ablation_and_patch(gpt2):
     m, model = gpt2
-    _, clean = m.run_with_cache(CLEAN, names_filter="blocks.1.hook_resid_pre")
-    clean_t = torch_capture(model, CLEAN, model.transformer.h[1], "pre")
-    assert_close(clean["resid_pre", 1], clean_t.numpy(), "clean resid")
+    clean = torch_capture(model, CLEAN, model.transformer.h[1], "pre")
 
     def zero(x):
         x = x.clone()
         x[:, [1, 3]] = 0
         return x
 
-    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_resid_pre", iv.intervention_resid([1, 3]))])
-    assert_close(got, torch_logits(model, TOKS, [(model.transformer.h[1], "pre", zero)]), "ablate")
-
     def patch(x):
         x = x.clone()
-        x[:, [2, -1]] = clean_t[:, [2, -1]]
+        x[:, [2, -1]] = clean[:, [2, -1]]
         return x
 
-    ref = torch_logits(model, TOKS, [(model.transformer.h[1], "pre", patch)])
-    edit = iv.intervention_resid([2, -1], clean["resid_pre", 1])
-    assert_close(m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_resid_pre", edit)]), ref, "patch from full")
-    edit = iv.intervention_resid([2, -1], clean["resid_pre", 1][:, jnp.array([2, 7])], at_positions=True)
-    assert_close(m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_resid_pre", edit)]), ref, "patch per position")
+    ref = torch_logits(model, TOKS, [(model.transformer.h[0], "pre", zero), (model.transformer.h[1], "pre", patch)])
+    ablate = ("blocks.0.hook_resid_pre", iv.intervention_resid([1, 3]))
+    full = iv.intervention_resid([2, -1], clean.numpy())
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=[ablate, ("blocks.1.hook_resid_pre", full)]), ref, "patch from full")
+    per_pos = iv.intervention_resid([2, -1], clean.numpy()[:, [2, 7]], at_positions=True)
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=[ablate, ("blocks.1.hook_resid_pre", per_pos)]), ref, "per position")
 
 
 def test_head_edits_on_z(gpt2):
     m, model = gpt2
     H = m.cfg.n_heads
-    attn = model.transformer.h[0].attn
-    clean_z = torch_capture(model, CLEAN, attn.c_proj, "pre")
+    c_proj0, c_proj1 = model.transformer.h[0].attn.c_proj, model.transformer.h[1].attn.c_proj
+    clean_z = _heads(torch_capture(model, CLEAN, c_proj1, "pre"), H)
 
     def zero(x):
         z = _heads(x.clone(), H)
         z[:, :, [1, 2]] = 0
         return z.reshape(x.shape)
 
-    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.attn.hook_z", iv.ablate_heads([1, 2]))])
-    assert_close(got, torch_logits(model, TOKS, [(attn.c_proj, "pre", zero)]), "zero heads")
-
     def patch(x):
         z = _heads(x.clone(), H)
-        z[:, 4:, 3] = _heads(clean_z, H)[:, 4:, 3]
+        z[:, 4:, 3] = clean_z[:, 4:, 3]
         return z.reshape(x.shape)
 
-    _, c = m.run_with_cache(CLEAN, names_filter="blocks.0.attn.hook_z")
-    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.attn.hook_z", iv.patch_heads([3], c["z", 0], positions=[4, 5, 6, 7]))])
-    assert_close(got, torch_logits(model, TOKS, [(attn.c_proj, "pre", patch)]), "patch head 3 at positions 4..7")
+    fwd = [("blocks.0.attn.hook_z", iv.ablate_heads([1, 2])),
+           ("blocks.1.attn.hook_z", iv.patch_heads([3], clean_z.numpy(), positions=[4, 5, 6, 7]))]
+    ref = torch_logits(model, TOKS, [(c_proj0, "pre", zero), (c_proj1, "pre", patch)])
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=fwd), ref, "zero heads 1,2 of layer 0; patch head 3 of layer 1")
 
 
 def _torch_attn_mat(x, heads, qs, ks, mult, normalize=None):
@@ -238,33 +231,35 @@ def _torch_attn_mat(x, heads, qs, ks, mult, normalize=None):
     return x
 
 
-@pytest.mark.parametrize("normalize", [None, "renorm", "softmax"])
-def test_attn_mat_edit(gpt2, gpt2_pattern_hookable, normalize):
+def test_attn_mat_edit(gpt2, gpt2_pattern_hookable):
+    """Multiply entries (layer 0), then re-normalise rows by their sum or by a softmax (two heads of
+    layer 1): three edits in one run, each against the same edit by a torch hook."""
     m, _ = gpt2
     model = gpt2_pattern_hookable
-    heads, qs, ks = [0, 3], [3, 4, 5], [1, 2]
-    edit = iv.intervention_attn_mat(heads, qs, ks, multiplier=0.3, normalize=normalize)
-    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.attn.hook_pattern", edit)])
-    ref = torch_logits(model, TOKS, [(model.transformer.h[1].attn.attn_dropout, "fwd",
-                                      lambda x: _torch_attn_mat(x, heads, qs, ks, 0.3, normalize))])
-    assert_close(got, ref, f"attn mat normalize={normalize}")
+    qs, ks = [3, 4, 5], [1, 2]
+    fwd = [("blocks.0.attn.hook_pattern", iv.intervention_attn_mat([0, 3], qs, ks, multiplier=0.3)),
+           ("blocks.1.attn.hook_pattern", iv.intervention_attn_mat([1], qs, ks, multiplier=0.3, normalize="renorm")),
+           ("blocks.1.attn.hook_pattern", iv.intervention_attn_mat([2], qs, ks, multiplier=0.3, normalize="softmax"))]
+
+    def layer1(x):
+        return _torch_attn_mat(_torch_attn_mat(x, [1], qs, ks, 0.3, "renorm"), [2], qs, ks, 0.3, "softmax")
+
+    ref = torch_logits(model, TOKS, [
+        (model.transformer.h[0].attn.attn_dropout, "fwd", lambda x: _torch_attn_mat(x, [0, 3], qs, ks, 0.3)),
+        (model.transformer.h[1].attn.attn_dropout, "fwd", layer1)])
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=fwd), ref, "multiply; renorm; softmax")
 
 
 def test_attn_mat_set_values_and_keep_self_attn(gpt2, gpt2_pattern_hookable):
     m, _ = gpt2
     model = gpt2_pattern_hookable
-    mod = model.transformer.h[0].attn.attn_dropout
-    _, c = m.run_with_cache(CLEAN, names_filter="blocks.0.attn.hook_pattern")
-    clean_p = torch.tensor(np.asarray(c["pattern", 0]))
+    mod0, mod1 = model.transformer.h[0].attn.attn_dropout, model.transformer.h[1].attn.attn_dropout
+    clean_p = torch_capture(model, CLEAN, mod0, "fwd")
 
     def set_vals(x):
         x = x.clone()
         x[:, 2, 6, :3] = clean_p[:, 2, 6, :3]
         return x
-
-    edit = iv.intervention_attn_mat([2], [6], [0, 1, 2], values=c["pattern", 0])
-    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.attn.hook_pattern", edit)])
-    assert_close(got, torch_logits(model, TOKS, [(mod, "fwd", set_vals)]), "set from clean pattern")
 
     def keep_self(x):  # easyroutine's ablate_pos_keep_self_attn_hook, per batch row
         x = x.clone()
@@ -272,9 +267,10 @@ def test_attn_mat_set_values_and_keep_self_attn(gpt2, gpt2_pattern_hookable):
             x[:, h, p, :-1] = 0
         return x
 
-    edit = iv.ablate_keep_self_attn([1, 3, 3], [4, -1, 2])
-    got = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.0.attn.hook_pattern", edit)])
-    assert_close(got, torch_logits(model, TOKS, [(mod, "fwd", keep_self)]), "keep self attn")
+    fwd = [("blocks.0.attn.hook_pattern", iv.intervention_attn_mat([2], [6], [0, 1, 2], values=clean_p.numpy())),
+           ("blocks.1.attn.hook_pattern", iv.ablate_keep_self_attn([1, 3, 3], [4, -1, 2]))]
+    ref = torch_logits(model, TOKS, [(mod0, "fwd", set_vals), (mod1, "fwd", keep_self)])
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=fwd), ref, "set from clean pattern; keep self attention")
 
 
 def test_steer_mean_ablation_and_combined(gpt2):
@@ -282,17 +278,12 @@ def test_steer_mean_ablation_and_combined(gpt2):
     vec = np.cos(np.arange(m.cfg.d_model)).astype(np.float32)
     h1, mlp0, c_proj1 = model.transformer.h[1], model.transformer.h[0].mlp, model.transformer.h[1].attn.c_proj
     batch = np.concatenate([TOKS, CLEAN, TOKS[:, ::-1]])
-    _, cache = m.run_with_cache(batch, names_filter="blocks.0.hook_mlp_out")
     mean_t = torch_capture(model, batch, mlp0, "fwd").mean(0, keepdim=True)
-    assert_close(cache["mlp_out", 0].mean(0), mean_t[0].numpy(), "mlp_out mean")
 
     def steer_t(out):
         out = out.clone()
         out[:, [5, 6]] += 2.0 * torch.tensor(vec)
         return out
-
-    def mean_t_fn(out):
-        return mean_t.expand_as(out).clone()
 
     def zero_head(x):
         z = _heads(x.clone(), m.cfg.n_heads)
@@ -300,13 +291,12 @@ def test_steer_mean_ablation_and_combined(gpt2):
         return z.reshape(x.shape)
 
     steer = ("blocks.1.hook_resid_post", iv.steer(vec, 2.0, positions=[5, 6]))
-    got = m.run_with_hooks(TOKS, fwd_hooks=[steer])
-    assert_close(got, torch_logits(model, TOKS, [(h1, "fwd", steer_t)]), "steer")
-    got = m.run_with_hooks(TOKS, fwd_hooks=iv.mean_ablation(cache, "blocks.0.hook_mlp_out"))
-    assert_close(got, torch_logits(model, TOKS, [(mlp0, "fwd", mean_t_fn)]), "mean ablation")
-    combined = iv.mean_ablation(cache, "blocks.0.hook_mlp_out") + [("blocks.1.attn.hook_z", iv.ablate_heads(0)), steer]
-    ref = torch_logits(model, TOKS, [(mlp0, "fwd", mean_t_fn), (c_proj1, "pre", zero_head), (h1, "fwd", steer_t)])
-    assert_close(m.run_with_hooks(TOKS, fwd_hooks=combined), ref, "three edits in one run")
+    batch_cache = {"blocks.0.hook_mlp_out": torch_capture(model, batch, mlp0, "fwd").numpy()}
+    combined = iv.mean_ablation(batch_cache, "blocks.0.hook_mlp_out") + [("blocks.1.attn.hook_z", iv.ablate_heads(0)),
+                                                                         steer]
+    ref = torch_logits(model, TOKS, [(mlp0, "fwd", lambda o: mean_t.expand_as(o).clone()), (c_proj1, "pre", zero_head),
+                                     (h1, "fwd", steer_t)])
+    assert_close(m.run_with_hooks(TOKS, fwd_hooks=combined), ref, "mean ablation + head ablation + steering in one run")
 
 
 # --- GQA model edits vs TransformerLens -----------------------------------------------------------
