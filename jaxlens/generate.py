@@ -122,12 +122,18 @@ def _write(buf: jax.Array, x: jax.Array, step: jax.Array, axis: int) -> jax.Arra
     return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), tuple(idx))
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampler", "eos", "n_buf", "capture", "precision", "return_logits"))
-def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache, n_new, key, temperature, top_p, pad_id,
-                   hooks: Hooks, *, sampler: Sampler, eos: tuple[int, ...], n_buf: int, capture: frozenset[str],
-                   precision: str | None, return_logits: bool):
-    """Prefill all but the last prompt token, then decode up to `n_new` (<= n_buf) tokens."""
+@partial(jax.jit, static_argnames=("cfg", "sampler", "n_buf", "cache_len", "capture", "precision", "return_logits"))
+def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None, n_new, key, temperature, top_p,
+                   pad_id, eos, hooks: Hooks, *, sampler: Sampler, n_buf: int, cache_len: int,
+                   capture: frozenset[str], precision: str | None, return_logits: bool):
+    """Prefill all but the last prompt token, then decode up to `n_new` (<= n_buf) tokens.
+
+    `eos` [n] int32 are the stop tokens (n = 0: never stop early). Without `cache`, an empty one
+    of `cache_len` slots is made here (inside the program: no separate allocation to compile).
+    """
     batch, p = tokens.shape
+    if cache is None:
+        cache = KVCache.init(cfg, batch, cache_len, params["W_E"].dtype)
     run = partial(forward_cached, params, cfg, hooks=hooks, precision=precision)
     if p > 1:
         _, _, cache = run(tokens[:, :-1], mask[:, :-1], cache)
@@ -142,27 +148,28 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache, n_new
 
     acts0 = {n: grow(sd, _pos_axis(n)) for n, sd in acts_sd.items()}
     logits0 = grow(logits_sd, 1) if return_logits else None
-    eos_arr = jnp.asarray(eos, jnp.int32) if eos else None
+    stops = eos.shape[0] > 0
 
     def cond(state):
         step, done = state[0], state[3]
         go = step < n_new
-        return go & ~jnp.all(done) if eos else go
+        return go & ~jnp.all(done) if stops else go
 
     def body(state):
         step, cur, cur_mask, done, out, cache, acts, logits_buf = state
         logits, step_acts, cache = run(cur[:, None], cur_mask[:, None], cache, capture=capture)
         nxt = sample_logits(logits[:, 0], jax.random.fold_in(key, step), sampler, temperature, top_p)
-        if eos:
+        if stops:
             nxt = jnp.where(done, pad_id, nxt)
-            done = done | jnp.isin(nxt, eos_arr)
+            done = done | jnp.isin(nxt, eos)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), step))
         acts = {n: _write(acts[n], step_acts[n], step, _pos_axis(n)) for n in acts}
         if return_logits:
             logits_buf = _write(logits_buf, logits, step, 1)
         return step + 1, nxt, jnp.ones_like(cur_mask), done, out, cache, acts, logits_buf
 
-    state = (jnp.zeros((), jnp.int32), tokens[:, -1], mask[:, -1], jnp.zeros((batch,), bool),
+    done0 = mask.sum(axis=1) == 0  # batch-padding rows (no prompt) never hold up an early stop
+    state = (jnp.zeros((), jnp.int32), tokens[:, -1], mask[:, -1], done0,
              jnp.full((batch, n_buf), pad_id, jnp.int32), cache, acts0, logits0)
     n_steps, _, _, done, out, cache, acts, logits = jax.lax.while_loop(cond, body, state)
     gen_mask = (jnp.arange(n_buf) < n_steps).astype(mask.dtype)
@@ -248,16 +255,18 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
     if not 0 <= int(pad) < cfg.d_vocab:
         raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {cfg.d_vocab})")
     longest = int(mask.sum(axis=1).max())
-    dtype = params["W_E"].dtype
 
     if kv_cache is not None:
+        if max_len is not None:
+            raise ValueError("max_len sizes the cache generate makes; with kv_cache= the cache's own max_len "
+                             f"({kv_cache.max_len}) applies: pass one or the other")
         if kv_cache.batch_size == 1 and batch > 1:
             kv_cache = kv_cache.fork(batch)
         check_cache(kv_cache, cfg, batch, p + max_new_tokens - 1)
         b_pad, p_pad, n_buf = batch, p, max_new_tokens
         if bucket_shapes and int(kv_cache.length) + p + bucket(max_new_tokens) - 1 <= kv_cache.max_len:
             n_buf = bucket(max_new_tokens)
-        cache = kv_cache
+        cache_len = kv_cache.max_len
         cached = int(kv_cache.length)
     else:
         if cfg.has_pos_embed and longest + max_new_tokens > cfg.n_ctx:
@@ -274,37 +283,52 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
             if max_len < need:  # no room for bucket padding: use the exact shapes
                 b_pad, p_pad, n_buf = b_pad, p, max_new_tokens
             need = max_len
-        cache = KVCache.init(cfg, b_pad, need, dtype)
-        cached = 0
+        cache_len, cached = need, 0
 
     left = p_pad - p
     toks_b = np.full((b_pad, p_pad), pad, np.int32)
     mask_b = np.zeros((b_pad, p_pad), np.int32)
     toks_b[:batch, left:], mask_b[:batch, left:] = toks, mask
-    if key is None:
-        key = jax.random.key(0)  # unused by greedy decoding
-    out = _generate_core(params, cfg, jnp.asarray(toks_b), jnp.asarray(mask_b), cache, jnp.int32(max_new_tokens), key,
-                         jnp.float32(temperature if not greedy else 1.0), jnp.float32(1.0 if top_p is None else top_p),
-                         jnp.int32(pad), hooks,
+    # inputs go in as numpy and outputs are cut on the host or in one jitted `_trim`: eager jnp
+    # ops would each compile a small program of their own on the first call of every shape
+    out = _generate_core(params, cfg, toks_b, mask_b, kv_cache, np.int32(max_new_tokens),
+                         _default_key() if key is None else key, np.float32(1.0 if greedy else temperature),
+                         np.float32(1.0 if top_p is None else top_p), np.int32(pad), np.asarray(eos, np.int32), hooks,
                          sampler=Sampler(greedy, None if greedy else top_k, (not greedy) and top_p is not None),
-                         eos=eos, n_buf=n_buf, capture=capture, precision=precision, return_logits=return_logits)
+                         n_buf=n_buf, cache_len=cache_len, capture=capture, precision=precision,
+                         return_logits=return_logits)
     cols = slice(left, p_pad + max_new_tokens)
-    keys = slice(0, cached + p + max_new_tokens) if kv_cache is not None else slice(left, p_pad + max_new_tokens)
+    tokens_h, mask_h, n_steps, finished = jax.device_get((out.tokens, out.attention_mask, out.n_steps, out.finished))
+    keys = (0, cached + p + max_new_tokens) if kv_cache is not None else (left, p_pad + max_new_tokens)
+    acts, logits, cache_out = out.acts, out.logits, out.kv_cache
+    if acts or logits is not None or b_pad != batch:
+        acts, logits, cache_out = _trim(acts, logits, cache_out, batch=batch, steps=max_new_tokens, keys=keys)
+    put = jax.device_put  # (jnp.asarray would compile a copy program per shape)
+    return GenerateOutput(put(tokens_h[:batch, cols]), put(mask_h[:batch, cols]), put(n_steps), put(finished[:batch]),
+                          acts, logits, cache_out)
 
-    def unpad_act(name: str, a: jax.Array) -> jax.Array:
-        a = a[:batch]
-        a = jax.lax.slice_in_dim(a, 0, max_new_tokens, axis=_pos_axis(name))
-        if _pos_axis(name) == 2:  # key axis of scores/patterns
-            a = a[..., keys]
-        return a
 
-    cache_out = out.kv_cache
-    if b_pad != batch:
-        cache_out = KVCache(cache_out.keys[:, :batch], cache_out.values[:, :batch], cache_out.mask[:batch],
-                            cache_out.length)
-    return GenerateOutput(out.tokens[:batch, cols], out.attention_mask[:batch, cols], out.n_steps, out.finished[:batch],
-                          {n: unpad_act(n, a) for n, a in out.acts.items()},
-                          None if out.logits is None else out.logits[:batch, :max_new_tokens], cache_out)
+@partial(jax.jit, static_argnames=("batch", "steps", "keys"))
+def _trim(acts: dict[str, jax.Array], logits: jax.Array | None, cache: KVCache, *, batch: int, steps: int,
+          keys: tuple[int, int]) -> tuple[dict[str, jax.Array], jax.Array | None, KVCache]:
+    """Drop the bucket padding: extra rows, extra steps, and key columns outside the output."""
+    def act(name: str, a: jax.Array) -> jax.Array:
+        a = jax.lax.slice_in_dim(a[:batch], 0, steps, axis=_pos_axis(name))
+        return a[..., keys[0]:keys[1]] if _pos_axis(name) == 2 else a
+
+    cache = KVCache(cache.keys[:, :batch], cache.values[:, :batch], cache.mask[:batch], cache.length)
+    return ({n: act(n, a) for n, a in acts.items()}, None if logits is None else logits[:batch, :steps], cache)
+
+
+def _default_key() -> jax.Array:
+    """The key passed when none is needed (greedy): made once, so it costs no compile per call."""
+    global _KEY
+    if _KEY is None:
+        _KEY = jax.random.key(0)
+    return _KEY
+
+
+_KEY: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,12 +386,13 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
                           precision=model.precision)
     n_steps = int(out.n_steps)
     width = out.tokens.shape[1] - max_new_tokens + n_steps
-    tokens_out = out.tokens[:, :width]
+    tokens_h = np.asarray(out.tokens)[:, :width]  # cut on the host: no program per output width
+    tokens_out = jax.device_put(tokens_h)
     if return_type == "str" or (return_type == "input" and is_text):
         if tok is None:
             raise ValueError("return_type='str' needs a tokenizer; this model has none: use return_type='tokens'")
-        rows = np.asarray(tokens_out)
-        keep = np.asarray(out.attention_mask[:, :width]).astype(bool)
+        rows = tokens_h
+        keep = np.asarray(out.attention_mask)[:, :width].astype(bool)
         texts = [tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(rows, keep)]
         result: Any = texts[0] if isinstance(input, str) else texts
     else:
@@ -380,5 +405,5 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
         a = jax.lax.slice_in_dim(a, 0, n_steps, axis=_pos_axis(name))
         return a[..., : a.shape[-1] - unused] if _pos_axis(name) == 2 else a
 
-    acts = {n: trim(n, a) for n, a in out.acts.items()}
+    acts = out.acts if unused == 0 else {n: trim(n, a) for n, a in out.acts.items()}
     return result, ActivationCache(acts, model.cfg, True, model.cache_weights())

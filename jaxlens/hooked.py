@@ -60,10 +60,10 @@ class HookedTransformer:
         from jaxlens.processing import process_params
 
         cfg, params = load_any(path, dtype)
-        params = jax.tree.map(jnp.asarray, params)
-        if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
+        if fold_ln or center_writing_weights or center_unembed or fold_value_biases:  # on the host, in numpy
             params, cfg = process_params(params, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                          center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        params = jax.tree.map(jnp.asarray, params)
         if scan_layers and "blocks" not in params:
             params = stack_layers(params, cfg.n_layers)
         if not scan_layers and "blocks" in params:
@@ -286,10 +286,10 @@ class HookedTransformer:
         `process_weights`); log-probabilities are unchanged. See `jaxlens.processing`."""
         from jaxlens.processing import process_params
 
-        params, cfg = process_params(self.params, self.cfg, fold_ln=fold_ln,
-                                     center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-                                     fold_value_biases=fold_value_biases)
-        return type(self)(cfg, params, self.tokenizer, precision=self.precision)
+        host = jax.tree.map(np.asarray, self.params)  # processed once on the host, like from_pretrained
+        params, cfg = process_params(host, self.cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                     center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        return type(self)(cfg, jax.tree.map(jnp.asarray, params), self.tokenizer, precision=self.precision)
 
     def hook_names(self, include_result: bool = True) -> list[str]:
         from jaxlens.hooks import hook_names

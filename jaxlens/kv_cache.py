@@ -109,7 +109,8 @@ def check_cache(cache: KVCache, cfg: ModelConfig, batch: int, n_new: int) -> Non
                          f"use cache.fork({batch}) for a batch-1 prefix, or init a cache with batch={batch}")
     if isinstance(cache.length, jax.core.Tracer):
         return
-    length, longest = (int(x) for x in jax.device_get((cache.length, cache.mask.sum(-1).max())))
+    length, mask = jax.device_get((cache.length, cache.mask))  # host-side: no small programs to compile
+    length, longest = int(length), int(np.asarray(mask).sum(-1).max())
     if length + n_new > cache.max_len:
         raise ValueError(f"KVCache overflow: {length} slots used + {n_new} new tokens > max_len={cache.max_len}; "
                          f"build the cache with KVCache.init(cfg, batch, max_len>={length + n_new})")

@@ -14,12 +14,30 @@ _init = nn.initializers.normal(0.02)
 P = "blocks.{l}.attn"
 
 
+def _project(x: jax.Array, W: jax.Array) -> jax.Array:
+    """x [batch pos d_model] @ W [head d_model d_head] -> [batch pos head d_head].
+
+    XLA's CPU dot wants the weight as [d_model, head*d_head], so the plain einsum copies a
+    transposed W on every call. When batch*pos < d_head (decoding) it is cheaper to broadcast x
+    over heads and run a head-batched matmul that reads W where it lies; the result is the same
+    contraction over d_model.
+    """
+    b, p, m = x.shape
+    h, _, d = W.shape
+    if b * p >= d:
+        return jnp.einsum("bpm,hmd->bphd", x, W)
+    xh = jnp.broadcast_to(x.reshape(1, b * p, m), (h, b * p, m))
+    out = jax.lax.dot_general(xh, W, (((2,), (1,)), ((0,), (0,))))  # [head batch*pos d_head]
+    return out.transpose(1, 0, 2).reshape(b, p, h, d)
+
+
 class Attention(nn.Module):
     """Attention of one block. Weights in TransformerLens layout: W_Q [head d_model d_head],
     W_K/W_V [kv_head d_model d_head], W_O [head d_head d_model].
 
     Call with x [batch pos d_model], `allowed` [batch 1|head query key] (causal & padding),
-    rotary (cos, sin) or None, and an optional (keys, values, write_index) KV slot.
+    rotary (cos, sin) or None, and an optional KV slot: (keys, values, write_index) with this
+    layer's buffers, or (keys, values, write_index, layer) with every layer's (updated in place).
     Returns (attn_out [batch pos d_model] before hook_attn_out, new KV slot or None).
     """
 
@@ -34,9 +52,7 @@ class Attention(nn.Module):
         W_K = self.param("W_K", _init, (K, M, D), dt)
         W_V = self.param("W_V", _init, (K, M, D), dt)
         W_O = self.param("W_O", _init, (H, D, M), dt)
-        q = jnp.einsum("bpm,hmd->bphd", x, W_Q)
-        k = jnp.einsum("bpm,hmd->bphd", x, W_K)
-        v = jnp.einsum("bpm,hmd->bphd", x, W_V)
+        q, k, v = _project(x, W_Q), _project(x, W_K), _project(x, W_V)
         if cfg.use_qkv_bias:
             q = q + self.param("b_Q", nn.initializers.zeros, (H, D), dt)
             k = k + self.param("b_K", nn.initializers.zeros, (K, D), dt)
@@ -50,11 +66,17 @@ class Attention(nn.Module):
             k = hook_point(self, f"{P}.hook_rot_k", apply_rotary(k, cos, sin, cfg.rotary_dim), ctx)
         new_kv = None
         if kv is not None:
-            keys, values, index = kv
-            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
-            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
+            keys, values, index, *layer = kv
+            if layer:  # all layers' buffers [layer batch max_len kv_head d_head]: write ours in place
+                at = (layer[0], 0, index, 0, 0)
+                keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), at)
+                values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), at)
+                k, v = keys[layer[0]].astype(dt), values[layer[0]].astype(dt)
+            else:  # this layer's buffers [batch max_len kv_head d_head]
+                keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
+                values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
+                k, v = keys.astype(dt), values.astype(dt)
             new_kv = (keys, values)
-            k, v = keys.astype(dt), values.astype(dt)
         # [batch head pos d_head]; grouped heads repeat their kv head (query head h uses h // group)
         qh = q.transpose(0, 2, 1, 3)
         kh = jnp.repeat(k.transpose(0, 2, 1, 3), H // K, axis=1)
@@ -67,8 +89,9 @@ class Attention(nn.Module):
         if ctx.wants(f"{P}.hook_result"):
             result = hook_point(self, f"{P}.hook_result", jnp.einsum("bqhd,hdm->bqhm", z, W_O), ctx)
             out = result.sum(axis=2)
-        else:
-            out = jnp.einsum("bqhd,hdm->bqm", z, W_O)
+        else:  # contract (head, d_head) as one axis of length H*D: W_O is read in place, not transposed
+            b, q_len = z.shape[:2]
+            out = (z.reshape(b * q_len, H * D) @ W_O.reshape(H * D, M)).reshape(b, q_len, M)
         if cfg.use_o_bias:
             out = out + self.param("b_O", nn.initializers.zeros, (M,), dt)
         return out, new_kv

@@ -88,18 +88,18 @@ class Transformer(nn.Module):
             x, new = scan(cfg, name="blocks")(x, (jnp.arange(cfg.n_layers), kv_xs), allowed, rotary, ctx, offset)
             new_kv = None if kv is None else (new[0], new[1])
         else:
-            new_k, new_v = [], []
+            # every layer writes into the stacked buffers (no per-layer slices re-stacked: a decode
+            # step would copy the whole cache twice)
             for l in range(cfg.n_layers):
-                slot = None if kv is None else (keys[l], values[l], offset)
+                slot = None if kv is None else (keys, values, offset, l)
                 x, nkv = Block(cfg, name=f"blocks_{l}")(x, allowed, rotary, ctx.at_layer(l), slot)
                 if nkv is not None:
-                    new_k.append(nkv[0])
-                    new_v.append(nkv[1])
-            new_kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+                    keys, values = nkv
+            new_kv = None if kv is None else (keys, values)
 
         x = Norm(cfg, "ln_final", name="ln_final")(x, ctx)
         if cfg.tie_word_embeddings:
-            logits = x @ W_E.T
+            logits = jnp.einsum("bpd,vd->bpv", x, W_E)  # not x @ W_E.T: XLA would copy the transpose every call
         else:
             logits = x @ self.param("W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype)
         logits = logits + self.param("b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
