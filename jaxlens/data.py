@@ -53,6 +53,9 @@ BRACKETS = (("(", ")"), ("[", "]"), ("{", "}"), ("<", ">"))
 
 # IOI templates = INTROS x ACTIONS. {A}/{B} are the two names in order, {S} the repeated one,
 # {P} a place, {O} an object; the sentence continues with " {IO}." (the name not repeated).
+# The repeated name S2 stands 1 to 6 tokens before the answer. Where it is adjacent ("S thanked"),
+# the previous-token head already brings S to the last position, and the model learns quickly to
+# avoid the name it holds; that skill then pulls S forward from further back (a curriculum).
 INTROS = (
     "When {A} and {B} went to the {P},",
     "After {A} and {B} arrived at the {P},",
@@ -67,19 +70,19 @@ ACTIONS = (
     " {S} gave a {O} to",
     " {S} handed the {O} to",
     " {S} decided to give a {O} to",
-    " {S} said goodbye to",
+    " {S} thanked",
     " {S} passed the {O} to",
-    " {S} wanted to send a {O} to",
-    " {S} showed a {O} to",
-    " {S} threw the {O} back to",
+    " {S} called",
+    " {S} smiled at",
+    " {S} said goodbye to",
 )
 TEMPLATES = tuple((i, a) for i in range(len(INTROS)) for a in range(len(ACTIONS)))
 # A quarter of the combinations, two per intro and two per action, are never trained on.
-HELDOUT_TEMPLATES = tuple((i, a) for i, a in TEMPLATES if (a - 2 * i) % 4 == 0)
+HELDOUT_TEMPLATES = tuple((i, a) for i, a in TEMPLATES if (a + i) % 4 == 0)
 TRAIN_TEMPLATES = tuple(t for t in TEMPLATES if t not in HELDOUT_TEMPLATES)
 
 DOC_KINDS = ("ioi", "story", "words", "counting", "alphabet", "brackets")
-DOC_WEIGHTS = (0.40, 0.20, 0.15, 0.10, 0.05, 0.10)
+DOC_WEIGHTS = (0.30, 0.20, 0.15, 0.15, 0.05, 0.15)
 
 
 @dataclass(frozen=True)
@@ -199,17 +202,29 @@ def corpus(seed: int | np.random.Generator, n_docs: int) -> list[str]:
 
 
 def random_repeat_rows(rng: np.random.Generator, n_rows: int, row_len: int, vocab_size: int, bos: int,
-                       exclude: Sequence[int] = ()) -> np.ndarray:
-    """[n_rows, row_len] int32: BOS, then a span of uniformly random token ids tiled to fill the row
-    (span length 4 .. (row_len-1)//2, so it repeats at least twice). Ids in `exclude` never occur."""
+                       exclude: Sequence[int] = (), min_span: int = 4,
+                       max_span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of repeated random tokens and their loss weights, both [n_rows, row_len].
+
+    Each row is BOS, then a span of uniformly random token ids (length min_span .. max_span, at
+    most (row_len-1)//2 so it repeats at least twice) tiled to fill the row. Ids in `exclude` never
+    occur. A weight is 1 where the token is predictable from context (a later copy) and 0 for
+    BOS and the first copy, whose tokens are pure noise.
+    """
+    hi = (row_len - 1) // 2 if max_span is None else min(max_span, (row_len - 1) // 2)
+    if not 1 <= min_span <= hi:
+        raise ValueError(f"span lengths {min_span}..{hi} are empty; need 1 <= min_span <= max_span and "
+                         f"max_span <= (row_len-1)//2 = {(row_len - 1) // 2}")
     allowed = np.setdiff1d(np.arange(vocab_size), np.asarray([bos, *exclude]))
     out = np.empty((n_rows, row_len), np.int32)
+    weights = np.ones((n_rows, row_len), np.float32)
     out[:, 0] = bos
     for r in range(n_rows):
-        n = int(rng.integers(4, (row_len - 1) // 2 + 1))
+        n = int(rng.integers(min_span, hi + 1))
         span = rng.choice(allowed, size=n)
         out[r, 1:] = np.tile(span, -(-(row_len - 1) // n))[: row_len - 1]
-    return out
+        weights[r, : n + 1] = 0.0
+    return out, weights
 
 
 def repeated_tokens(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int, bos: int,
@@ -220,17 +235,39 @@ def repeated_tokens(rng: np.random.Generator, batch: int, seq_len: int, vocab_si
     return np.concatenate([np.full((batch, 1), bos), half, half], axis=1).astype(np.int32)
 
 
-def pack_rows(docs: Iterator[list[int]], n_rows: int, row_len: int, bos: int) -> np.ndarray:
-    """Pack tokenized documents into [n_rows, row_len] rows, GPT-2 style: every row starts with BOS
-    and documents are separated by BOS; the last document of a row is cut at the row's end."""
+def pack_rows(docs: Iterator[tuple[list[int], list[float]]], n_rows: int, row_len: int,
+              bos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack tokenized documents `(ids, weights)` into [n_rows, row_len] tokens and loss weights,
+    GPT-2 style: every row starts with BOS and documents are separated by BOS (weight 1 as a
+    target); the last document of a row is cut at the row's end."""
     out = np.empty((n_rows, row_len), np.int32)
+    wout = np.empty((n_rows, row_len), np.float32)
     for r in range(n_rows):
-        row = [bos]
+        row, w = [bos], [0.0]
         while len(row) < row_len:
-            row.extend(next(docs))
+            ids, ws = next(docs)
+            row.extend(ids)
+            w.extend(ws)
             row.append(bos)
-        out[r] = row[:row_len]
-    return out
+            w.append(1.0)
+        out[r], wout[r] = row[:row_len], w[:row_len]
+    return out, wout
+
+
+def single_rows(docs: Iterator[tuple[list[int], list[float]]], n_rows: int, row_len: int,
+                bos: int) -> tuple[np.ndarray, np.ndarray]:
+    """One document per row: BOS + document + BOS, then BOS padding with loss weight 0 (a clean
+    context, as at evaluation). Raises ValueError when a document does not fit in `row_len`."""
+    out = np.full((n_rows, row_len), bos, np.int32)
+    wout = np.zeros((n_rows, row_len), np.float32)
+    for r in range(n_rows):
+        ids, ws = next(docs)
+        if len(ids) + 2 > row_len:
+            raise ValueError(f"a document of {len(ids)} tokens does not fit a row of {row_len} (BOS + doc + BOS); "
+                             "raise the row length")
+        out[r, 1: len(ids) + 1] = ids
+        wout[r, 1: len(ids) + 2] = [*ws, 1.0]
+    return out, wout
 
 
 def prompts(seed: int, n: int = 300) -> list[dict[str, str]]:

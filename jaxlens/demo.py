@@ -1,38 +1,332 @@
-"""`jaxlens demo`: until the shipped model lands, run on a small random model built from a config."""
+"""`jaxlens demo`: find the circuits of the model jaxlens ships, in the terminal and as a report.
+
+Loads the shipped GPT-2 (`jaxlens.assets.model_dir()`, trained by scripts/train_tiny.py) or any
+checkpoint folder, then runs, stage by stage: top predictions, the logit lens, direct logit
+attribution by layer and by head on the IOI-like task, induction scores per head on repeated
+random tokens, greedy generation, and attention patterns per head. It prints each result and
+writes `report.html` (self-contained), `summary.json`, `demo.txt` and PNG plots to the output
+folder. A stage whose library feature is missing from this build says so plainly and is skipped.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxlens import data
+from jaxlens.probes import induction_scores, ioi_batch, ioi_scores
+from jaxlens.report import Report, attention_grid, esc, png, show_token, table
+
+IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
+PROMPTS = (
+    IOI_PROMPT,
+    "At the park, Alice and Bob found a key. Later Bob handed the key to",
+    "red apple music dog window blue red apple music dog",
+    "3 4 5 6 7 8",
+    "one two three four",
+    "( [ { < > } ]",
+)
+GEN_PROMPTS = ("1 2 3 4 5", "a b c d e", "paper horse cloud song paper horse", IOI_PROMPT)
+SEED = 0
+MAX_PATTERN_TOKENS = 48  # longer prompts are cut for the heatmaps
 
 
-def _random_model(out: Path) -> Path:
-    import jax
-    import jax.numpy as jnp
+class _Demo:
+    """State shared by the stages: model, output folder, report, summary, terminal log."""
 
-    from jaxlens.config import ModelConfig
-    from jaxlens.conversion import save_converted
-    from jaxlens.hooks import RunCtx
-    from jaxlens.model import Transformer
+    def __init__(self, model: Any, out: Path, prompts: Sequence[str]):
+        self.m, self.out, self.prompts = model, out, list(prompts)
+        self.report = Report(f"jaxlens demo: {model.cfg.model_name}")
+        self.summary: dict[str, Any] = {"model": model.cfg.model_name, "n_layers": model.cfg.n_layers,
+                                        "missing_features": []}
+        self.lines: list[str] = []
+        self.plt = _pyplot()
+        self._ioi: dict[str, Any] | None = None
 
-    cfg = ModelConfig(model_type="gpt2", d_model=64, n_layers=2, n_heads=4, d_head=16, d_mlp=256, d_vocab=512,
-                      n_ctx=128, tie_word_embeddings=True, model_name="random-gpt2-small-config")
-    toks = jnp.zeros((1, 4), jnp.int32)
-    params = Transformer(cfg).init(jax.random.key(0), toks, jnp.ones_like(toks), RunCtx())["params"]
-    return save_converted(out / "random_model", cfg, jax.tree.map(lambda x: __import__("numpy").asarray(x), params))
+    def say(self, s: str = "") -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(s)
+        self.lines.append(s)
+
+    def missing(self, stage: str, feature: str) -> None:
+        msg = f"{stage}: not available in this build ({feature} missing)"
+        self.say(msg)
+        self.summary["missing_features"].append(feature)
+        self.report.add(stage, Report.note(msg))
+
+    def savefig(self, fig: Any, name: str) -> str:
+        path = self.out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        self.plt.close(fig)
+        return png(path, name)
+
+    def ioi(self) -> dict[str, Any]:
+        """Held-out IOI prompts, left-padded so position -1 is every prompt's last token, and their cache."""
+        if self._ioi is None:
+            exs = data.ioi_examples(SEED + 101, 48, "heldout")
+            ids = ioi_batch(self.m.tokenizer, exs, self.m.tokenizer.bos_token_id)
+            toks, mask = self.m.to_tokens([e.prompt for e in exs], padding_side="left", return_mask=True)
+            logits, cache = self.m.run_with_cache(toks, attention_mask=mask)
+            self._ioi = {"examples": exs, "io": ids["io"], "s": ids["s"], "logits": np.asarray(logits[:, -1]),
+                         "cache": cache}
+        return self._ioi
 
 
-def run_demo(model: str | None, out: Path) -> int:
-    from jaxlens.cli import main
+def _pyplot() -> Any:
+    try:
+        import matplotlib
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def stage_predictions(d: _Demo) -> None:
+    m = d.m
+    toks, mask = m.to_tokens(d.prompts, return_mask=True)  # one right-padded batch: one compile
+    last = np.asarray(mask).sum(1) - 1
+    probs = np.asarray(jax.nn.softmax(m(toks, attention_mask=mask)[np.arange(len(last)), last], -1))
+    rows, res = [], {}
+    d.say("== top predictions (next token after each prompt)")
+    for p, pr in zip(d.prompts, probs):
+        top = np.argsort(-pr)[:5]
+        preds = [(m.to_string([int(t)]), float(pr[t])) for t in top]
+        res[p] = preds
+        d.say(f"  {p!r}\n      -> " + ", ".join(f"{s!r} {q:.2f}" for s, q in preds))
+        rows.append([p, " | ".join(f"{show_token(s)} {q:.2f}" for s, q in preds)])
+    d.summary["top_predictions"] = res
+    d.report.add("Top predictions", table(["prompt", "top 5 next tokens (probability)"], rows))
+
+
+def stage_ioi_accuracy(d: _Demo) -> None:
+    ioi = d.ioi()
+    sc = ioi_scores(ioi["logits"], ioi["io"], ioi["s"])
+    d.summary["ioi_heldout"] = sc
+    d.say(f"== IOI-like task on {len(ioi['io'])} prompts from held-out templates: right answer on top "
+          f"{sc['top1']:.0%}, logit(IO) > logit(S) {sc['logit_diff_acc']:.0%}, mean logit diff {sc['logit_diff']:.2f}")
+    ex = ioi["examples"][:6]
+    rows = [[e.prompt, e.io, d.m.to_string([int(np.argmax(ioi["logits"][i]))])] for i, e in enumerate(ex)]
+    d.report.add("IOI-like task (held-out templates)",
+                 Report.text(f"Top-1 accuracy {sc['top1']:.1%}; logit(IO) > logit(S) on {sc['logit_diff_acc']:.1%}; "
+                             f"mean logit difference {sc['logit_diff']:.2f}.")
+                 + table(["prompt", "answer", "model's top token"], rows))
+
+
+def stage_logit_lens(d: _Demo) -> None:
+    from jaxlens.cache import ActivationCache
+
+    if not hasattr(ActivationCache, "accumulated_resid"):
+        return d.missing("logit lens", "ActivationCache.accumulated_resid")
+    ioi, m = d.ioi(), d.m
+    resid, labels = ioi["cache"].accumulated_resid(layer=-1, incl_mid=True, apply_ln=True, pos_slice=-1,
+                                                   return_labels=True)
+    logits = np.asarray(resid @ m.W_U + m.b_U, np.float32)  # [component batch vocab]
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    rows_b = np.arange(logits.shape[1])
+    p_io = np.exp(logp[:, rows_b, ioi["io"]]).mean(1)
+    p_s = np.exp(logp[:, rows_b, ioi["s"]]).mean(1)
+    top0 = [m.to_string([int(t)]) for t in logits[:, 0].argmax(-1)]
+    d.summary["logit_lens"] = {"labels": labels, "p_io": p_io.tolist(), "p_s": p_s.tolist(), "top_token_ex0": top0}
+    d.say(f"== logit lens (accumulated_resid, apply_ln) on the IOI prompts; example 0: {ioi['examples'][0].prompt!r}")
+    d.say(f"  {'component':>12s} {'P(IO)':>7s} {'P(S)':>7s}  top token (ex. 0)")
+    for lab, a, b, t in zip(labels, p_io, p_s, top0):
+        d.say(f"  {lab:>12s} {a:7.3f} {b:7.3f}  {t!r}")
+    body = Report.text("Mean probability of the right name (IO) and of the repeated name (S) read off the "
+                       "residual stream after each layer, through the final LayerNorm and unembedding.")
+    body += table(["component", "P(IO)", "P(S)", "top token, example 0"],
+                  [[lab, a, b, show_token(t)] for lab, a, b, t in zip(labels, p_io, p_s, top0)])
+    if d.plt:
+        fig, ax = d.plt.subplots(figsize=(6, 3.2))
+        ax.plot(labels, p_io, "o-", label="P(IO) (right)")
+        ax.plot(labels, p_s, "s--", label="P(S) (repeated)")
+        ax.set_ylabel("probability")
+        ax.set_title("logit lens on held-out IOI prompts")
+        ax.legend()
+        body += d.savefig(fig, "logit_lens.png")
+    d.report.add("Logit lens", body)
+
+
+def stage_dla(d: _Demo) -> None:
+    from jaxlens.cache import ActivationCache
+
+    need = [f for f in ("decompose_resid", "stack_head_results", "logit_attrs") if not hasattr(ActivationCache, f)]
+    if need:
+        return d.missing("direct logit attribution", ", ".join(f"ActivationCache.{f}" for f in need))
+    ioi = d.ioi()
+    io, s = ioi["io"], ioi["s"]
+    # logit_attrs scales by the cached final-LN scale only (TransformerLens, whose from_pretrained
+    # folds the LN weight into W_U). The shipped model is unfolded, so fold it here; the LN bias
+    # is then one constant term, and the components plus it sum to the actual logit difference.
+    w = d.m.params["ln_final"]["w"]
+    cache = ActivationCache(ioi["cache"].to_dict(), d.m.cfg, True,
+                            {**ioi["cache"].weights, "W_U": w[:, None] * d.m.W_U})
+    resid, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
+    by_comp = np.asarray(cache.logit_attrs(resid, io, incorrect_tokens=s, pos_slice=-1)).mean(1)
+    u = np.asarray(d.m.W_U)
+    bias = float(np.mean(np.asarray(d.m.params["ln_final"].get("b", np.zeros(u.shape[0]))) @ (u[:, io] - u[:, s])))
+    labels, by_comp = [*labels, "ln_final.b"], np.append(by_comp, bias)
+    heads, hlabels = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
+    by_head = np.asarray(cache.logit_attrs(heads, io, incorrect_tokens=s, pos_slice=-1)).mean(1)
+    L, H = d.m.cfg.n_layers, d.m.cfg.n_heads
+    grid = by_head.reshape(L, H)
+    best = int(np.argmax(by_head))
+    actual = float((ioi["logits"][np.arange(len(io)), io] - ioi["logits"][np.arange(len(io)), s]).mean())
+    d.summary["dla"] = {"labels": labels, "by_component": by_comp.tolist(), "by_head": grid.tolist(),
+                        "top_head": hlabels[best], "top_head_attr": float(by_head[best]),
+                        "sum_of_components": float(by_comp.sum()), "actual_logit_diff": actual}
+    d.say("== direct logit attribution of logit(IO) - logit(S) at the last token (mean over held-out prompts)")
+    for lab, v in zip(labels, by_comp):
+        d.say(f"  {lab:>12s} {v:+7.3f}")
+    d.say(f"  sum {by_comp.sum():+.3f} (actual logit difference {actual:+.3f})")
+    d.say("  by head:        " + "".join(f"    H{h}" for h in range(H)))
+    for l in range(L):
+        d.say(f"  layer {l}:        " + "".join(f"{v:+6.2f}" for v in grid[l]))
+    d.say(f"  head writing most for the right name: {hlabels[best]} ({by_head[best]:+.2f})")
+    body = Report.text(f"Each component's direct contribution to logit(IO) − logit(S) through the final "
+                       f"LayerNorm (cached scale; its weight folded into W_U, its bias one term). Components sum to {by_comp.sum():.3f}; the model's actual "
+                       f"mean logit difference is {actual:.3f}. The head writing most for the right name is "
+                       f"{hlabels[best]} ({by_head[best]:+.2f}).")
+    body += table(["component", "attribution"], [[lab, float(v)] for lab, v in zip(labels, by_comp)])
+    body += table(["layer", *[f"H{h}" for h in range(H)]], [[l, *map(float, grid[l])] for l in range(L)])
+    if d.plt:
+        fig, (a1, a2) = d.plt.subplots(1, 2, figsize=(10, 3.4))
+        a1.bar(labels, by_comp, color=["#4c72b0" if v >= 0 else "#c44e52" for v in by_comp])
+        a1.set_title("by component")
+        a1.tick_params(axis="x", rotation=45)
+        lim = float(np.abs(grid).max()) or 1.0
+        im = a2.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim)
+        a2.set_xticks(range(H))
+        a2.set_yticks(range(L))
+        a2.set_xlabel("head")
+        a2.set_ylabel("layer")
+        a2.set_title("by head")
+        fig.colorbar(im, ax=a2)
+        body += d.savefig(fig, "dla.png")
+    d.report.add("Direct logit attribution (IOI-like task)", body)
+
+
+def stage_induction(d: _Demo) -> None:
+    m = d.m
+    seq_len = min(50, (m.cfg.n_ctx - 1) // 2)
+    toks = data.repeated_tokens(np.random.default_rng(SEED), 8, seq_len, m.cfg.d_vocab, m.tokenizer.bos_token_id)
+    _, cache = m.run_with_cache(toks, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    sc = np.stack([np.asarray(induction_scores(cache["pattern", l], seq_len)) for l in range(m.cfg.n_layers)])
+    l, h = np.unravel_index(int(sc.argmax()), sc.shape)
+    d.summary["induction"] = {"seq_len": seq_len, "scores": sc.tolist(), "best_head": f"L{l}H{h}",
+                              "best_score": float(sc[l, h])}
+    d.say(f"== induction scores per head (8 sequences: BOS + {seq_len} random tokens, repeated)")
+    d.say("            " + "".join(f"    H{k}" for k in range(sc.shape[1])))
+    for i in range(sc.shape[0]):
+        d.say(f"  layer {i}:  " + "".join(f"{v:6.2f}" for v in sc[i]))
+    d.say(f"  best induction head: L{l}H{h} (score {sc[l, h]:.2f})")
+    body = Report.text(f"Mean attention from each token of the second half to the token after its earlier "
+                       f"occurrence. Best induction head: L{l}H{h}, score {sc[l, h]:.2f}.")
+    body += table(["layer", *[f"H{k}" for k in range(sc.shape[1])]], [[i, *map(float, sc[i])] for i in range(len(sc))])
+    if d.plt:
+        fig, ax = d.plt.subplots(figsize=(4.5, 3))
+        im = ax.imshow(sc, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(sc.shape[1]))
+        ax.set_yticks(range(sc.shape[0]))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title("induction score")
+        fig.colorbar(im, ax=ax)
+        body += d.savefig(fig, "induction_scores.png")
+    short = data.repeated_tokens(np.random.default_rng(SEED + 1), 1, 10, m.cfg.d_vocab, m.tokenizer.bos_token_id)
+    _, c2 = m.run_with_cache(short, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    pats = np.stack([np.asarray(c2["pattern", i][0]) for i in range(m.cfg.n_layers)])
+    body += Report.text("Attention of every head on BOS + 10 random tokens repeated (the induction stripe is "
+                        "the diagonal 9 below the main one). Hover a cell for its tokens and weight.")
+    body += attention_grid(m.to_str_tokens(short[0]), pats)
+    d.report.add("Induction heads", body)
+
+
+def stage_generation(d: _Demo) -> None:
+    m = d.m
+    if not hasattr(m, "generate"):
+        return d.missing("generation", "HookedTransformer.generate")
+    d.say("== greedy generation (16 new tokens)")
+    outs = m.generate(list(GEN_PROMPTS), max_new_tokens=16, do_sample=False, return_type="str")
+    rows, res = [], {}
+    for p, text in zip(GEN_PROMPTS, outs):
+        cont = text[len(p):] if text.startswith(p) else text
+        res[p] = cont
+        d.say(f"  {p!r} -> {cont!r}")
+        rows.append([p, cont])
+    d.summary["generation"] = res
+    d.report.add("Greedy generation", table(["prompt", "continuation"], rows))
+
+
+def stage_patterns(d: _Demo) -> None:
+    m = d.m
+    body = Report.text("Attention pattern of every head (rows: query token, columns: key token). Hover a cell "
+                       "for query → key and the weight; hover a label for the token.")
+    chosen = d.prompts[:2] + [p for p in d.prompts[2:] if "<" in p][:2]
+    toks, mask = m.to_tokens(chosen, return_mask=True)
+    toks, mask = toks[:, :MAX_PATTERN_TOKENS], mask[:, :MAX_PATTERN_TOKENS]
+    _, cache = m.run_with_cache(toks, attention_mask=mask, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    for i, p in enumerate(chosen):
+        n = int(np.asarray(mask[i]).sum())
+        pats = np.stack([np.asarray(cache["pattern", l][i, :, :n, :n]) for l in range(m.cfg.n_layers)])
+        body += f"<h3>{esc(p)}</h3>" + attention_grid(m.to_str_tokens(toks[i, :n]), pats)
+    d.report.add("Attention patterns", body)
+
+
+STAGES: tuple[tuple[str, Callable[[_Demo], None]], ...] = (
+    ("top predictions", stage_predictions), ("IOI accuracy", stage_ioi_accuracy), ("logit lens", stage_logit_lens),
+    ("direct logit attribution", stage_dla), ("induction scores", stage_induction),
+    ("generation", stage_generation), ("attention patterns", stage_patterns),
+)
+
+
+def run_demo(model: str | Path | None, out: Path, prompts: Sequence[str] | None = None) -> int:
+    """Run every stage on `model` (default: the shipped model) and write the report into `out`.
+
+    `prompts` replaces the demo's prompts for top predictions and attention patterns.
+    Returns 0 (the CLI's exit code).
+    """
+    from tqdm.auto import tqdm
+
+    import jaxlens
+    from jaxlens.assets import model_dir
+
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        try:
-            from jaxlens.assets import model_dir
-
-            model = str(model_dir())
-        except FileNotFoundError:
-            print("NOTE: the trained model that jaxlens ships is not built yet; running on a small RANDOM "
-                  "GPT-2-shaped model built from a config (no tokenizer, so token ids are shown).")
-            model = str(_random_model(out))
-            return main(["run", "--model", model, "--tokens", "1,5,9,30,2,7,100,44,12,3"])
-    return main(["run", "--model", model])
+    path = Path(model) if model is not None else model_dir()
+    m = jaxlens.from_pretrained(path)
+    if m.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer; the demo needs text (pass a folder saved with its tokenizer)")
+    prompts = list(prompts) if prompts is not None else list(PROMPTS)
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    d = _Demo(m, out, prompts)
+    d.say(f"model: {path} ({m.cfg.model_type}, {m.cfg.n_layers} layers, {m.cfg.n_heads} heads, "
+          f"d_model {m.cfg.d_model}, vocab {m.cfg.d_vocab})")
+    if d.plt is None:
+        d.say("plots: matplotlib is not installed, so no PNG files (pip install 'jaxlens[plots]'); "
+              "the HTML report is written without them")
+    log = path / "training_log.json"
+    if log.is_file():
+        info = json.loads(log.read_text())
+        d.report.add("Model", Report.text(f"{m.cfg.n_layers} layers, {m.cfg.n_heads} heads, d_model {m.cfg.d_model}, "
+                                          f"vocabulary {m.cfg.d_vocab}; trained {info.get('train_seconds')} s "
+                                          f"with: {info.get('command')}"))
+    for name, fn in tqdm(STAGES, desc="jaxlens demo", unit="stage", disable=None):  # no bar off a terminal
+        fn(d)
+    d.report.write(out / "report.html")
+    (out / "summary.json").write_text(json.dumps(d.summary, indent=1, default=float) + "\n")
+    (out / "demo.txt").write_text("\n".join(d.lines) + "\n")
+    files = sorted(p.name for p in out.iterdir() if re.search(r"\.(html|json|txt|png)$", p.name))
+    print(f"\nwrote {out}/: {', '.join(files)}")
+    return 0

@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -58,27 +57,62 @@ def build_tokenizer(seed: int, vocab_size: int, n_docs: int) -> Any:
     return tok
 
 
-def text_docs(tok: Any, rng: np.random.Generator, chunk: int = 256) -> Iterator[list[int]]:
-    """Endless tokenized training documents (IOI from train templates only)."""
+def text_docs(tok: Any, rng: np.random.Generator, answer_weight: float, kind: str | None = None,
+              ioi_share: float | None = None, chunk: int = 256) -> Iterator[tuple[list[int], list[float]]]:
+    """Endless tokenized training documents (of `kind`, or drawn by `data.DOC_WEIGHTS` with the IOI
+    share set to `ioi_share` if given) with loss
+    weights: 1, except `answer_weight` on the answer of IOI sentences (" {io}" before the final ".").
+    IOI uses train templates only."""
+    p = np.asarray(data.DOC_WEIGHTS)
+    if ioi_share is not None:  # the IOI share replaced, the other kinds keep their proportions
+        p = np.where(np.asarray(data.DOC_KINDS) == "ioi", ioi_share, p * (1 - ioi_share) / (1 - p[0]))
     while True:
-        for enc in tok.backend_tokenizer.encode_batch([data.document(rng) for _ in range(chunk)],
-                                                      add_special_tokens=False):
-            yield enc.ids
+        if kind is None:
+            kinds = [data.DOC_KINDS[k] for k in rng.choice(len(data.DOC_KINDS), size=chunk, p=p)]
+        else:
+            kinds = [kind] * chunk
+        texts = [data.document(rng, k) for k in kinds]
+        for k, enc in zip(kinds, tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)):
+            w = [1.0] * len(enc.ids)
+            if k == "ioi":
+                w[-2] = answer_weight
+            yield enc.ids, w
 
 
-def batches(tok: Any, cfg: ModelConfig, seed: int, batch: int, seq_len: int, frac_random: float) -> Iterator[np.ndarray]:
-    """[batch seq_len] rows: packed documents, and `frac_random` of rows of repeated random tokens."""
-    rng = np.random.default_rng(seed)
-    docs = text_docs(tok, rng)
-    n_rand = int(round(batch * frac_random))
+Batch = tuple[tuple[np.ndarray, np.ndarray], ...]
+
+
+def batches(tok: Any, cfg: ModelConfig, a: argparse.Namespace) -> Iterator[Batch]:
+    """Each step's batch: groups of (tokens, weights) rows, one group per row length.
+
+    The first `a.induction_steps` steps see repeated random tokens only (induction heads form
+    quickly and reliably that way). Then: packed documents, a share `a.frac_random` of random rows
+    (so the induction heads stay), and `a.ioi_rows` short rows holding one IOI sentence each.
+    """
+    rng = np.random.default_rng(a.seed)
+
+    def random_rows(n: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        t, w = data.random_repeat_rows(rng, n, length, cfg.d_vocab, cfg.bos_token_id, max_span=a.max_span)
+        return t, np.maximum(w, a.first_copy_weight)
+
+    for _ in range(a.induction_steps):
+        yield (random_rows(a.induction_batch, a.seq_len),)
+    docs = text_docs(tok, rng, a.answer_weight, ioi_share=a.ioi_share)
+    ioi_docs = text_docs(tok, rng, a.answer_weight, kind="ioi")
+    n_rand = int(round(a.batch * a.frac_random))
     while True:
-        rows = np.concatenate([data.pack_rows(docs, batch - n_rand, seq_len, cfg.bos_token_id),
-                               data.random_repeat_rows(rng, n_rand, seq_len, cfg.d_vocab, cfg.bos_token_id)])
-        yield rows[rng.permutation(batch)]
+        t1, w1 = data.pack_rows(docs, a.batch - n_rand, a.seq_len, cfg.bos_token_id)
+        t2, w2 = random_rows(n_rand, a.seq_len)
+        perm = rng.permutation(a.batch)
+        groups = [(np.concatenate([t1, t2])[perm], np.concatenate([w1, w2])[perm])]
+        if a.ioi_rows:
+            groups.append(data.single_rows(ioi_docs, a.ioi_rows, a.ioi_len, cfg.bos_token_id))
+        yield tuple(groups)
 
 
-def eval_sets(tok: Any, cfg: ModelConfig, seed: int, seq_len: int) -> dict[str, np.ndarray]:
-    """Fixed held-out rows per document kind (IOI from held-out templates) and repeated random tokens."""
+def eval_sets(tok: Any, cfg: ModelConfig, seed: int, seq_len: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fixed held-out rows per document kind (IOI from held-out templates; every token weighted 1)
+    and repeated random tokens (weighted on the predictable copies)."""
     rng = np.random.default_rng(seed + 1_000_003)
     out = {}
     for kind in data.DOC_KINDS:
@@ -86,24 +120,40 @@ def eval_sets(tok: Any, cfg: ModelConfig, seed: int, seq_len: int) -> dict[str, 
             texts = [e.text for e in data.ioi_examples(rng, 512, "heldout")]
         else:
             texts = [data.document(rng, kind) for _ in range(512)]
-        ids = iter([e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)])
-        out[kind] = data.pack_rows(ids, 16, seq_len, cfg.bos_token_id)
+        encs = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        out[kind] = data.pack_rows(iter([(e.ids, [1.0] * len(e.ids)) for e in encs]), 16, seq_len, cfg.bos_token_id)
     out["random_repeat"] = data.random_repeat_rows(rng, 16, seq_len, cfg.d_vocab, cfg.bos_token_id)
     return out
 
 
-def make_step(cfg: ModelConfig, opt: optax.GradientTransformation, compute_dtype: Any):
-    """The jitted update: f32 master weights, forward in `compute_dtype`, b_U kept at zero (GPT-2 has none)."""
+def init_params(cfg: ModelConfig, seed: int) -> dict[str, Any]:
+    """GPT-2 initialisation of jaxlens's Flax model: N(0, 0.02), with the residual-writing
+    projections (W_O, W_out) scaled by 1/sqrt(2 * n_layers)."""
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    params = Transformer(cfg).init(jax.random.key(seed), dummy, jnp.ones_like(dummy), RunCtx())["params"]
+    for l in range(cfg.n_layers):
+        b = params[f"blocks_{l}"]
+        b["attn"]["W_O"] = b["attn"]["W_O"] / np.sqrt(2 * cfg.n_layers)
+        b["mlp"]["W_out"] = b["mlp"]["W_out"] / np.sqrt(2 * cfg.n_layers)
+    return params
 
-    def loss_fn(trainable, tokens):
-        p = jax.tree.map(lambda x: x.astype(compute_dtype), trainable)
-        p["b_U"] = jnp.zeros((cfg.d_vocab,), compute_dtype)
-        logits, _, _ = forward(p, cfg, tokens)
-        return lm_loss(logits, tokens)
+
+def make_step(cfg: ModelConfig, opt: optax.GradientTransformation):
+    """The jitted update (float32; b_U is kept at zero, as GPT-2 has none) and the loss function."""
+
+    def loss_fn(trainable, groups):
+        """Weighted mean next-token loss over every group of rows (each group one row length)."""
+        p = {**trainable, "b_U": jnp.zeros((cfg.d_vocab,), jnp.float32)}
+        total, weight = 0.0, 0.0
+        for tokens, weights in groups:
+            logits, _, _ = forward(p, cfg, tokens)
+            total = total + (lm_loss(logits, tokens, per_token=True) * weights[:, 1:]).sum()
+            weight = weight + weights[:, 1:].sum()
+        return total / jnp.maximum(weight, 1.0)
 
     @jax.jit
-    def step(trainable, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, tokens)
+    def step(trainable, opt_state, groups):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, groups)
         updates, opt_state = opt.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss, optax.global_norm(grads)
 
@@ -114,7 +164,7 @@ def make_step(cfg: ModelConfig, opt: optax.GradientTransformation, compute_dtype
 def measure(params: dict[str, Any], cfg: ModelConfig, tok: Any, evals: dict[str, np.ndarray], eval_loss,
             ioi: dict[str, np.ndarray], probe: np.ndarray) -> dict[str, Any]:
     trainable = {k: v for k, v in params.items() if k != "b_U"}
-    losses = {k: float(eval_loss(trainable, jnp.asarray(v))) for k, v in evals.items()}
+    losses = {k: float(eval_loss(trainable, ((jnp.asarray(t), jnp.asarray(w)),))) for k, (t, w) in evals.items()}
     ind = model_induction_scores(params, cfg, probe)
     l, h = np.unravel_index(ind.argmax(), ind.shape)
     return {"eval_loss": losses, "ioi_heldout": model_ioi_scores(params, cfg, ioi),
@@ -127,40 +177,55 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "jaxlens/assets/tiny"))
     ap.add_argument("--prompts", default=str(ROOT / "jaxlens/assets/prompts.jsonl"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=1200, help="all steps, the induction phase included")
+    ap.add_argument("--batch", type=int, default=16, help="rows of --seq-len tokens per step after the induction phase")
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--d-mlp", type=int, default=256, help="MLP width (GPT-2's n_inner; 2 * d_model is enough here)")
+    ap.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary (1024 keeps every generated word one token)")
     ap.add_argument("--tok-docs", type=int, default=20000)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--frac-random", type=float, default=0.25, help="share of rows of repeated random tokens")
-    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--frac-random", type=float, default=0.3, help="share of rows of repeated random tokens")
+    ap.add_argument("--induction-steps", type=int, default=300,
+                    help="first train this many steps on repeated random tokens only (induction heads form fast)")
+    ap.add_argument("--induction-batch", type=int, default=64)
+    ap.add_argument("--ioi-rows", type=int, default=64, help="rows of one IOI sentence each, per step after the induction phase")
+    ap.add_argument("--ioi-share", type=float, default=None, help="share of IOI sentences among packed documents "
+                    "(default: jaxlens.data.DOC_WEIGHTS)")
+    ap.add_argument("--ioi-len", type=int, default=32, help="length of those rows")
+    ap.add_argument("--probe-len", type=int, default=50, help="seq_len of the induction probe (BOS + 2 copies)")
+    ap.add_argument("--answer-weight", type=float, default=5.0,
+                    help="loss weight of the answer token of IOI training sentences")
+    ap.add_argument("--first-copy-weight", type=float, default=1.0,
+                    help="loss weight of the unpredictable first copy in random rows (1: plain LM loss; it "
+                         "penalises copying any earlier token, which pushes towards real induction)")
+    ap.add_argument("--max-span", type=int, default=None, help="longest random span (default: half a row)")
+    ap.add_argument("--init-from", default=None, help="continue training an exported checkpoint (HF GPT-2 folder)")
+    ap.add_argument("--eval-every", type=int, default=100)
     a = ap.parse_args(argv)
-    t0 = time.time()
+    t0, cpu0, load0 = time.time(), time.process_time(), os.getloadavg()
 
-    tok = build_tokenizer(a.seed, a.vocab, a.tok_docs)
-    eot = tok.convert_tokens_to_ids(SPECIAL)
-    cfg = ModelConfig(model_type="gpt2", d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
-                      d_head=a.d_model // a.heads, d_mlp=4 * a.d_model, d_vocab=len(tok), n_ctx=a.seq_len,
-                      act_fn="gelu_new", tie_word_embeddings=True, model_name="jaxlens-tiny",
-                      bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    if a.init_from:  # continue from a checkpoint (its config and tokenizer)
+        from jaxlens.conversion import load_any
+        from jaxlens.tokens import load_tokenizer
+
+        cfg, params = load_any(a.init_from)
+        params, tok = jax.tree.map(jnp.asarray, params), load_tokenizer(a.init_from)
+        eot = tok.convert_tokens_to_ids(SPECIAL)
+    else:
+        tok = build_tokenizer(a.seed, a.vocab, a.tok_docs)
+        eot = tok.convert_tokens_to_ids(SPECIAL)
+        cfg = ModelConfig(model_type="gpt2", d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
+                          d_head=a.d_model // a.heads, d_mlp=a.d_mlp or 4 * a.d_model, d_vocab=len(tok),
+                          n_ctx=a.seq_len, act_fn="gelu_new", tie_word_embeddings=True, model_name="jaxlens-tiny",
+                          bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+        params = init_params(cfg, a.seed)
     print(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.1f}s); model: {cfg.n_layers} layers, "
-          f"d_model {cfg.d_model}, {cfg.n_heads} heads, n_ctx {cfg.n_ctx}", flush=True)
-
-    key = jax.random.key(a.seed)
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    params = Transformer(cfg).init(key, dummy, jnp.ones_like(dummy), RunCtx())["params"]
-    # GPT-2 init: residual-writing projections scaled by 1/sqrt(2 * n_layers)
-    for l in range(cfg.n_layers):
-        b = params[f"blocks_{l}"]
-        b["attn"]["W_O"] = b["attn"]["W_O"] / np.sqrt(2 * cfg.n_layers)
-        b["mlp"]["W_out"] = b["mlp"]["W_out"] / np.sqrt(2 * cfg.n_layers)
+          f"d_model {cfg.d_model}, {cfg.n_heads} heads, d_mlp {cfg.d_mlp}, n_ctx {cfg.n_ctx}", flush=True)
     trainable = {k: v for k, v in params.items() if k != "b_U"}
     n_params = sum(x.size for x in jax.tree.leaves(trainable))
 
@@ -169,18 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     opt = optax.chain(optax.clip_by_global_norm(1.0),
                       optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=a.weight_decay, mask=decay_mask))
     opt_state = opt.init(trainable)
-    step, eval_loss = make_step(cfg, opt, jnp.bfloat16 if a.compute_dtype == "bfloat16" else jnp.float32)
+    step, eval_loss = make_step(cfg, opt)
 
     evals = eval_sets(tok, cfg, a.seed, a.seq_len)
     ioi = ioi_batch(tok, data.ioi_examples(a.seed + 7, 400, "heldout"), eot)
-    probe = data.repeated_tokens(np.random.default_rng(a.seed + 11), 16, 50, cfg.d_vocab, eot)
+    probe = data.repeated_tokens(np.random.default_rng(a.seed + 11), 16, min(a.probe_len, (a.seq_len - 1) // 2), cfg.d_vocab, eot)
     full = lambda tr: {**tr, "b_U": jnp.zeros((cfg.d_vocab,), jnp.float32)}  # noqa: E731
 
     curve, evals_log = [], []
-    stream = batches(tok, cfg, a.seed, a.batch, a.seq_len, a.frac_random)
+    stream = batches(tok, cfg, a)
     t_train = time.time()
     for i in range(1, a.steps + 1):
-        trainable, opt_state, loss, gnorm = step(trainable, opt_state, jnp.asarray(next(stream)))
+        groups = jax.tree.map(jnp.asarray, next(stream))
+        trainable, opt_state, loss, gnorm = step(trainable, opt_state, groups)
+        if i == 1:
+            print(f"first step (compile) {time.time() - t_train:.1f}s", flush=True)
         if i % 10 == 0 or i == 1:
             curve.append({"step": i, "loss": round(float(loss), 4), "grad_norm": round(float(gnorm), 3),
                           "lr": float(sched(i)), "time_s": round(time.time() - t_train, 1)})
@@ -200,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python scripts/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(a), "n_params": int(n_params), "config": cfg.to_dict(),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
-        "machine": {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
+        "machine": {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+                    "load_average_at_start": load0, "load_average_at_end": os.getloadavg()},
         "final": {"train_loss_last50": float(np.mean([c["loss"] for c in curve[-5:]])), **final},
         "evals": evals_log, "curve": curve,
     }

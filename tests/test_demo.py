@@ -1,0 +1,108 @@
+"""`jaxlens demo` on the shipped model: terminal output, report files, HTML escaping, and a
+headless-Chromium rendering of the report (skipped when Chromium is not installed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxlens.report import Report, attention_svg, esc, table
+
+EVIL = '<script>alert("pwned")</script> & "quotes"'
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    """Run the demo once (default model) with an extra prompt that holds markup."""
+    from jaxlens.demo import PROMPTS, run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    assert run_demo(None, out, prompts=[*PROMPTS, EVIL]) == 0
+    return out
+
+
+def test_demo_writes_report_files(demo_out):
+    for f in ("report.html", "summary.json", "demo.txt"):
+        assert (demo_out / f).is_file() and (demo_out / f).stat().st_size > 0, f
+    pytest.importorskip("matplotlib")
+    for f in ("logit_lens.png", "dla.png", "induction_scores.png"):
+        assert (demo_out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+
+
+def test_demo_finds_the_circuits(demo_out):
+    s = json.loads((demo_out / "summary.json").read_text())
+    assert s["missing_features"] == [], "every stage ran on this build"
+    assert s["induction"]["best_score"] >= 0.4
+    text = (demo_out / "demo.txt").read_text()
+    assert f"best induction head: {s['induction']['best_head']}" in text
+    assert s["ioi_heldout"]["top1"] >= 0.8
+    dla = s["dla"]
+    # the decomposition is exact: components (+ the final LN bias term) sum to the logit difference
+    assert dla["sum_of_components"] == pytest.approx(dla["actual_logit_diff"], abs=1e-3)
+    assert s["logit_lens"]["labels"][-1] == "final_post" and len(s["logit_lens"]["labels"]) == 2 * s["n_layers"] + 1
+    assert s["logit_lens"]["p_io"][-1] > s["logit_lens"]["p_s"][-1], "the final layer prefers the right name"
+    assert set(s["generation"]) and all(isinstance(v, str) for v in s["generation"].values())
+
+
+def test_report_escapes_prompt_markup(demo_out):
+    page = (demo_out / "report.html").read_text()
+    assert "<script" not in page.lower(), "no script tag may reach the page"
+    assert esc(EVIL) in page and "&lt;script&gt;" in page
+    assert 'src="data:image/png;base64,' in page or "matplotlib" in (demo_out / "demo.txt").read_text()
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+
+
+def test_report_helpers_escape_and_check_shapes():
+    html_table = table(["<b>"], [["<i>x</i>", 1.5, 2]])
+    assert "<b>" not in html_table and "&lt;i&gt;x&lt;/i&gt;" in html_table and "1.500" in html_table
+    svg = attention_svg(["<a>", '"q"'], np.array([[1.0, 0.0], [0.25, 0.75]]))
+    assert "<a>" not in svg and "&lt;a&gt;" in svg and "&quot;q&quot;" in svg
+    assert svg.count("<rect") == 3  # causal: the upper triangle is not drawn
+    with pytest.raises(ValueError, match="does not match 3 tokens"):
+        attention_svg(["a", "b", "c"], np.eye(2))
+    r = Report("t <x>")
+    r.add("s & s", Report.pre("<pre>"))
+    assert "t &lt;x&gt;" in r.render() and "&lt;pre&gt;" in r.render()
+
+
+def test_cli_demo_error_names_the_folder(tmp_path, capsys):
+    from jaxlens.cli import main
+
+    assert main(["demo", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_demo_rejects_empty_prompts(tmp_path):
+    from jaxlens.demo import run_demo
+
+    with pytest.raises(ValueError, match="prompts must be"):
+        run_demo(None, tmp_path, prompts=[])
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if p := shutil.which(name):
+            return p
+    return None
+
+
+def test_report_renders_in_headless_chromium(demo_out, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); cannot render the report")
+    shot = tmp_path / "report.png"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400",
+           f"--screenshot={shot}", (demo_out / "report.html").resolve().as_uri()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plt = pytest.importorskip("matplotlib.pyplot")
+    img = plt.imread(str(shot))
+    assert img.shape[0] == 2400 and img.shape[1] == 1280
+    ink = (img[..., :3].mean(-1) < 0.5).mean()
+    assert 0.005 < ink < 0.5, f"the page looks blank or broken (dark-pixel share {ink:.4f})"
+    Path(demo_out / "report_screenshot.png").write_bytes(shot.read_bytes())
