@@ -22,10 +22,10 @@ from jaxlens import data
 from jaxlens.probes import induction_scores, ioi_batch, ioi_scores
 from jaxlens.report import Report, attention_grid, esc, png, show_token, table
 
-IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
+IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"  # both IOI prompts: held-out templates
 PROMPTS = (
     IOI_PROMPT,
-    "At the park, Alice and Bob found a key. Later Bob handed the key to",
+    "After Alice and Bob arrived at the park, Bob thanked",
     "red apple music dog window blue red apple music dog",
     "3 4 5 6 7 8",
     "one two three four",

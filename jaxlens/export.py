@@ -84,6 +84,7 @@ def save_hf_gpt2(path: str | Path, cfg: ModelConfig, params: dict[str, Any], tok
     path.mkdir(parents=True, exist_ok=True)
     sd = gpt2_state_dict(cfg, params)
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "model.safetensors").chmod(0o644)  # safetensors writes 0600; a shipped file must be world-readable
     (path / "config.json").write_text(json.dumps(gpt2_config(cfg), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))

@@ -193,7 +193,7 @@ def test_data_errors_name_the_fix():
         data.document(np.random.default_rng(0), "poems")
 
 
-def test_shipped_prompts_file_is_pattern_lens_format():
+def test_shipped_prompts_file_is_pattern_lens_format(shipped):
     from jaxlens.assets import TINY
 
     lines = (TINY.parent / "prompts.jsonl").read_text().splitlines()
@@ -201,6 +201,8 @@ def test_shipped_prompts_file_is_pattern_lens_format():
     rows = [json.loads(x) for x in lines]
     assert all(set(r) == {"text"} and isinstance(r["text"], str) and r["text"] for r in rows)
     assert rows == data.prompts(0, len(rows)), "prompts.jsonl is reproducible from data.prompts(seed=0)"
+    longest = max(len(shipped.tokenizer.encode(r["text"], add_special_tokens=False)) for r in rows)
+    assert longest + 1 <= shipped.cfg.n_ctx, "every prompt (with BOS) fits the shipped model's context"
 
 
 # --- exporter and probes ---------------------------------------------------------------------
