@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,8 +13,14 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plots]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VPY) -m pytest tests -n 2 --dist loadfile
+
+# The report's browser test needs Chromium: install it where we can (root with apt), else it skips.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	  echo "note: chromium not installed; the headless-browser test will skip"; }
 
 demo: $(STAMP)
 	$(VENV)/bin/jaxlens demo --out demo_out

@@ -63,7 +63,7 @@ def dla() -> list[list[str]]:
     toks = rng.integers(0, 50257, (B, T)).astype(np.int32)
     answers = rng.integers(0, 50257, (B,)).astype(np.int32)
 
-    model = jaxlens.from_pretrained(path, precision=None)
+    model = jaxlens.from_pretrained_no_processing(path, precision=None)
     _, cache = model.run_with_cache(toks)
     jax.block_until_ready(cache)
 

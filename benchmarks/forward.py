@@ -48,7 +48,7 @@ def main() -> None:
     toks_t = torch.tensor(toks_np, dtype=torch.long, device=dev)
     sync = (lambda: torch.cuda.synchronize()) if dev.startswith("cuda") else (lambda: None)
 
-    model = jaxlens.from_pretrained(path, precision=None)
+    model = jaxlens.from_pretrained_no_processing(path, precision=None)
     toks = jnp.asarray(toks_np)
     mask = jnp.ones_like(toks)
     if args.devices > 1:

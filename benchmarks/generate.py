@@ -86,9 +86,9 @@ def main() -> None:
     args = ap.parse_args()
 
     path = gpt2_small_dir()
-    models = {"jaxlens f32": jaxlens.from_pretrained(path, precision=None)}
+    models = {"jaxlens f32": jaxlens.from_pretrained_no_processing(path, precision=None)}
     if args.bf16_batch:
-        models["jaxlens bf16"] = jaxlens.from_pretrained(path, "bfloat16", precision=None)
+        models["jaxlens bf16"] = jaxlens.from_pretrained_no_processing(path, "bfloat16", precision=None)
     hf = bridge = None
     if not args.no_hf:
         import transformers

@@ -72,7 +72,7 @@ def main() -> None:
     with torch.no_grad():
         _, tl_cache = bridge.run_with_cache(clean_t, names_filter=lambda n: n.endswith("hook_resid_pre"))
 
-    model = jaxlens.from_pretrained(path, precision=args.precision)
+    model = jaxlens.from_pretrained_no_processing(path, precision=args.precision)
     _, jl_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
 
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]

@@ -57,7 +57,8 @@ def hf_config(path: str | Path) -> ModelConfig:
         )
     cfg = REGISTRY[mt].config_from_hf(hf)
     name = hf.get("_name_or_path") or Path(path).name
-    return cfg.replace(model_name=str(name))
+    arch = (hf.get("architectures") or [None])[0]  # None: ModelConfig fills in the family's usual class
+    return cfg.replace(model_name=str(name), original_architecture=arch)
 
 
 def convert_hf(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:

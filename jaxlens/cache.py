@@ -6,16 +6,24 @@ W_O, b_O, W_out, b_out, the final norm's w and b). The static part is the key or
 `CacheMeta` (info strings, metadata, aggregation strategies). So a cache passes through `jit`,
 `vmap`, `jax.tree.map`, `device_put` and `grad` like any pytree, and needs no model argument.
 
-Every method returns arrays or a new cache. The analyses (`accumulated_resid`, `decompose_resid`,
-`get_full_resid_decomposition`, `stack_head_results`, `stack_neuron_results`, `logit_attrs`, ...)
-are TransformerLens 4.x's, with its names, defaults, labels and shapes; they run as compiled
-programs from `jaxlens.analysis` (flags static, compiled once and reused). Aggregation across
-batches (`cat`, strategies, info, metadata, memory tree) is `jaxlens.aggregate`'s.
+Every method returns arrays or a new cache; the few TransformerLens methods that mutate its cache
+in place (`to`, `cpu`, `remove_batch_dim`, `compute_head_results`) return a new one here and warn
+(once per method) when called as a bare statement, which would throw the result away. The
+analyses (`accumulated_resid`, `decompose_resid`, `get_full_resid_decomposition`,
+`stack_head_results`, `stack_neuron_results`, `logit_attrs`, ...) are TransformerLens 4.x's, with
+its names, defaults, labels and shapes; they run as compiled programs from `jaxlens.analysis`
+(flags static, compiled once and reused). Aggregation across batches (`cat`, strategies, info,
+metadata, memory tree) is `jaxlens.aggregate`'s.
 """
 
 from __future__ import annotations
 
+import dis
+import functools
 import logging
+import sys
+import types
+import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -24,6 +32,8 @@ import numpy as np
 
 from jaxlens import aggregate as agg
 from jaxlens import analysis as A
+from jaxlens.devices import resolve_device
+from jaxlens.fingerprint import Identity
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import get_act_name
 from jaxlens.slice import Slice, SliceInput
@@ -31,19 +41,59 @@ from jaxlens.slice import Slice, SliceInput
 log = logging.getLogger(__name__)
 
 
-class _Static:
-    """Holds a static object (the tokenizer) in the pytree structure; equal only to itself."""
 
-    __slots__ = ("obj",)
+class DiscardedResultWarning(UserWarning):
+    """A cache method that TransformerLens runs in place was called as a statement: its new cache is lost."""
 
-    def __init__(self, obj: Any):
-        self.obj = obj
 
-    def __eq__(self, other: Any) -> bool:
-        return isinstance(other, _Static) and other.obj is self.obj
+class LayerIndexError(ValueError, KeyError):
+    """A layer index outside the model (a ValueError; also a KeyError, as TransformerLens's lookup raises)."""
 
-    def __hash__(self) -> int:
-        return id(self.obj)
+    __str__ = BaseException.__str__  # KeyError's would quote the message
+
+
+_DISCARD_WARNED: set[str] = set()  # methods already warned about (once per method and process)
+_DISCARDING_OPS = ("POP_TOP", "PRINT_EXPR", "INTRINSIC_PRINT")  # a statement; a REPL / notebook cell's last line
+
+
+@functools.lru_cache(maxsize=512)
+def _discards_call_at(code: types.CodeType, lasti: int) -> bool:
+    """Whether the call instruction running at byte offset `lasti` of `code` (CPython points into
+    its inline CACHE entries) is followed by one that drops its value."""
+    ins = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    for here, nxt in zip(ins, ins[1:]):
+        if here.offset <= lasti < nxt.offset:
+            after = nxt.argrepr if nxt.opname == "CALL_INTRINSIC_1" else nxt.opname  # 3.12+: INTRINSIC_PRINT
+            return here.opname.startswith("CALL") and after in _DISCARDING_OPS
+    return False
+
+
+def _result_discarded(depth: int) -> bool:
+    """Whether the Python frame `depth` levels up calls us as a bare statement; False when that
+    cannot be told (no frame introspection, unfamiliar bytecode)."""
+    try:
+        frame = sys._getframe(depth + 1)
+        return _discards_call_at(frame.f_code, frame.f_lasti)
+    except Exception:  # any interpreter without CPython frames/bytecode: do nothing
+        return False
+
+
+def _warn_if_discarded(method: str, hint: str) -> None:
+    """Warn once per `method` when the user's call (two frames up) throws away the new cache."""
+    if method in _DISCARD_WARNED or not _result_discarded(2):
+        return
+    _DISCARD_WARNED.add(method)
+    warnings.warn(f"cache.{method}() returns a new ActivationCache and leaves this one unchanged (jaxlens caches "
+                  f"are immutable pytrees; TransformerLens changes its cache in place), so calling it as a "
+                  f"statement does nothing: write `{hint}`", DiscardedResultWarning, stacklevel=3)
+
+
+def _device(device: Any) -> Any:
+    """What `to` hands `jax.device_put`: a jax Device, a Sharding or a `cache.spec(...)` tree of them
+    passed through, or a device name resolved (`jaxlens.devices.resolve_device`)."""
+    if isinstance(device, (jax.Device, jax.sharding.Sharding, ActivationCache)):
+        return device
+    return resolve_device(device)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -51,7 +101,18 @@ class ActivationCache:
     """Activations keyed by TransformerLens hook name.
 
     `cache["blocks.3.attn.hook_pattern"]`, `cache["pattern", 3]`, `cache["pattern", -1]` and
-    `cache["scale", 3, "ln1"]` index the same way TransformerLens's cache does.
+    `cache["scale", 3, "ln1"]` index the same way TransformerLens's cache does; a layer outside the
+    model raises `LayerIndexError` (a ValueError and a KeyError) instead of a bare missing key.
+
+    IMMUTABLE: every method returns a new cache. `cache.compute_head_results()`,
+    `cache.remove_batch_dim()`, `cache.to(...)` and `cache.cpu()` written as statements (as with
+    TransformerLens, which mutates in place) do nothing; write `cache = cache.compute_head_results()`.
+    Such a discarded call warns once per method (`DiscardedResultWarning`).
+
+    Activations are jax arrays: `np.asarray(x)` gives numpy (zero-copy on CPU, read-only), and
+    `torch.from_numpy(np.asarray(x))` a torch tensor sharing that memory (torch warns that it is
+    read-only; `torch.from_numpy(np.array(x))` copies into a writable one). bfloat16 has no torch
+    numpy path: convert with `np.asarray(x, np.float32)`. `cache.to_numpy()` converts them all.
     """
 
     def __init__(self, cache_dict: Mapping[str, Any], cfg: ModelConfig | None = None, has_batch_dim: bool = True,
@@ -69,7 +130,7 @@ class ActivationCache:
         keys = tuple(self._d)
         wkeys = tuple(sorted(self.weights))
         children = (tuple(self._d[k] for k in keys), tuple(self.weights[k] for k in wkeys))
-        return children, (keys, wkeys, self.cfg, self.has_batch_dim, _Static(self.tokenizer), self.meta)
+        return children, (keys, wkeys, self.cfg, self.has_batch_dim, Identity(self.tokenizer), self.meta)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -105,10 +166,27 @@ class ActivationCache:
         if isinstance(key, str):
             return key if key in self._d else get_act_name(key)
         if isinstance(key, tuple):
-            if len(key) > 1 and isinstance(key[1], int) and key[1] < 0 and self.cfg is not None:
-                key = (key[0], self.cfg.n_layers + key[1], *key[2:])  # negative layers, as TransformerLens
+            if len(key) > 1 and isinstance(key[1], (int, np.integer)) and not isinstance(key[1], bool):
+                key = (key[0], self._layer_of_key(key), *key[2:])
             return get_act_name(*key)
         raise KeyError(f"cache keys are hook names or (name, layer[, layer_type]) tuples, not {type(key).__name__}")
+
+    def _layer_of_key(self, key: tuple) -> int:
+        """The layer of a `(name, layer, ...)` key, negative counting from the end as in TransformerLens;
+        one outside the model raises LayerIndexError naming the valid range, not a bare missing key."""
+        layer, n = int(key[1]), getattr(self.cfg, "n_layers", None)
+        if n is None:
+            return layer
+        if not -n <= layer < n:
+            raise LayerIndexError(f"cache[{key!r}]: layer={layer} is out of range for this {n}-layer model; "
+                                  f"use a layer in [{-n}, {n}) (negative counts from the end)")
+        return layer % n
+
+    @property
+    def cache_dict(self) -> Mapping[str, Any]:
+        """The activations by hook name (TransformerLens's attribute), as a read-only mapping view:
+        to change one, use `cache.set(name, value)`, which returns a new cache."""
+        return types.MappingProxyType(self._d)
 
     def __getitem__(self, key: Any) -> Any:
         name = self._key(key)
@@ -152,19 +230,43 @@ class ActivationCache:
         return f"ActivationCache with keys {list(self._d)}"
 
     def to(self, device: Any) -> "ActivationCache":
-        """A copy on a device or sharding (`jax.device_put`)."""
-        return jax.device_put(self, device)
+        """A NEW cache (activations and weights) on `device`: a jax Device, a Sharding, a tree of
+        shardings from `cache.spec(...)`, or a platform string "cpu", "gpu"/"cuda", "tpu" (optionally
+        ":index"). This cache is unchanged, so a bare `cache.to("cpu")` (TransformerLens moves in
+        place) does nothing and warns once."""
+        out = jax.device_put(self, _device(device))
+        _warn_if_discarded("to", "cache = cache.to(device)")
+        return out
+
+    def cpu(self) -> "ActivationCache":
+        """A NEW cache on the first CPU device (`to("cpu")`); a bare `cache.cpu()` warns once."""
+        out = jax.device_put(self, _device("cpu"))
+        _warn_if_discarded("cpu", "cache = cache.cpu()")
+        return out
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """Accepted and ignored. TransformerLens sets torch's global grad mode here; JAX has no such
+        state (gradients exist only inside `jax.grad`, and caches hold plain arrays), so there is
+        nothing to turn off. Use `jax.lax.stop_gradient` to cut a value out of a differentiated function."""
+        del mode
 
     # --- batch handling (TransformerLens) ---------------------------------------------------
-    def remove_batch_dim(self) -> "ActivationCache":
-        """Drop a batch dimension of size 1 from every activation."""
+    def remove_batch_dim(self, batch_size: int | None = None) -> "ActivationCache":
+        """A NEW cache without the batch dimension, which must be 1 (TransformerLens's semantics:
+        `batch_size` defaults to the most common leading size; entries whose leading size is 1 lose
+        that axis). This cache is unchanged: a bare `cache.remove_batch_dim()` does nothing, so it
+        warns once; write `cache = cache.remove_batch_dim()`."""
         if not self.has_batch_dim:
+            log.warning("Tried removing batch dimension after already having removed it.")
             return self
-        for k, v in self._d.items():
-            if v.shape[0] != 1:
-                raise ValueError(f"remove_batch_dim needs batch size 1, but {k!r} has batch {v.shape[0]}; "
-                                 "use apply_slice_to_batch_dim(i) to pick one element")
-        return self._replace({k: v[0] for k, v in self._d.items()}, has_batch_dim=False)
+        n = self._batch_size() if batch_size is None else batch_size
+        if n != 1:
+            raise ValueError(f"remove_batch_dim needs batch size 1, but this cache's batch size is {n}; "
+                             "use apply_slice_to_batch_dim(i) to pick one element")
+        new = {k: v[0] if getattr(v, "ndim", 0) > 0 and v.shape[0] == 1 else v for k, v in self._d.items()}
+        out = self._replace(new, has_batch_dim=False)
+        _warn_if_discarded("remove_batch_dim", "cache = cache.remove_batch_dim()")
+        return out
 
     def _batch_size(self) -> int:
         sizes = [v.shape[0] for v in self._d.values() if getattr(v, "ndim", 0) > 0]
@@ -289,9 +391,12 @@ class ActivationCache:
         return (out, labels) if return_labels else out
 
     def compute_head_results(self) -> "ActivationCache":
-        """A new cache with `blocks.{l}.attn.hook_result` ([*bp head d_model]) for every layer.
+        """A NEW cache with `blocks.{l}.attn.hook_result` ([*bp head d_model]) for every layer,
+        from hook_z and W_O (results already cached are kept).
 
-        (TransformerLens adds them to its cache in place; here the cache is immutable.)
+        TransformerLens adds them to its cache in place; this cache is immutable and unchanged, so
+        a bare `cache.compute_head_results()` does nothing and warns once: write
+        `cache = cache.compute_head_results()`.
         """
         cfg = self._need_cfg("compute_head_results")
         have = [f"blocks.{l}.attn.hook_result" in self._d for l in range(cfg.n_layers)]
@@ -300,13 +405,18 @@ class ActivationCache:
             return self
         keys = [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)]
         res = A.compute_head_results_jit(self._subset("compute_head_results", keys, ["W_O"]))
-        return self._replace({**self._d, **{k: v for k, v in res.items() if k not in self._d}})
+        out = self._replace({**self._d, **{k: v for k, v in res.items() if k not in self._d}})
+        _warn_if_discarded("compute_head_results", "cache = cache.compute_head_results()")
+        return out
 
     def get_neuron_results(self, layer: int, neuron_slice: SliceInput = None, pos_slice: SliceInput = None):
         """Each neuron's write to the residual stream at `layer`: [*bp neurons d_model]."""
         cfg = self._need_cfg("get_neuron_results")
-        if not isinstance(layer, int) or not -cfg.n_layers <= layer < cfg.n_layers:
-            raise ValueError(f"get_neuron_results: layer={layer!r} must be an int in [0, {cfg.n_layers})")
+        n = cfg.n_layers
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not -n <= layer < n:
+            raise ValueError(f"get_neuron_results: layer={layer!r} is out of range for this {n}-layer model; "
+                             f"use an int in [{-n}, {n}) (negative counts from the end)")
+        layer = int(layer)
         layer %= cfg.n_layers
         ns = Slice(neuron_slice).check(cfg.d_mlp, "neuron_slice")
         sub = self._subset("get_neuron_results", [f"blocks.{layer}.mlp.hook_post"], ["W_out"])

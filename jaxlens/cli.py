@@ -26,7 +26,7 @@ def default_model() -> Path:
 def cmd_convert(a: argparse.Namespace) -> int:
     import jaxlens
 
-    m = jaxlens.from_pretrained(a.src, dtype=a.dtype)
+    m = jaxlens.from_pretrained_no_processing(a.src, dtype=a.dtype)  # saved as HF has it; processed on load
     out = m.save(a.dst)
     n = sum(x.size for x in __import__("jax").tree.leaves(m.params))
     print(f"converted {a.src} ({m.cfg.model_type}, {m.cfg.n_layers} layers, {n:,} parameters, {a.dtype}) -> {out}")

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 NormType = Literal["LN", "RMS", "LNPre", "RMSPre"]  # *Pre: weightless (after fold_ln, as TransformerLens)
 PosType = Literal["standard", "rotary"]
 ACT_FNS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "silu", "relu", "gelu_fast")
+# HF `architectures[0]` per model_type, for configs written before `original_architecture` was recorded
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
+                 "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
+# where the model's arrays live and what they hold: set by HookedTransformer, not architecture (not
+# compared, hashed or saved, so a moved or cast model reuses its compiled programs' cache keys)
+RUNTIME_FIELDS = ("device", "dtype", "tokenizer_prepends_bos")
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    original_architecture: str | None = None  # HF `architectures[0]`, e.g. "GPT2LMHeadModel"
+    device: str | None = field(default=None, compare=False)
+    dtype: Any = field(default=None, compare=False)
+    tokenizer_prepends_bos: bool | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.original_architecture is None and self.model_type in ARCHITECTURES:
+            object.__setattr__(self, "original_architecture", ARCHITECTURES[self.model_type])
         problems = []
         for f in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
             if int(getattr(self, f)) <= 0:
@@ -102,9 +114,22 @@ class ModelConfig:
     def has_pos_embed(self) -> bool:
         return self.positional_embedding_type == "standard"
 
+    @property
+    def n_params(self) -> int:
+        """TransformerLens's `n_params`: the attention and MLP weight matrices of every layer, as
+        `HookedTransformerConfig` counts them (4·d_model·d_head·n_heads per layer, grouped K/V
+        counted as full, plus (2 + gated)·d_model·d_mlp); no embeddings, biases or norms."""
+        attn = 4 * self.d_model * self.d_head * self.n_heads
+        mlp = self.d_model * self.d_mlp * (3 if self.gated_mlp else 2)
+        return self.n_layers * (attn + mlp)
+
     # --- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The architecture as plain data (runtime fields left out: they describe one loaded copy)."""
+        d = dataclasses.asdict(self)
+        for k in RUNTIME_FIELDS:
+            d.pop(k)
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -166,16 +166,18 @@ def stage_dla(d: _Demo) -> None:
     ioi = d.ioi()
     io, s = ioi["io"], ioi["s"]
     # logit_attrs scales by the cached final-LN scale only (TransformerLens, whose from_pretrained
-    # folds the LN weight into W_U). The shipped model is unfolded, so fold it here; the LN bias
-    # is then one constant term, and the components plus it sum to the actual logit difference.
-    w = d.m.params["ln_final"]["w"]
-    cache = ActivationCache(ioi["cache"].to_dict(), d.m.cfg, True,
-                            {**ioi["cache"].weights, "W_U": w[:, None] * d.m.W_U})
+    # folds the LN weight into W_U and its bias into b_U; jaxlens.from_pretrained does the same by
+    # default). An unprocessed model is folded here. The bias is then one constant term, and the
+    # components plus it sum to the actual logit difference.
+    cache, u, b_U = ioi["cache"], np.asarray(d.m.W_U), np.asarray(d.m.b_U)
+    lnf = d.m.params.get("ln_final", {})
+    if "w" in lnf:  # loaded with from_pretrained_no_processing
+        b_U = b_U + np.asarray(lnf.get("b", np.zeros(u.shape[0]))) @ u
+        cache = ActivationCache(cache.to_dict(), d.m.cfg, True, {**cache.weights, "W_U": lnf["w"][:, None] * d.m.W_U})
     resid, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
     by_comp = np.asarray(cache.logit_attrs(resid, io, incorrect_tokens=s, pos_slice=-1)).mean(1)
-    u = np.asarray(d.m.W_U)
-    bias = float(np.mean(np.asarray(d.m.params["ln_final"].get("b", np.zeros(u.shape[0]))) @ (u[:, io] - u[:, s])))
-    labels, by_comp = [*labels, "ln_final.b"], np.append(by_comp, bias)
+    bias = float(np.mean(b_U[io] - b_U[s]))
+    labels, by_comp = [*labels, "ln_final.b + b_U"], np.append(by_comp, bias)
     heads, hlabels = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
     by_head = np.asarray(cache.logit_attrs(heads, io, incorrect_tokens=s, pos_slice=-1)).mean(1)
     L, H = d.m.cfg.n_layers, d.m.cfg.n_heads

@@ -12,14 +12,61 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.hooks import Hooks, RunCtx, collect_intermediates
+from jaxlens.fingerprint import retry_static
+from jaxlens.hooks import WILDCARD, Hooks, RunCtx, collect_intermediates
 from jaxlens.model import Transformer
 
 
 def _is_stacked(params: dict[str, Any]) -> bool:
     return "blocks" in params
+
+
+def resolve_layer_range(cfg: ModelConfig, start_at_layer: int | None = None,
+                        stop_at_layer: int | None = None) -> tuple[int | None, int | None]:
+    """TransformerLens's `start_at_layer` / `stop_at_layer`, negative values counted from the end,
+    checked: 0 <= start < n_layers, 0 <= stop <= n_layers, start <= stop. None stays None."""
+    n = cfg.n_layers
+
+    def one(name: str, v: int | None, hi: int) -> int | None:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name} must be an int layer index (or None), got {v!r}")
+        r = int(v) + n if v < 0 else int(v)
+        if not 0 <= r <= hi:
+            raise ValueError(f"{name}={v} is out of range for a model of {n} layers: give an index in "
+                             f"[{-n}, {hi}] (negative counts from the end)")
+        return r
+
+    start, stop = one("start_at_layer", start_at_layer, n - 1), one("stop_at_layer", stop_at_layer, n)
+    if start is not None and stop is not None and start > stop:
+        raise ValueError(f"start_at_layer={start_at_layer} comes after stop_at_layer={stop_at_layer}: "
+                         "the run covers blocks [start, stop), so start must be <= stop")
+    return start, stop
+
+
+def _run_layers(params: dict[str, Any], start: int | None, stop: int | None) -> dict[str, Any]:
+    """Scanned params holding only blocks [start, stop) (unrolled params need no change)."""
+    if not _is_stacked(params) or (start is None and stop is None):
+        return params
+    sl = slice(start or 0, stop)
+    return {**params, "blocks": jax.tree.map(lambda x: x[sl], params["blocks"])}
+
+
+def _shift_scanned(inter: Any, offset: int) -> Any:
+    """Name the stacked (`*`) activations of a scan that began at block `offset` per layer."""
+    out = {}
+    for k, v in inter.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            out[k] = _shift_scanned(v, offset)
+        elif WILDCARD in k:
+            out.update({k.replace(WILDCARD, str(offset + i)): v[i] for i in range(v.shape[0])})
+        else:
+            out[k] = v
+    return out
 
 
 def forward(
@@ -32,22 +79,41 @@ def forward(
     hooks: Hooks = Hooks(),
     kv: Any = None,
     precision: str | None = None,
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
     """Run the model: returns (logits [batch pos vocab], {hook name: activation}, new kv).
 
     `params` is the tree under "params" (unrolled `blocks_{l}` or scanned `blocks`; the layout
     picks the implementation). `capture` names the activations to return (see
     `jaxlens.hooks.resolve_names`); under jit, everything else is never materialised.
+
+    `start_at_layer=k`: `tokens` is the residual stream [batch pos d_model] entering block k
+    (positions still come from `attention_mask`). `stop_at_layer=k`: the first output is the
+    residual entering block k (k = n_layers: after the last block, before the final norm).
+    Only the blocks in between are computed (TransformerLens's semantics; negative values count
+    from the end). Neither works with `kv`.
     """
+    start, stop = resolve_layer_range(cfg, start_at_layer, stop_at_layer)
+    if kv is not None and (start is not None or stop is not None):
+        raise ValueError("start_at_layer / stop_at_layer cannot be combined with a KV cache; run without kv")
+    if start is not None and (jnp.ndim(tokens) != 3 or tokens.shape[-1] != cfg.d_model):
+        raise ValueError(f"with start_at_layer the input is the residual stream [batch pos d_model={cfg.d_model}], "
+                         f"got shape {jnp.shape(tokens)}")
     if attention_mask is None:
-        attention_mask = jnp.ones(tokens.shape, jnp.int32)
-    module = Transformer(cfg, scan_layers=_is_stacked(params), dtype=params["W_E"].dtype)
+        attention_mask = jnp.ones(tokens.shape[:2], jnp.int32)
+    module = Transformer(cfg, scan_layers=_is_stacked(params), dtype=params["W_E"].dtype,
+                         start_at_layer=start, stop_at_layer=stop)
+    params = _run_layers(params, start, stop)
     ctx = RunCtx(capture=capture, hooks=hooks)
     with jax.default_matmul_precision(precision) if precision else _null():
         if capture:
             (logits, new_kv), state = module.apply({"params": params}, tokens, attention_mask, ctx, kv,
                                                    mutable=["intermediates"])
-            acts = collect_intermediates(state.get("intermediates", {}), capture)
+            inter = state.get("intermediates", {})
+            if start and _is_stacked(params):
+                inter = _shift_scanned(inter, start)
+            acts = collect_intermediates(inter, capture)
         else:
             logits, new_kv = module.apply({"params": params}, tokens, attention_mask, ctx, kv)
             acts = {}
@@ -62,13 +128,28 @@ class _null:
         return False
 
 
-@partial(jax.jit, static_argnames=("cfg", "capture", "precision", "return_logits"))
-def forward_jit(params, cfg, tokens, attention_mask, hooks=Hooks(), kv=None, *, capture=frozenset(),
-                precision=None, return_logits=True):
-    """`forward` under jit; with return_logits=False the logits are not returned (nor kept)."""
+@retry_static
+@partial(jax.jit, static_argnames=("cfg", "capture", "precision", "return_logits", "start_at_layer",
+                                   "stop_at_layer"))
+def _forward_compiled(params, cfg, tokens, attention_mask, hooks=Hooks(), kv=None, *, capture=frozenset(),
+                      precision=None, return_logits=True, start_at_layer=None, stop_at_layer=None):
     logits, acts, new_kv = forward(params, cfg, tokens, attention_mask, capture=capture, hooks=hooks, kv=kv,
-                                   precision=precision)
+                                   precision=precision, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
     return (logits if return_logits else None), acts, new_kv
+
+
+def forward_jit(params, cfg, tokens, attention_mask, hooks=Hooks(), kv=None, **kwargs):
+    """`forward` under jit; with return_logits=False the logits (or, with stop_at_layer, the
+    residual) are not returned (nor kept). Layer bounds are static: one program per value.
+    Edit indices are checked against the activations' sizes first (JAX would drop them)."""
+    if hooks:
+        q_len = jnp.shape(tokens)[1]
+        hooks.check_indices(cfg, q_len, q_len if kv is None else kv[0].shape[2])
+    return _forward_compiled(params, cfg, tokens, attention_mask, hooks, kv, **kwargs)
+
+
+forward_jit.lower = _forward_compiled.lower
+forward_jit._cache_size = _forward_compiled._cache_size
 
 
 def stack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:

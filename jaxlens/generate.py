@@ -16,6 +16,7 @@ equals `run_with_cache(output)` at positions `prompt_len - 1 + s`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple, Sequence
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlens.fingerprint import retry_static
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import Hooks
 from jaxlens.kv_cache import KVCache, check_cache, forward_cached
@@ -70,15 +72,31 @@ class Sampler:
     greedy: bool = True
     top_k: int | None = None
     use_top_p: bool = False
+    use_freq_penalty: bool = False
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperature: jax.Array | float = 1.0,
-                  top_p: jax.Array | float = 1.0) -> jax.Array:
-    """Next tokens [batch] int32 from last-position logits [batch vocab]."""
+                  top_p: jax.Array | float = 1.0, freq_penalty: jax.Array | float = 0.0,
+                  counts: jax.Array | None = None) -> jax.Array:
+    """Next tokens [batch] int32 from last-position logits [batch vocab].
+
+    With `sampler.use_freq_penalty`, TransformerLens's frequency penalty: `logits / temperature
+    - freq_penalty * counts` (counts [batch vocab]: occurrences of each token so far) before
+    top-k / top-p. Greedy decoding ignores it, as TransformerLens's `sample_logits` does.
+    """
     if sampler.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = filter_logits(logits, temperature, sampler.top_k, top_p if sampler.use_top_p else None)
+    x = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    if sampler.use_freq_penalty:
+        x = x - jnp.asarray(freq_penalty, jnp.float32) * counts.astype(jnp.float32)
+    x = filter_logits(x, 1.0, sampler.top_k, top_p if sampler.use_top_p else None)
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+def token_counts(tokens: jax.Array, mask: jax.Array, vocab: int) -> jax.Array:
+    """[batch vocab] int32: how often each token occurs among a row's real (mask 1) tokens."""
+    rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+    return jnp.zeros((tokens.shape[0], vocab), jnp.int32).at[rows, tokens].add(mask.astype(jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,14 +140,17 @@ def _write(buf: jax.Array, x: jax.Array, step: jax.Array, axis: int) -> jax.Arra
     return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), tuple(idx))
 
 
+@retry_static
 @partial(jax.jit, static_argnames=("cfg", "sampler", "n_buf", "cache_len", "capture", "precision", "return_logits"))
 def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None, n_new, key, temperature, top_p,
-                   pad_id, eos, hooks: Hooks, *, sampler: Sampler, n_buf: int, cache_len: int,
+                   pad_id, eos, hooks: Hooks, freq_penalty=0.0, *, sampler: Sampler, n_buf: int, cache_len: int,
                    capture: frozenset[str], precision: str | None, return_logits: bool):
     """Prefill all but the last prompt token, then decode up to `n_new` (<= n_buf) tokens.
 
     `eos` [n] int32 are the stop tokens (n = 0: never stop early). Without `cache`, an empty one
     of `cache_len` slots is made here (inside the program: no separate allocation to compile).
+    With `sampler.use_freq_penalty`, per-row token counts (prompt's real tokens, then each new
+    one) are carried through the loop for `sample_logits`.
     """
     batch, p = tokens.shape
     if cache is None:
@@ -156,22 +177,26 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
         return go & ~jnp.all(done) if stops else go
 
     def body(state):
-        step, cur, cur_mask, done, out, cache, acts, logits_buf = state
+        step, cur, cur_mask, done, out, cache, acts, logits_buf, counts = state
         logits, step_acts, cache = run(cur[:, None], cur_mask[:, None], cache, capture=capture)
-        nxt = sample_logits(logits[:, 0], jax.random.fold_in(key, step), sampler, temperature, top_p)
+        nxt = sample_logits(logits[:, 0], jax.random.fold_in(key, step), sampler, temperature, top_p,
+                            freq_penalty, counts)
         if stops:
             nxt = jnp.where(done, pad_id, nxt)
             done = done | jnp.isin(nxt, eos)
+        if counts is not None:
+            counts = counts.at[jnp.arange(batch), nxt].add(1)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), step))
         acts = {n: _write(acts[n], step_acts[n], step, _pos_axis(n)) for n in acts}
         if return_logits:
             logits_buf = _write(logits_buf, logits, step, 1)
-        return step + 1, nxt, jnp.ones_like(cur_mask), done, out, cache, acts, logits_buf
+        return step + 1, nxt, jnp.ones_like(cur_mask), done, out, cache, acts, logits_buf, counts
 
     done0 = mask.sum(axis=1) == 0  # batch-padding rows (no prompt) never hold up an early stop
+    counts0 = token_counts(tokens, mask, cfg.d_vocab) if sampler.use_freq_penalty else None
     state = (jnp.zeros((), jnp.int32), tokens[:, -1], mask[:, -1], done0,
-             jnp.full((batch, n_buf), pad_id, jnp.int32), cache, acts0, logits0)
-    n_steps, _, _, done, out, cache, acts, logits = jax.lax.while_loop(cond, body, state)
+             jnp.full((batch, n_buf), pad_id, jnp.int32), cache, acts0, logits0, counts0)
+    n_steps, _, _, done, out, cache, acts, logits, _ = jax.lax.while_loop(cond, body, state)
     gen_mask = (jnp.arange(n_buf) < n_steps).astype(mask.dtype)
     return GenerateOutput(jnp.concatenate([tokens, out], axis=1),
                           jnp.concatenate([mask, jnp.broadcast_to(gen_mask, (batch, n_buf))], axis=1),
@@ -223,18 +248,23 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
                     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                     capture: frozenset[str] = frozenset(), hooks: Hooks = Hooks(), kv_cache: KVCache | None = None,
                     max_len: int | None = None, return_logits: bool = False, precision: str | None = None,
-                    bucket_shapes: bool = True) -> GenerateOutput:
+                    bucket_shapes: bool = True, freq_penalty: float = 0.0) -> GenerateOutput:
     """Generate `max_new_tokens` after left-padded prompts `tokens` [batch pos] (mask 0 = padding).
 
     temperature 0 is greedy (argmax); otherwise sampling from `filter_logits` needs an explicit
-    `key`. With `stop_at_eos`, a row stops after emitting one of `eos_token_id` (default the
-    model's) and is padded with `pad_token_id` (default the model's pad, else the first EOS).
+    `key`, and `freq_penalty` > 0 subtracts `freq_penalty * count` of every token so far in the
+    row (its real prompt tokens and the generated ones; a `kv_cache` prefix is not counted) from
+    the temperature-scaled logits, as TransformerLens does. With `stop_at_eos`, a row stops after
+    emitting one of `eos_token_id` (default the model's) and is padded with `pad_token_id`
+    (default the model's pad, else the first EOS).
     `capture` (from `resolve_names`) and `hooks` act at every step, prefill included.
     `kv_cache` continues from a cached prefix (a batch-1 cache is forked to the batch); else a
     cache of `max_len` slots (default: the bucketed prompt plus new tokens) is made.
     Returns a `GenerateOutput` with the prompt's original width and batch.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    if not np.isfinite(float(freq_penalty)) or float(freq_penalty) < 0:
+        raise ValueError(f"freq_penalty must be a finite number >= 0 (0: no penalty), got {freq_penalty!r}")
     toks, mask = check_tokens(tokens, cfg, attention_mask)
     batch, p = toks.shape
     empty = np.flatnonzero(mask.sum(axis=1) == 0)
@@ -294,7 +324,9 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
     out = _generate_core(params, cfg, toks_b, mask_b, kv_cache, np.int32(max_new_tokens),
                          _default_key() if key is None else key, np.float32(1.0 if greedy else temperature),
                          np.float32(1.0 if top_p is None else top_p), np.int32(pad), np.asarray(eos, np.int32), hooks,
-                         sampler=Sampler(greedy, None if greedy else top_k, (not greedy) and top_p is not None),
+                         np.float32(freq_penalty),
+                         sampler=Sampler(greedy, None if greedy else top_k, (not greedy) and top_p is not None,
+                                         (not greedy) and float(freq_penalty) > 0),
                          n_buf=n_buf, cache_len=cache_len, capture=capture, precision=precision,
                          return_logits=return_logits)
     cols = slice(left, p_pad + max_new_tokens)
@@ -329,6 +361,16 @@ def _default_key() -> jax.Array:
 
 
 _KEY: jax.Array | None = None
+_WARNED_KEY = False
+
+
+def _warn_default_key() -> None:
+    """Say once per process that sampling fell back to the fixed default key."""
+    global _WARNED_KEY
+    if not _WARNED_KEY:
+        _WARNED_KEY = True
+        warnings.warn("generate: sampling without key= uses jax.random.key(0), so the same call samples the same "
+                      "tokens; pass key=jax.random.key(seed) for other draws", stacklevel=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,17 +382,23 @@ RETURN_TYPES = ("input", "str", "tokens")
 
 def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: bool = True,
              eos_token_id: int | Sequence[int] | None = None, do_sample: bool = True, top_k: int | None = None,
-             top_p: float | None = None, temperature: float = 1.0, key: jax.Array | None = None,
-             prepend_bos: bool | None = None, attention_mask: Any = None, return_type: str = "input",
-             names_filter: Any = None, fwd_hooks: Any = None, kv_cache: KVCache | None = None,
-             max_len: int | None = None) -> Any:
+             top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
+             use_past_kv_cache: bool = True, key: jax.Array | None = None, prepend_bos: bool | None = None,
+             padding_side: str | None = None, attention_mask: Any = None, return_type: str = "input",
+             verbose: bool = True, names_filter: Any = None, fwd_hooks: Any = None,
+             kv_cache: KVCache | None = None, max_len: int | None = None) -> Any:
     """`HookedTransformer.generate`: TransformerLens's signature, one compiled loop.
 
-    input: a string, a list of strings (left-padded into a batch) or token ids [pos] /
-    [batch pos] (with `attention_mask` for left padding). do_sample=False (or temperature 0)
-    is greedy; sampling needs `key`. return_type "input" gives text for text input and tokens
-    for tokens; "str" decodes (special tokens skipped, as TransformerLens); "tokens" gives
-    [batch prompt+new] ids. Columns after the last step any row ran are dropped.
+    input: a string, a list of strings (left-padded into a batch, whatever `padding_side` says,
+    as TransformerLens forces for generation) or token ids [pos] / [batch pos] (with
+    `attention_mask` for left padding). do_sample=False (or temperature 0) is greedy. Sampling
+    without `key` uses `jax.random.key(0)` and warns once: the same call gives the same text.
+    freq_penalty: TransformerLens's frequency penalty (see `generate_tokens`); greedy ignores it.
+    use_past_kv_cache: accepted; False gives the same tokens (the loop always uses its KV cache).
+    verbose: accepted and ignored (the loop is one XLA program: no per-step progress bar).
+    return_type "input" gives text for text input and tokens for tokens; "str" decodes (special
+    tokens skipped, as TransformerLens); "tokens" gives [batch prompt+new] ids. Columns after
+    the last step any row ran are dropped.
     names_filter: also return {hook: activation over the generated steps} (see
     `GenerateOutput.acts`), as an `ActivationCache` whose position axis runs over the steps.
     fwd_hooks: TransformerLens-style hooks applied at every step (prefill included).
@@ -361,6 +409,11 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
 
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be None, 'left' or 'right', got {padding_side!r}")
+    if key is None and do_sample and float(temperature) > 0:
+        key = _default_key()
+        _warn_default_key()
     is_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and len(input) > 0
                                          and all(isinstance(s, str) for s in input))
     if is_text:
@@ -383,7 +436,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
                           temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
                           stop_at_eos=stop_at_eos, eos_token_id=eos, pad_token_id=pad, capture=capture,
                           hooks=make_hooks(fwd_hooks, model.cfg), kv_cache=kv_cache, max_len=max_len,
-                          precision=model.precision)
+                          precision=model.precision, freq_penalty=freq_penalty)
     n_steps = int(out.n_steps)
     width = out.tokens.shape[1] - max_new_tokens + n_steps
     tokens_h = np.asarray(out.tokens)[:, :width]  # cut on the host: no program per output width

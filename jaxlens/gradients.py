@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 
+from jaxlens.fingerprint import Fn, call_metric, retry_static
 from jaxlens.cache import ActivationCache
 from jaxlens.forward import forward
 from jaxlens.hooks import HookPoint, Hooks, NamesFilter, make_hooks, resolve_names
@@ -50,23 +51,43 @@ def _default_metric(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> ja
     return lm_loss(logits, tokens, mask)
 
 
-@partial(jax.jit, static_argnames=("cfg", "capture", "grad_names", "metric", "precision"))
-def _value_and_grads(params, tokens, mask, hooks, *, cfg, capture, grad_names, metric, precision):
-    shapes = jax.eval_shape(lambda: forward(params, cfg, tokens, mask, capture=grad_names, hooks=hooks,
-                                            precision=precision)[1])
-    deltas = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
+@retry_static
+@partial(jax.jit, static_argnames=("cfg", "capture", "grad_names", "precision", "start_at_layer", "wrt_params"))
+def _value_and_grads(params, tokens, mask, hooks, metric, targets=None, *, cfg, capture, grad_names, precision,
+                     start_at_layer=None, wrt_params=False):
+    """(metric, logits, activations, {name: d metric / d activation}) in one program.
 
-    def f(deltas):
+    `tokens` is the model input (the residual stream with `start_at_layer`); `targets` are the
+    tokens the default metric (the LM loss) scores when they are not the input. With
+    `wrt_params` the backward pass also runs through every parameter (TransformerLens's
+    `.backward()`), so backward hooks at every point see their gradient; those parameter
+    gradients are dropped.
+    """
+    run = partial(forward, cfg=cfg, precision=precision, start_at_layer=start_at_layer)
+    shapes = jax.eval_shape(lambda: run(params, tokens=tokens, attention_mask=mask, capture=grad_names,
+                                        hooks=hooks)[1])
+    deltas = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
+    scored = tokens if targets is None else targets
+
+    def f(deltas, params):
         h = Hooks(hooks.entries + ((frozenset(deltas), Perturb(deltas)),))
-        logits, acts, _ = forward(params, cfg, tokens, mask, capture=capture, hooks=h, precision=precision)
-        value = metric(logits) if metric is not None else _default_metric(logits, tokens, mask)
+        logits, acts, _ = run(params, tokens=tokens, attention_mask=mask, capture=capture, hooks=h)
+        value = call_metric(metric, logits, "metric") if metric is not None else _default_metric(logits, scored, mask)
         if jnp.ndim(value) != 0:
             raise ValueError(f"the metric must return a scalar to differentiate, got shape {jnp.shape(value)}; "
                              "reduce it (e.g. .sum() or .mean())")
         return value, (logits, acts)
 
-    (value, (logits, acts)), grads = jax.value_and_grad(f, has_aux=True)(deltas)
-    return value, logits, acts, grads
+    argnums = (0, 1) if wrt_params else 0
+    (value, (logits, acts)), grads = jax.value_and_grad(f, argnums=argnums, has_aux=True)(deltas, params)
+    return value, logits, acts, (grads[0] if wrt_params else grads)
+
+
+def _has_backward(hooks: Hooks) -> bool:
+    """Does `hooks` hold backward hooks (`jaxlens.hook_points`)? Then the backward pass runs in full."""
+    from jaxlens.hook_points import _backward_hooks
+
+    return any(getattr(fn, "func", None) is _backward_hooks for _, fn in hooks.entries)
 
 
 def run_with_cache_and_grad(model: Any, input: Any, metric: Metric | None = None, names_filter: NamesFilter = None,
@@ -79,16 +100,21 @@ def run_with_cache_and_grad(model: Any, input: Any, metric: Metric | None = None
     cache holds `names_filter`'s activations; the gradient cache holds ∂metric/∂activation for
     `grad_filter`'s names ("same": the same names), keyed by the same hook names. `fwd_hooks`
     edits apply as in `run_with_hooks`; gradients are taken after them (an activation that an
-    edit overwrites downstream gets a zero gradient there). Pass the same `metric` object across
-    calls to reuse the compiled program.
+    edit overwrites downstream gets a zero gradient there). A `HookedTransformer`'s stored hooks
+    (`model.add_hook`, `model.hooks(...)`, backward ones included) apply before `fwd_hooks`. The
+    compiled program is keyed by what `metric` reads (`jaxlens.fingerprint`): a fresh lambda
+    reuses it, a changed global does not.
     """
     cfg = model.cfg
     capture = resolve_names(names_filter, cfg)
     grad_names = capture if (isinstance(grad_filter, str) and grad_filter == "same") else resolve_names(grad_filter, cfg)
     toks, mask = model._inputs(input, attention_mask, prepend_bos, padding_side)
-    value, _, acts, grads = _value_and_grads(model.params, toks, mask, make_hooks(fwd_hooks, cfg), cfg=cfg,
-                                             capture=capture, grad_names=grad_names, metric=metric,
-                                             precision=model.precision)
+    compose = getattr(model, "_compose_hooks", None)  # a HookedTransformer's stored hooks apply first
+    hooks = compose(fwd_hooks, (), backward=True) if compose else make_hooks(fwd_hooks, cfg)
+    value, _, acts, grads = _value_and_grads(model.params, toks, mask, hooks,
+                                             None if metric is None else Fn(metric), cfg=cfg,
+                                             capture=capture, grad_names=grad_names,
+                                             precision=model.precision, wrt_params=_has_backward(hooks))
     weights = model.cache_weights()
     return value, ActivationCache(acts, cfg, True, weights), ActivationCache(grads, cfg, True, weights)
 

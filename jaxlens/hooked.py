@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +13,12 @@ import numpy as np
 
 from jaxlens.cache import ActivationCache
 from jaxlens.config import ModelConfig
-from jaxlens.forward import forward_jit, stack_layers, unstack_layers
+from jaxlens.devices import resolve_device
+from jaxlens.forward import forward_jit, resolve_layer_range, stack_layers, unstack_layers
+from jaxlens.hook_points import HookPointRef, StoredHook, check_dir, compose, removable, without_name
 from jaxlens.hooks import Hooks, NamesFilter, make_hooks, resolve_names
 from jaxlens.model import Transformer
+from jaxlens.model.views import BlocksView, EmbedView, NormView, PosEmbedView, UnembedView
 from jaxlens.tokens import check_tokens, encode, load_tokenizer
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -21,15 +26,56 @@ RETURN_TYPES = ("logits", "loss", "both", None)
 
 def lm_loss(logits: jax.Array, tokens: jax.Array, attention_mask: jax.Array | None = None,
             per_token: bool = False) -> jax.Array:
-    """Next-token cross entropy (TransformerLens `lm_cross_entropy_loss`), padding excluded."""
+    """Next-token cross entropy (TransformerLens `lm_cross_entropy_loss`): the mean over predicted
+    positions, or [batch pos-1] with `per_token`. With `attention_mask`, positions whose token or
+    next token is padding are left out of the mean and are 0 per token, as in TransformerLens."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    if per_token:
-        return nll
     if attention_mask is None:
-        return nll.mean()
+        return nll if per_token else nll.mean()
     m = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)
+    if per_token:
+        return jnp.where(m > 0, nll, 0.0)
     return (nll * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+_lm_loss_jit = jax.jit(lm_loss, static_argnames=("per_token",))
+
+
+def _platform(params: dict[str, Any]) -> str:
+    """The platform ("cpu", "gpu", "tpu") the parameters live on (the default one for numpy)."""
+    w = params.get("W_E")
+    if isinstance(w, jax.core.Tracer) or not callable(getattr(w, "devices", None)):
+        return jax.default_backend()  # traced params (a hook reading the model) or numpy ones
+    return next(iter(w.devices())).platform
+
+
+def tokenizer_prepends_bos(tokenizer: Any) -> bool | None:
+    """Does the tokenizer add BOS by itself (TransformerLens's test: encode "a", look for a
+    leading BOS/CLS)? None without a tokenizer. jaxlens adds BOS itself either way."""
+    if tokenizer is None:
+        return None
+    ids = list(tokenizer.encode("a"))
+    lead = {t for t in (tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None)) if t is not None}
+    return len(ids) > 1 and ids[0] in lead
+
+
+def _truncate(toks: np.ndarray, mask: np.ndarray, n_ctx: int, padding_side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded rows cut to their first `n_ctx` tokens (a warning says how many went), then
+    padded on `padding_side`."""
+    lengths = mask.sum(axis=1)
+    dropped = int(np.maximum(lengths - n_ctx, 0).sum())
+    if dropped:
+        long = int((lengths > n_ctx).sum())
+        warnings.warn(f"to_tokens: {dropped} token(s) past the model's context n_ctx={n_ctx} were dropped from "
+                      f"{long} sequence(s), as TransformerLens truncates; pass truncate=False for an error instead",
+                      stacklevel=4)
+        toks, mask = toks[:, :n_ctx], mask[:, :n_ctx]
+    if padding_side == "left":
+        shift = mask.shape[1] - mask.sum(axis=1)
+        toks = np.stack([np.roll(t, s) for t, s in zip(toks, shift)])
+        mask = np.stack([np.roll(m, s) for m, s in zip(mask, shift)])
+    return toks, mask
 
 
 class HookedTransformer:
@@ -40,22 +86,52 @@ class HookedTransformer:
     """
 
     def __init__(self, cfg: ModelConfig, params: dict[str, Any], tokenizer: Any = None, *,
-                 precision: str | None = "highest"):
-        self.cfg = cfg
-        self.params = params
+                 precision: str | None = "highest", device: Any = None):
+        self.params = params if device is None else jax.device_put(params, resolve_device(device))
         self.tokenizer = tokenizer
         self.precision = precision
+        self.cfg = cfg
+        self._stored_hooks: tuple[StoredHook, ...] = ()  # model.add_hook / model.hooks(...), in order
+        self.context_level = 0
+
+    @property
+    def cfg(self) -> ModelConfig:
+        """The config, with TransformerLens's runtime fields (`device`, `dtype`,
+        `tokenizer_prepends_bos`) read off the current params and tokenizer."""
+        c = self._cfg
+        tok = self.__dict__.get("tokenizer")
+        bos = self.__dict__.get("_bos_memo", (None, None))
+        if bos[0] is not tok:
+            bos = (tok, tokenizer_prepends_bos(tok))
+            self._bos_memo = bos
+        now = dict(device=_platform(self.params), dtype=jnp.dtype(self.params["W_E"].dtype),
+                   tokenizer_prepends_bos=bos[1])
+        if any(getattr(c, k) != v for k, v in now.items()):
+            c = self._cfg = c.replace(**now)
+        return c
+
+    @cfg.setter
+    def cfg(self, value: ModelConfig) -> None:
+        self._cfg = value
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", *, scan_layers: bool = False,
-                        precision: str | None = "highest", tokenizer: Any = None, fold_ln: bool = False,
-                        center_writing_weights: bool = False, center_unembed: bool = False,
-                        fold_value_biases: bool = False) -> "HookedTransformer":
-        """Load a checkpoint. The processing flags (TransformerLens's weight processing, see
-        `jaxlens.processing`) default to off, like TransformerLens 4.x's `boot_transformers`, so
-        activations match HF; turn them on (or call `process_weights()`) for TransformerLens's
-        processed coordinates (`enable_compatibility_mode()`, legacy `HookedTransformer`)."""
+                        precision: str | None = "highest", tokenizer: Any = None, fold_ln: bool = True,
+                        center_writing_weights: bool = True, center_unembed: bool = True,
+                        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+                        device: Any = None) -> "HookedTransformer":
+        """Load a checkpoint with TransformerLens's default weight processing, as its
+        `HookedTransformer.from_pretrained` and TL 4's `enable_compatibility_mode()` do: fold_ln,
+        center_writing_weights, center_unembed and fold_value_biases (see `jaxlens.processing`).
+
+        Each step applies where TransformerLens applies it: RMSNorm models get fold_ln and
+        center_unembed but no centring of writing weights; value biases fold only where they exist.
+        Log-probabilities are unchanged, but logits move by a constant per position and activations
+        are in TransformerLens's processed basis, not HF's: use `from_pretrained_no_processing` (or
+        pass the flags as False) to compare with HF PyTorch or an unprocessed TL bridge.
+        `refactor_factored_attn_matrices` and `device` are TransformerLens's arguments.
+        """
         from jaxlens.conversion import load_any
         from jaxlens.processing import process_params
 
@@ -69,7 +145,18 @@ class HookedTransformer:
         if not scan_layers and "blocks" in params:
             params = unstack_layers(params, cfg.n_layers)
         tok = tokenizer if tokenizer is not None else load_tokenizer(path)
-        return cls(cfg, params, tok, precision=precision)
+        model = cls(cfg, params, tok, precision=precision, device=device)
+        return model.refactor_factored_attn_matrices() if refactor_factored_attn_matrices else model
+
+    @classmethod
+    def from_pretrained_no_processing(cls, path: str | Path, dtype: Any = "float32", *, fold_ln: bool = False,
+                                      center_writing_weights: bool = False, center_unembed: bool = False,
+                                      fold_value_biases: bool = False, **kw: Any) -> "HookedTransformer":
+        """Load with HF's raw weights: every processing flag off (TransformerLens's
+        `from_pretrained_no_processing`), so logits and activations equal HF PyTorch's. A flag may
+        still be turned on explicitly, as in TransformerLens."""
+        return cls.from_pretrained(path, dtype, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                   center_unembed=center_unembed, fold_value_biases=fold_value_biases, **kw)
 
     @property
     def module(self) -> Transformer:
@@ -79,13 +166,41 @@ class HookedTransformer:
     def scan_layers(self) -> bool:
         return "blocks" in self.params
 
+    def __jaxlens_trace__(self) -> tuple[Any, Any, Any]:
+        """How a hook that reads this model is keyed (`jaxlens.fingerprint`): config, precision
+        and tokenizer are static, the params are traced, so `model.W_U` inside a hook follows
+        the current weights and does not force a recompile."""
+        from jaxlens.fingerprint import Identity
+
+        cfg, tok, precision = self.cfg, self.tokenizer, self.precision
+        return ((cfg, precision, Identity(tok)), self.params,
+                lambda params: type(self)(cfg, params, tok, precision=precision))
+
     # --- tokens -----------------------------------------------------------------------------
     def to_tokens(self, input: str | Sequence[str], prepend_bos: bool | None = None,
-                  padding_side: str = "right", return_mask: bool = False) -> Any:
-        toks, mask = encode(self.tokenizer, input, self.cfg, prepend_bos, padding_side)
+                  padding_side: str | None = "right", move_to_device: bool = True, truncate: bool = True, *,
+                  return_mask: bool = False) -> Any:
+        """Tokens [batch pos] (and the 0/1 mask with `return_mask`) for a string or strings.
+
+        With `truncate` (TransformerLens's default) sequences longer than `n_ctx` keep their first
+        `n_ctx` tokens, and a warning says how many were dropped; `truncate=False` raises instead.
+        `move_to_device` is accepted for TransformerLens's signature: the tokens are uncommitted JAX
+        arrays, which every run places beside the parameters (wherever `model.to` put them).
+        """
+        toks, mask = self._encode(input, prepend_bos, padding_side, truncate)
         check_tokens(toks, self.cfg, mask)
         toks, mask = jnp.asarray(toks), jnp.asarray(mask)
         return (toks, mask) if return_mask else toks
+
+    def _encode(self, text: Any, prepend_bos: bool | None, padding_side: str | None,
+                truncate: bool) -> tuple[np.ndarray, np.ndarray]:
+        side = padding_side or "right"
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not truncate:
+            return encode(self.tokenizer, text, self.cfg, prepend_bos, side)
+        toks, mask = encode(self.tokenizer, text, self.cfg, prepend_bos, "right")
+        return _truncate(toks, mask, self.cfg.n_ctx, side)
 
     def to_str_tokens(self, input: Any, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
         if isinstance(input, str):
@@ -116,11 +231,12 @@ class HookedTransformer:
             raise ValueError("this model has no tokenizer; cannot turn tokens into text")
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
-    def _inputs(self, input: Any, attention_mask: Any, prepend_bos: bool | None, padding_side: str):
+    def _inputs(self, input: Any, attention_mask: Any, prepend_bos: bool | None, padding_side: str | None,
+                truncate: bool = True):
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
             if attention_mask is not None:
                 raise ValueError("attention_mask is computed from text input; pass it only with token ids")
-            toks, mask = encode(self.tokenizer, input, self.cfg, prepend_bos, padding_side)
+            toks, mask = self._encode(input, prepend_bos, padding_side, truncate)  # text truncates, as in TL
         else:
             if isinstance(input, (list, tuple)) and len(input) == 0:
                 raise ValueError("input is empty: give a string, a list of strings or token ids")
@@ -129,53 +245,182 @@ class HookedTransformer:
         return jnp.asarray(toks), jnp.asarray(mask)
 
     # --- running ----------------------------------------------------------------------------
-    def _run(self, input, attention_mask, capture, hooks, prepend_bos, padding_side, return_type):
+    def _prepare(self, input: Any, attention_mask: Any, prepend_bos: bool | None, padding_side: str | None,
+                 start: int | None, tokens: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """(model input, mask, tokens the loss scores or None): token ids normally; with
+        `start_at_layer` the residual stream [batch pos d_model] and the optional `tokens=`."""
+        if start is None:
+            if tokens is not None:
+                raise ValueError("tokens= is for start_at_layer runs (the input is then a residual); here the "
+                                 "input itself is the tokens")
+            toks, mask = self._inputs(input, attention_mask, prepend_bos, padding_side)
+            return toks, mask, toks
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            raise ValueError("with start_at_layer the input is the residual stream [batch pos d_model] entering that "
+                             "block (e.g. model(tokens, stop_at_layer=k) or a cache's blocks.k.hook_resid_pre), "
+                             "not text")
+        resid = jnp.asarray(input)
+        resid = resid[None] if resid.ndim == 2 else resid
+        if resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model or not jnp.issubdtype(resid.dtype, jnp.floating):
+            raise ValueError(f"with start_at_layer the input must be a float residual stream [batch pos "
+                             f"d_model={self.cfg.d_model}], got {resid.dtype} {tuple(resid.shape)}")
+        shape = resid.shape[:2]
+        targets = None
+        if tokens is not None:
+            targets, _ = check_tokens(tokens, self.cfg)
+            if targets.shape != shape:
+                raise ValueError(f"tokens {targets.shape} must match the residual stream's [batch pos] {shape}")
+            targets = jnp.asarray(targets)
+        _, mask = check_tokens(np.zeros(shape, np.int32), self.cfg, attention_mask)  # the mask's own checks
+        return resid, jnp.asarray(mask), targets
+
+    def _output(self, logits: jax.Array, targets: jax.Array | None, mask: jax.Array, return_type: str | None,
+                per_token: bool) -> Any:
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if targets is None:
+            raise ValueError(f"return_type={return_type!r} needs the tokens to score: with start_at_layer pass "
+                             "tokens=[batch pos] (the residual carries no token ids)")
+        loss = _lm_loss_jit(logits, targets, mask, per_token=per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _run(self, input, attention_mask, capture, hooks, prepend_bos, padding_side, return_type, *,
+             loss_per_token: bool = False, start_at_layer: int | None = None, stop_at_layer: int | None = None,
+             tokens: Any = None):
+        """(output, activations): logits / loss / both / None, or with stop_at_layer the residual."""
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
-        toks, mask = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        logits, acts, _ = forward_jit(self.params, self.cfg, toks, mask, hooks, capture=capture,
-                                      precision=self.precision, return_logits=return_type is not None)
-        if return_type == "logits":
-            out = logits
-        elif return_type == "loss":
-            out = lm_loss(logits, toks, mask)
-        elif return_type == "both":
-            out = (logits, lm_loss(logits, toks, mask))
-        else:
-            out = None
-        return out, acts
+        start, stop = resolve_layer_range(self.cfg, start_at_layer, stop_at_layer)
+        x, mask, targets = self._prepare(input, attention_mask, prepend_bos, padding_side, start, tokens)
+        out, acts, _ = forward_jit(self.params, self.cfg, x, mask, hooks, capture=capture, precision=self.precision,
+                                   return_logits=return_type is not None or stop is not None,
+                                   start_at_layer=start, stop_at_layer=stop)
+        if stop is not None:  # TransformerLens returns the residual stream whatever the return_type
+            return out, acts
+        return self._output(out, targets, mask, return_type, loss_per_token), acts
+
+    def _run_backward(self, input, attention_mask, capture, grad_names, fwd_hooks, bwd_hooks, prepend_bos,
+                      padding_side, return_type, *, start_at_layer: int | None = None, tokens: Any = None):
+        """(loss or (logits, loss), activations, {name: d loss / d activation}) in one program, with
+        the stored and the call's backward hooks run in the backward pass of the loss."""
+        from jaxlens.gradients import _has_backward, _value_and_grads
+
+        start, _ = resolve_layer_range(self.cfg, start_at_layer, None)
+        x, mask, targets = self._prepare(input, attention_mask, prepend_bos, padding_side, start, tokens)
+        if targets is None:
+            raise ValueError("the backward pass differentiates the loss, which needs the tokens: with start_at_layer "
+                             "pass tokens=[batch pos]")
+        hooks = self._compose_hooks(fwd_hooks, bwd_hooks, backward=True)
+        value, logits, acts, grads = _value_and_grads(
+            self.params, x, mask, hooks, None, None if start is None else targets, cfg=self.cfg, capture=capture,
+            grad_names=grad_names, precision=self.precision, start_at_layer=start, wrt_params=_has_backward(hooks))
+        return (value if return_type == "loss" else (logits, value)), acts, grads
+
+    def _backward_runs(self, return_type: Any, loss_per_token: bool, stop_at_layer: Any, explicit: bool) -> bool:
+        """Does this run differentiate the loss for backward hooks? Explicit `bwd_hooks=` need a
+        scalar loss (ValueError otherwise); stored ones act only when the run returns one."""
+        scalar = return_type in ("loss", "both") and not loss_per_token and stop_at_layer is None
+        if explicit and not scalar:
+            raise ValueError("bwd_hooks run in the backward pass of the loss, so the run must return a scalar loss: "
+                             "pass return_type='loss' (or 'both'), without loss_per_token or stop_at_layer "
+                             "(TransformerLens calls .backward() on that loss; jaxlens differentiates it for you)")
+        return scalar and (explicit or any(h.dir == "bwd" for h in self._stored_hooks))
 
     def __call__(self, input: Any, attention_mask: Any = None, return_type: str | None = "logits", *,
-                 prepend_bos: bool | None = None, padding_side: str = "right", fwd_hooks: Any = None,
-                 kv_cache: Any = None) -> Any:
+                 loss_per_token: bool = False, prepend_bos: bool | None = None, padding_side: str | None = "right",
+                 fwd_hooks: Any = None, kv_cache: Any = None, start_at_layer: int | None = None,
+                 stop_at_layer: int | None = None, tokens: Any = None) -> Any:
         """Logits [batch pos vocab] (or loss, both, None) for a string, strings or token ids.
 
+        `return_type="loss"` is the mean next-token loss (padding excluded), or [batch pos-1] with
+        `loss_per_token`. `stop_at_layer=k` returns the residual stream entering block k instead
+        (k = n_layers: after the last block, before ln_final); `start_at_layer=k` takes that
+        residual [batch pos d_model] as `input` (with `attention_mask` for padding/positions and
+        `tokens=` for a loss). Negative k counts from the end; only blocks in [start, stop) run.
         With `kv_cache` (a `jaxlens.kv_cache.KVCache`), the input continues the cached tokens and
-        the call returns (logits, new cache); the given cache is left unchanged.
+        the call returns (logits, new cache); the given cache is left unchanged. Stored hooks
+        (`add_hook`, `hooks(...)`) apply before `fwd_hooks`; stored backward hooks run when the
+        call returns the loss.
         """
         if kv_cache is not None:
-            return self._run_cached(input, attention_mask, kv_cache, make_hooks(fwd_hooks, self.cfg), prepend_bos,
-                                    padding_side, return_type)
-        out, _ = self._run(input, attention_mask, frozenset(), make_hooks(fwd_hooks, self.cfg), prepend_bos,
-                           padding_side, return_type)
+            if start_at_layer is not None or stop_at_layer is not None or loss_per_token:
+                raise ValueError("kv_cache runs return logits: start_at_layer, stop_at_layer and loss_per_token "
+                                 "do not apply; run without kv_cache")
+            return self._run_cached(input, attention_mask, kv_cache, self._compose_hooks(fwd_hooks, None),
+                                    prepend_bos, padding_side, return_type)
+        layers = dict(start_at_layer=start_at_layer, tokens=tokens)
+        if self._backward_runs(return_type, loss_per_token, stop_at_layer, explicit=False):
+            out, _, _ = self._run_backward(input, attention_mask, frozenset(), frozenset(), fwd_hooks, None,
+                                           prepend_bos, padding_side, return_type, **layers)
+            return out
+        out, _ = self._run(input, attention_mask, frozenset(), self._compose_hooks(fwd_hooks, None), prepend_bos,
+                           padding_side, return_type, loss_per_token=loss_per_token, stop_at_layer=stop_at_layer,
+                           **layers)
         return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """TransformerLens's name for calling the model: `model.forward(x) == model(x)`."""
+        return self(*args, **kwargs)
+
+    def loss_fn(self, logits: Any, tokens: Any, attention_mask: Any = None, per_token: bool = False) -> jax.Array:
+        """TransformerLens's `loss_fn`: next-token cross entropy of `logits` for `tokens` (see `lm_loss`)."""
+        logits, tokens = jnp.asarray(logits), jnp.asarray(tokens)
+        if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
+            raise ValueError(f"loss_fn needs logits [batch pos d_vocab] and tokens [batch pos] of the same batch and "
+                             f"pos; got {logits.shape} and {tokens.shape}")
+        mask = None if attention_mask is None else jnp.asarray(attention_mask).reshape(tokens.shape)
+        return _lm_loss_jit(logits, tokens, mask, per_token=per_token)
 
     def run_with_cache(self, input: Any, names_filter: NamesFilter = None, attention_mask: Any = None,
                        return_type: str | None = "logits", *, prepend_bos: bool | None = None,
-                       padding_side: str = "right", fwd_hooks: Any = None,
-                       remove_batch_dim: bool = False) -> tuple[Any, ActivationCache]:
-        """(logits, ActivationCache). Only activations matched by `names_filter` are computed
-        into the result; under jit the rest are never materialised."""
+                       padding_side: str | None = "right", fwd_hooks: Any = None, bwd_hooks: Any = None,
+                       remove_batch_dim: bool = False, incl_bwd: bool = False, loss_per_token: bool = False,
+                       start_at_layer: int | None = None, stop_at_layer: int | None = None,
+                       tokens: Any = None) -> tuple[Any, ActivationCache]:
+        """(output, ActivationCache). Only activations matched by `names_filter` are computed
+        into the result; under jit the rest are never materialised. With stop/start_at_layer only
+        the blocks that run are in the cache (and no embedding / final-norm hooks outside them).
+
+        `incl_bwd=True` also caches, under `name + "_grad"`, the gradient of the loss with respect
+        to each cached activation, as TransformerLens does after `.backward()`. TransformerLens
+        needs a scalar output to call backward on, so does this: pass `return_type="loss"` (the
+        mean next-token loss); the forward and backward run as one compiled program. Stored and
+        `bwd_hooks=` backward hooks act in that backward pass (a replaced gradient shows upstream
+        of its hook point; the point's own `_grad` is the gradient arriving there).
+        """
         capture = resolve_names(names_filter, self.cfg)
-        out, acts = self._run(input, attention_mask, capture, make_hooks(fwd_hooks, self.cfg), prepend_bos,
-                              padding_side, return_type)
+        if incl_bwd:
+            if return_type != "loss" or loss_per_token or stop_at_layer is not None:
+                raise ValueError("incl_bwd=True caches gradients of the loss, so it needs return_type='loss' without "
+                                 "loss_per_token or stop_at_layer (TransformerLens calls .backward() on that scalar)")
+        backward = incl_bwd or self._backward_runs(return_type, loss_per_token, stop_at_layer, bool(bwd_hooks))
+        if backward:
+            out, acts, grads = self._run_backward(input, attention_mask, capture, capture if incl_bwd else frozenset(),
+                                                  fwd_hooks, bwd_hooks, prepend_bos, padding_side, return_type,
+                                                  start_at_layer=start_at_layer, tokens=tokens)
+            acts = {**acts, **{f"{n}_grad": g for n, g in grads.items()}}
+        else:
+            out, acts = self._run(input, attention_mask, capture, self._compose_hooks(fwd_hooks, None), prepend_bos,
+                                  padding_side, return_type, loss_per_token=loss_per_token,
+                                  start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens)
         cache = ActivationCache(acts, self.cfg, True, self.cache_weights(), tokenizer=self.tokenizer)
         return out, (cache.remove_batch_dim() if remove_batch_dim else cache)
 
-    def run_with_hooks(self, input: Any, fwd_hooks: Any = (), attention_mask: Any = None,
-                       return_type: str | None = "logits", **kw: Any) -> Any:
-        """Run with TransformerLens-style `fwd_hooks=[(name_or_filter, fn)]` applied inside jit."""
-        return self(input, attention_mask, return_type, fwd_hooks=fwd_hooks, **kw)
+    def run_with_hooks(self, input: Any, fwd_hooks: Any = (), bwd_hooks: Any = (), reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, attention_mask: Any = None, return_type: str | None = "logits",
+                       **kw: Any) -> Any:
+        """Run with TransformerLens-style `fwd_hooks=[(name_or_filter, fn)]` applied inside jit,
+        after any stored hooks. `bwd_hooks=[(name, fn)]`: `fn(grad, hook)` sees the gradient of the
+        loss at that point and may return a replacement that flows further back; they need
+        `return_type="loss"` (the backward pass runs inside this call, so unlike TransformerLens
+        there is no `.backward()` to call and no need for `reset_hooks_end=False`). With
+        `reset_hooks_end=False` the call's hooks stay on the model afterwards, as in TransformerLens.
+        """
+        self._backward_runs(return_type, kw.get("loss_per_token", False), kw.get("stop_at_layer"), bool(bwd_hooks))
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            return self(input, attention_mask, return_type, **kw)
 
     # --- KV cache and generation (jaxlens/kv_cache.py, jaxlens/generate.py) ------------------
     def _run_cached(self, input, attention_mask, kv_cache, hooks, prepend_bos, padding_side, return_type):
@@ -197,21 +442,30 @@ class HookedTransformer:
 
     def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,
                  eos_token_id: Any = None, do_sample: bool = True, top_k: int | None = None,
-                 top_p: float | None = None, temperature: float = 1.0, *, key: Any = None,
-                 prepend_bos: bool | None = None, attention_mask: Any = None, return_type: str = "input",
+                 top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
+                 use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 return_type: str = "input", verbose: bool = True, *, key: Any = None, attention_mask: Any = None,
                  names_filter: NamesFilter = None, fwd_hooks: Any = None, kv_cache: Any = None,
                  max_len: int | None = None) -> Any:
-        """TransformerLens's `generate` as one compiled loop; see `jaxlens.generate.generate`.
+        """TransformerLens's `generate` (its arguments, in its order) as one compiled loop; see
+        `jaxlens.generate.generate`.
 
-        Sampling (do_sample and temperature > 0) needs an explicit `key`. With `names_filter`
-        returns (output, ActivationCache over the generated steps); `fwd_hooks` act at every step.
+        Sampling without `key` uses `jax.random.key(0)` (warned once), so it is reproducible.
+        `freq_penalty` subtracts `freq_penalty * count` of each token so far from the
+        temperature-scaled logits when sampling (greedy ignores it, as in TransformerLens).
+        `use_past_kv_cache=False` gives the same tokens: the loop always keeps a KV cache.
+        `verbose` is accepted and ignored: the loop is one XLA program, with no per-step bar.
+        With `names_filter` returns (output, ActivationCache over the generated steps); stored
+        hooks and `fwd_hooks` act at every step.
         """
         from jaxlens.generate import generate
 
         return generate(self, input, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
-                        do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature, key=key,
-                        prepend_bos=prepend_bos, attention_mask=attention_mask, return_type=return_type,
-                        names_filter=names_filter, fwd_hooks=fwd_hooks, kv_cache=kv_cache, max_len=max_len)
+                        do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
+                        freq_penalty=freq_penalty, use_past_kv_cache=use_past_kv_cache, key=key,
+                        prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask,
+                        return_type=return_type, verbose=verbose, names_filter=names_filter,
+                        fwd_hooks=self._compose_hooks(fwd_hooks, None), kv_cache=kv_cache, max_len=max_len)
 
     # --- weights (TransformerLens layout, stacked over layers) -------------------------------
     def _layer_param(self, sub: str, name: str) -> jax.Array | None:
@@ -269,6 +523,144 @@ class HookedTransformer:
             raise AttributeError(f"{self.cfg.model_type} has no gated MLP: no W_gate")
         return self._stacked("mlp", "W_gate")
 
+    # --- TransformerLens's module tree (read-only views of params; jaxlens/model/views.py) ----
+    embed = property(lambda self: EmbedView(self, "embed"))
+    unembed = property(lambda self: UnembedView(self, "unembed"))
+    ln_final = property(lambda self: NormView(self, "ln_final"))
+    blocks = property(lambda self: BlocksView(self))
+    hook_embed = property(lambda self: HookPointRef(self, "hook_embed"))
+
+    @property
+    def pos_embed(self) -> PosEmbedView:
+        if not self.cfg.has_pos_embed:
+            raise AttributeError(f"{self.cfg.model_type} uses rotary positions: it has no pos_embed")
+        return PosEmbedView(self, "pos_embed")
+
+    @property
+    def hook_pos_embed(self) -> HookPointRef:
+        if not self.cfg.has_pos_embed:
+            raise AttributeError(f"{self.cfg.model_type} uses rotary positions: it has no hook_pos_embed")
+        return HookPointRef(self, "hook_pos_embed")
+
+    @property
+    def hook_dict(self) -> dict[str, HookPointRef]:
+        """{hook name: HookPointRef} for every hook point (TransformerLens's `hook_dict`)."""
+        return {n: HookPointRef(self, n) for n in self.hook_names()}
+
+    @property
+    def _hook_name_set(self) -> frozenset[str]:
+        memo = self.__dict__.get("_names_memo")
+        if memo is None or memo[0] != self.cfg:
+            memo = self._names_memo = (self.cfg, frozenset(self.hook_names()))
+        return memo[1]
+
+    # --- parameters under TransformerLens's names ---------------------------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, jax.Array]]:
+        """(name, array) in TransformerLens's names, layout and order (`embed.W_E`, `pos_embed.W_pos`,
+        `blocks.{l}.attn.W_Q` ... `b_O`, `blocks.{l}.mlp.W_in` ..., `blocks.{l}.ln1.w`, `ln_final.w`,
+        `unembed.W_U`, `unembed.b_U`), as TransformerLens 4's `tl_named_parameters`: grouped K/V
+        expanded, absent biases as zeros, norm weights only where they exist (not after fold_ln)."""
+        pre = f"{prefix}." if prefix else ""
+        yield f"{pre}embed.W_E", self.W_E
+        if self.cfg.has_pos_embed:
+            yield f"{pre}pos_embed.W_pos", self.W_pos
+        for l, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+                yield f"{pre}blocks.{l}.attn.{n}", getattr(attn, n)
+            for n in ("W_in", "W_out", "b_in", "b_out") + (("W_gate",) if self.cfg.gated_mlp else ()):
+                yield f"{pre}blocks.{l}.mlp.{n}", getattr(mlp, n)
+            if self.cfg.gated_mlp and hasattr(mlp, "b_gate"):
+                yield f"{pre}blocks.{l}.mlp.b_gate", mlp.b_gate
+            for ln in ("ln1", "ln2"):
+                for n, v in getattr(block, ln)._params().items():
+                    yield f"{pre}blocks.{l}.{ln}.{n}", v
+        for n, v in self.ln_final._params().items():
+            yield f"{pre}ln_final.{n}", v
+        yield f"{pre}unembed.W_U", self.W_U
+        yield f"{pre}unembed.b_U", self.b_U
+
+    def parameters(self, recurse: bool = True) -> Iterator[jax.Array]:
+        """The arrays of `named_parameters`, in its order."""
+        return (v for _, v in self.named_parameters())
+
+    def state_dict(self) -> dict[str, jax.Array]:
+        """{TransformerLens name: array} (see `named_parameters`); `model.params` is the real tree."""
+        return dict(self.named_parameters())
+
+    # --- stateful hooks (TransformerLens's HookedRootModule; jaxlens/hook_points.py) -----------
+    def add_hook(self, name: NamesFilter, hook: Any, dir: str = "fwd", is_permanent: bool = False,
+                 level: int | None = None, prepend: bool = False) -> None:
+        """Register `hook` on the hook point `name` (or every point a filter callable / list /
+        regex selects) for every later run until `reset_hooks()`; `is_permanent` hooks survive it.
+        dir="bwd" hooks get `(grad, hook)` in runs that differentiate the loss."""
+        check_dir(dir)
+        if name is None:
+            raise ValueError("add_hook needs a hook name or a names filter, not None")
+        self._store(make_hooks([(name, hook)], self.cfg), dir, is_permanent, level, prepend)
+
+    def add_perma_hook(self, name: NamesFilter, hook: Any, dir: str = "fwd") -> None:
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def _store(self, hooks: Hooks, dir: str, permanent: bool, level: int | None, prepend: bool = False) -> None:
+        new = tuple(StoredHook(names, fn, dir, permanent, level) for names, fn in hooks.entries)
+        self._stored_hooks = new + self._stored_hooks if prepend else self._stored_hooks + new
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False,
+                    level: int | None = None) -> None:
+        """Remove stored hooks (not permanent ones unless `including_permanent`); `clear_contexts` is
+        accepted for TransformerLens's signature (jaxlens hook points keep no `ctx`)."""
+        check_dir(direction, allow_both=True)
+        self._stored_hooks = tuple(h for h in self._stored_hooks
+                                   if not removable(h, direction, including_permanent, level))
+
+    def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False,
+                            level: int | None = None) -> None:
+        self.reset_hooks(direction=direction, including_permanent=including_permanent, level=level)
+
+    def _remove_from_point(self, name: str, direction: str, including_permanent: bool, level: int | None) -> None:
+        self._stored_hooks = without_name(self._stored_hooks, name, direction, including_permanent, level)
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Any = (), bwd_hooks: Any = (), reset_hooks_end: bool = True,
+              clear_contexts: bool = False) -> Iterator["HookedTransformer"]:
+        """`with model.hooks(fwd_hooks=[...], bwd_hooks=[...]):` every run inside applies them (after
+        hooks stored before); on exit they are removed, unless `reset_hooks_end=False`."""
+        self.context_level += 1
+        level = self.context_level
+        try:
+            for d, given in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                self._store(make_hooks(given if isinstance(given, Hooks) else list(given or ()), self.cfg), d,
+                            False, level)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self.reset_hooks(level=level)
+            self.context_level -= 1
+
+    def _compose_hooks(self, fwd_hooks: Any, bwd_hooks: Any, backward: bool = False) -> Hooks:
+        """The `Hooks` of one run: stored forward hooks, the call's; with `backward`, the stored and
+        the call's backward hooks too (`jaxlens.hook_points.compose`)."""
+        return compose(self._stored_hooks, make_hooks(fwd_hooks, self.cfg),
+                       make_hooks(bwd_hooks, self.cfg) if backward else None)
+
+    # --- devices ---------------------------------------------------------------------------
+    def to(self, device: Any, print_details: bool = False) -> "HookedTransformer":
+        """Move the parameters to `device` (a `jax.Device`, or "cpu", "gpu"/"cuda", "tpu", with an
+        optional ":N"); in place, returning the model, as TransformerLens's `.to`."""
+        dev = resolve_device(device)
+        self.params = jax.device_put(self.params, dev)
+        if print_details:
+            print(f"Moving model to device: {dev}")
+        return self
+
+    def cpu(self) -> "HookedTransformer":
+        return self.to("cpu")
+
+    def cuda(self, device: int | None = None) -> "HookedTransformer":
+        return self.to("gpu" if device is None else f"gpu:{int(device)}")
+
     def cache_weights(self) -> dict[str, jax.Array]:
         """The weights the cache's analyses need; stacked once per params object and reused."""
         memo = getattr(self, "_weights_memo", None)
@@ -306,7 +698,112 @@ class HookedTransformer:
             self.tokenizer.save_pretrained(str(out))
         return out
 
+    # --- TransformerLens analysis helpers (factored matrices, directions) --------------------
+    @property
+    def QK(self) -> "FactoredMatrix":
+        """Every head's QK circuit W_Q @ W_K^T as a FactoredMatrix [n_layers n_heads d_model d_model]
+        (grouped keys expanded to all heads, as TransformerLens)."""
+        from jaxlens.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, jnp.swapaxes(self.W_K, -1, -2))
+
+    @property
+    def OV(self) -> "FactoredMatrix":
+        """Every head's OV circuit W_V @ W_O as a FactoredMatrix [n_layers n_heads d_model d_model]."""
+        from jaxlens.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def tokens_to_residual_directions(self, tokens: Any) -> jax.Array:
+        """The unembedding direction (column of W_U) of each token: [..., d_model] for token ids of any
+        shape, [d_model] for one token (a string, an int, or, as in TransformerLens, a one-element array).
+
+        Read in the processed basis (fold_ln) these are the directions whose dot product is the logit.
+        """
+        W_U = self.W_U
+        if isinstance(tokens, jax.core.Tracer):  # inside jit: no range check possible
+            return jnp.moveaxis(jnp.take(W_U, tokens, axis=1), 0, -1)
+        if isinstance(tokens, str):
+            return W_U[:, self.to_single_token(tokens)]
+        ids = np.asarray(tokens)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
+            raise ValueError(f"tokens must be a string, an int or an array of token ids; got {type(tokens).__name__} "
+                             f"of dtype {ids.dtype} and shape {ids.shape}")
+        check_tokens(ids.reshape(1, -1), self.cfg)  # ids outside the vocabulary: JAX would clamp silently
+        if ids.size == 1:  # TransformerLens: a one-element tensor gives one direction, its shape dropped
+            return W_U[:, int(ids.reshape(()))]
+        return jnp.moveaxis(W_U[:, ids], 0, -1)
+
+    def get_token_position(self, single_token: str | int, input: Any, mode: str = "first",
+                           prepend_bos: bool | None = None, padding_side: str | None = None) -> int:
+        """Position of `single_token` (a string of one token, or an id) in `input` (a string, or the
+        tokens [pos] / [1 pos]); the first or last occurrence (`mode`). ValueError if it is absent."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', not {mode!r}")
+        if isinstance(input, str):
+            toks = np.asarray(self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side or "right"))
+        else:
+            toks = np.asarray(input)
+        if toks.ndim == 2:
+            if toks.shape[0] != 1:
+                raise ValueError(f"rank-2 tokens must have shape [1, seq_len], not {toks.shape}: pass one prompt")
+            toks = toks[0]
+        if toks.ndim != 1:
+            raise ValueError(f"input must be a string or tokens of shape [pos] or [1, pos], got shape {toks.shape}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(np.asarray(single_token))
+        where = np.flatnonzero(toks == token)
+        if where.size == 0:
+            raise ValueError(f"token {single_token!r} (id {token}) does not occur in the input")
+        return int(where[0] if mode == "first" else where[-1])
+
+    class _HeadLabels(list):
+        """A list of head labels that can also be called: TransformerLens 4 has `all_head_labels` as a
+        property, the legacy HookedTransformer as a method; both spellings work."""
+
+        def __call__(self) -> list[str]:
+            return list(self)
+
+    @property
+    def all_head_labels(self) -> "_HeadLabels":
+        """["L0H0", "L0H1", ...]: one label per head, layer-major (`model.all_head_labels` or `...()`)."""
+        return self._HeadLabels(f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads))
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> jax.Array:
+        """Sum of the biases written to the residual stream before `layer` [d_model]: b_O (and b_out
+        unless include_mlp_biases=False) of layers < layer; with mlp_input, also layer's own b_O.
+
+        As TransformerLens, mlp_input adds b_O also for parallel attention/MLP blocks (NeoX), whose MLP
+        does not read it."""
+        n = self.cfg.n_layers
+        if not 0 <= int(layer) <= n:
+            raise ValueError(f"layer {layer} is out of range: use 0..{n} (n_layers={n} is the final residual stream)")
+        if mlp_input and int(layer) == n:
+            raise ValueError(f"mlp_input=True needs layer < n_layers={n}: there is no attention bias beyond the "
+                             "final layer")
+        b_O = self.b_O.astype(jnp.float32)
+        total = b_O[:layer].sum(0)
+        if include_mlp_biases:
+            total = total + self.b_out.astype(jnp.float32)[:layer].sum(0)
+        if mlp_input:
+            total = total + b_O[layer]
+        return total
+
+    def refactor_factored_attn_matrices(self) -> "HookedTransformer":
+        """A new model with TransformerLens's `refactor_factored_attn_matrices` applied: W_Q/W_K even,
+        W_V/W_O orthogonal factors of each head's unchanged QK and OV products (outputs unchanged).
+        See `jaxlens.factored_matrix.refactor_factored_attn_matrices`."""
+        from jaxlens.factored_matrix import refactor_factored_attn_matrices
+
+        params, cfg = refactor_factored_attn_matrices(self.params, self.cfg)
+        return type(self)(cfg, params, self.tokenizer, precision=self.precision)
+
 
 def from_pretrained(path: str | Path, dtype: Any = "float32", **kw: Any) -> HookedTransformer:
-    """Load a HF checkpoint folder or a jaxlens converted folder as a HookedTransformer."""
+    """Load a HF checkpoint folder or a jaxlens converted folder as a HookedTransformer, with
+    TransformerLens's default weight processing (`HookedTransformer.from_pretrained`)."""
     return HookedTransformer.from_pretrained(path, dtype, **kw)
+
+
+def from_pretrained_no_processing(path: str | Path, dtype: Any = "float32", **kw: Any) -> HookedTransformer:
+    """Load with HF's raw weights (`HookedTransformer.from_pretrained_no_processing`)."""
+    return HookedTransformer.from_pretrained_no_processing(path, dtype, **kw)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
+from jaxlens.fingerprint import Fn, HookSideEffectError, NeedsStatic, explain_trace_error
 
 LAYER = "{l}"
 WILDCARD = "*"
@@ -169,12 +170,6 @@ class HookPoint:
 HookFn = Callable[[jax.Array, HookPoint], "jax.Array | None"]
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, jnp.ndarray)) or hasattr(x, "__jax_array__") or (
-        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type)
-    )
-
-
 @jax.tree_util.register_pytree_node_class
 @dataclass(frozen=True)
 class Hooks:
@@ -182,9 +177,11 @@ class Hooks:
 
     `names` is the frozenset of concrete hook names the entry edits (resolved from a name,
     list, regex or callable against the model's names). `fn(activation, hook)` returns the
-    new activation (or None for "unchanged"). Any array inside `fn` that is a pytree leaf (an
-    edit dataclass registered as a pytree, a `functools.partial`'s array arguments) is a traced
-    leaf here, so edits can be batched with `vmap`; everything else is static.
+    new activation (or None for "unchanged"). Each `fn` flattens as a `jaxlens.fingerprint.Fn`:
+    the compiled program is keyed by what the function depends on (code, closure, globals,
+    defaults, a partial's arguments) and its arrays and Python numbers are traced leaves, so a
+    loop over heads compiles once, edits can be batched with `vmap`, and a hook whose globals
+    changed never reuses a stale program.
     """
 
     entries: tuple[tuple[frozenset[str], Any], ...] = ()
@@ -192,21 +189,32 @@ class Hooks:
     def tree_flatten(self):
         leaves, statics = [], []
         for names, fn in self.entries:
-            fl, treedef = jax.tree_util.tree_flatten(fn)
-            mask = tuple(_is_array(x) for x in fl)
-            leaves.extend(x for x, m in zip(fl, mask) if m)
-            static_leaves = tuple(None if m else x for x, m in zip(fl, mask))
-            statics.append((names, treedef, mask, static_leaves))
+            fl, aux = Fn(fn).tree_flatten()
+            leaves.extend(fl)
+            statics.append((names, aux, len(fl)))
         return leaves, tuple(statics)
 
     @classmethod
     def tree_unflatten(cls, statics, leaves):
-        it = iter(leaves)
-        entries = []
-        for names, treedef, mask, static_leaves in statics:
-            fl = [next(it) if m else s for m, s in zip(mask, static_leaves)]
-            entries.append((names, jax.tree_util.tree_unflatten(treedef, fl)))
+        entries, i = [], 0
+        for names, aux, n in statics:
+            entries.append((names, Fn.tree_unflatten(aux, list(leaves[i:i + n]))))
+            i += n
         return cls(tuple(entries))
+
+    def check_indices(self, cfg: ModelConfig, q_len: int | None = None, k_len: int | None = None) -> None:
+        """Raise ValueError for an edit index out of range (JAX would clamp or drop it silently).
+
+        Each edit that declares its index fields (`jaxlens.interventions`) is checked against the
+        activation it edits: heads against n_heads (kv heads for hook_k/v/rot_k), positions and
+        query rows against `q_len`, key columns against `k_len` (None skips that check). Traced
+        indices (inside a grid) cannot be checked here.
+        """
+        for names, fn in self.entries:
+            check = getattr(fn.fn if isinstance(fn, Fn) else fn, "check_indices", None)
+            if check is not None:
+                for name in sorted(names):
+                    check(name, cfg, q_len, k_len)
 
     def for_name(self, name: str) -> list[Any]:
         return [fn for names, fn in self.entries if name in names]
@@ -267,33 +275,36 @@ class RunCtx(NamedTuple):
         return [template.format(l=l) for l in range(self.n_layers)]
 
 
-_JIT_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
-               jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError,
-               jax.errors.NonConcreteBooleanIndexError)
-
-
 def _call_hook(fn: Any, x: jax.Array, point: HookPoint) -> Any:
     """Call one user hook; turn the errors of code that cannot run under jit into a ValueError
     that names the hook and says why (hooks run traced: values are unknown until run time)."""
     try:
         return fn(x, point)
-    except _JIT_ERRORS as e:
-        kind = type(e).__name__
-        raise ValueError(
-            f"hook {getattr(fn, '__name__', type(fn).__name__)!r} on {point.name!r} cannot run inside jit ({kind}): "
-            "jaxlens hooks are traced, so the activation has no concrete value while the hook runs. Do not "
-            "convert it to numpy/float/bool, branch on its values (`if x.sum() > 0`), or select with a "
-            "data-dependent boolean mask (`x[x > 0]`, shapes must be static); use jnp.where / lax.cond "
-            "instead, and return the result rather than storing it (a hook's side effects run once, at "
-            "trace time). Original error: " + str(e).split("\n")[0]
-        ) from e
+    except (NeedsStatic, HookSideEffectError):
+        raise
     except TypeError as e:
-        if "immutable" not in str(e) and "item assignment" not in str(e):
+        if "immutable" in str(e) or "item assignment" in str(e):
+            raise ValueError(
+                f"hook {getattr(fn, '__name__', type(fn).__name__)!r} on {point.name!r} assigns into an array in "
+                "place (`x[...] = v`): JAX arrays are immutable. To edit the activation, return "
+                "`x.at[...].set(v)`; to record a value (TransformerLens's `store[hook.layer()] = score`), return "
+                "it from a function of the cache instead: run_with_cache(names_filter=...) and compute on the "
+                "cached activations.") from e
+        clear = explain_trace_error(e, _who(fn, point), bool(getattr(fn, "torch_reads", ())))
+        if clear is None:
             raise
-        raise ValueError(
-            f"hook {getattr(fn, '__name__', type(fn).__name__)!r} on {point.name!r} assigns into the activation "
-            "in place (`x[...] = v`): JAX arrays are immutable. Return `x.at[...].set(v)` instead."
-        ) from e
+        raise clear from e
+    except Exception as e:
+        clear = explain_trace_error(e, _who(fn, point), bool(getattr(fn, "torch_reads", ())))
+        if clear is None:
+            raise
+        raise clear from e
+
+
+def _who(fn: Any, point: HookPoint) -> str:
+    reads = getattr(fn, "torch_reads", ())
+    extra = f" (it reads torch tensors: {', '.join(reads)})" if reads else ""
+    return f"hook {getattr(fn, '__name__', type(fn).__name__)!r} on {point.name!r}{extra}"
 
 
 def _apply_fns(fns: list[Any], x: jax.Array, point: HookPoint) -> jax.Array:

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlens.hooks import HookPoint
 
@@ -61,6 +62,31 @@ def index_mask(idx: Array, n: int) -> Array:
     return (jnp.arange(n)[:, None] == idx[None, :]).any(-1)
 
 
+_KV_HOOKS = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k")
+
+
+class IndexChecked:
+    """Mixin: `_index_fields` maps a field to the axis it indexes ("head", "pos", "query" or
+    "key"); `check_indices` raises a ValueError naming any concrete index out of range."""
+
+    _index_fields: dict[str, str] = {}
+
+    def check_indices(self, name: str, cfg: Any, q_len: int | None, k_len: int | None) -> None:
+        heads = cfg.kv_heads if name.endswith(_KV_HOOKS) else cfg.n_heads
+        sizes = {"head": heads, "pos": q_len, "query": q_len, "key": k_len}
+        for field, axis in self._index_fields.items():
+            idx, n = getattr(self, field), sizes[axis]
+            if idx is None or n is None or isinstance(idx, jax.core.Tracer):
+                continue
+            a = np.asarray(idx)
+            bad = a[(a < -n) | (a >= n)]
+            if bad.size:
+                what = {"head": "heads", "pos": "positions", "query": "query positions", "key": "key positions"}[axis]
+                raise ValueError(f"{type(self).__name__}.{field} on {name!r}: index {int(bad.reshape(-1)[0])} is out "
+                                 f"of range: the activation has {n} {what} (valid {-n}..{n - 1}); JAX would drop "
+                                 "it silently")
+
+
 def _kind(hook: HookPoint) -> str:
     if hook.name.endswith(_PATTERN_HOOKS):
         return "pattern"
@@ -86,7 +112,7 @@ def _apply_values(x: Array, mask: Array, values: Array | None, what: str, hook: 
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ResidEdit:
+class ResidEdit(IndexChecked):
     """Ablate (zero) or patch an activation at token positions: easyroutine's `intervention_resid`.
 
     Works on any [batch pos ...] activation (resid_pre/mid/post, attn_out, mlp_out, q/k/v/z, ...).
@@ -100,6 +126,7 @@ class ResidEdit:
     values: Array | None = None
     at_positions: bool = False
     _static = ("at_positions",)
+    _index_fields = {"positions": "pos"}
 
     def __call__(self, x: Array, hook: HookPoint) -> Array:
         if _kind(hook) == "pattern":
@@ -122,7 +149,7 @@ def intervention_resid(positions: Any, values: Any = None, *, at_positions: bool
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class HeadEdit:
+class HeadEdit(IndexChecked):
     """Zero or patch whole heads (easyroutine's `intervention_heads`), optionally only at positions.
 
     On head-vector hooks (`hook_q/k/v/z/result`, [batch pos head ...]) the head axis is 2 and
@@ -136,6 +163,7 @@ class HeadEdit:
     heads: Array
     values: Array | None = None
     positions: Array | None = None
+    _index_fields = {"heads": "head", "positions": "pos"}
 
     def __call__(self, x: Array, hook: HookPoint) -> Array:
         kind = _kind(hook)
@@ -171,7 +199,7 @@ Normalize = Literal[None, "softmax", "renorm"]
 
 
 @dataclass(frozen=True)
-class AttnMatEdit:
+class AttnMatEdit(IndexChecked):
     """Edit attention entries at (query, key) positions of some heads: easyroutine's
     `intervention_attn_mat`.
 
@@ -195,6 +223,7 @@ class AttnMatEdit:
     values: Array | None = None
     normalize: Normalize = None
     _static = ("normalize",)
+    _index_fields = {"heads": "head", "q_positions": "query", "k_positions": "key"}
 
     def __call__(self, x: Array, hook: HookPoint) -> Array:
         if _kind(hook) != "pattern":
@@ -233,7 +262,7 @@ def intervention_attn_mat(heads: Any, q_positions: Any, k_positions: Any, multip
 
 
 @dataclass(frozen=True)
-class KeepSelfAttnAblation:
+class KeepSelfAttnAblation(IndexChecked):
     """easyroutine's `ablate_pos_keep_self_attn`: for each (head, query position) pair, zero the
     pattern row except its last key column, so the last position keeps attending to itself.
 
@@ -243,6 +272,7 @@ class KeepSelfAttnAblation:
 
     heads: Array
     positions: Array
+    _index_fields = {"heads": "head", "positions": "query"}
 
     def __call__(self, x: Array, hook: HookPoint) -> Array:
         if not hook.name.endswith("hook_pattern"):
@@ -268,7 +298,7 @@ def ablate_keep_self_attn(heads: Any, positions: Any) -> KeepSelfAttnAblation:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Steer:
+class Steer(IndexChecked):
     """Add `scale * vector` to a [batch pos d] activation, at `positions` (or every position).
 
     `vector` is [d] (the same at every position), [pos d] or [batch pos d].
@@ -277,6 +307,7 @@ class Steer:
     vector: Array
     scale: Array = dataclasses.field(default_factory=lambda: jnp.float32(1.0))
     positions: Array | None = None
+    _index_fields = {"positions": "pos"}
 
     def __call__(self, x: Array, hook: HookPoint) -> Array:
         if _kind(hook) == "pattern":

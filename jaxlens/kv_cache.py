@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlens.fingerprint import retry_static
 from jaxlens.config import ModelConfig
 from jaxlens.forward import forward
 from jaxlens.hooks import Hooks
@@ -138,5 +139,11 @@ def forward_cached(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, 
     return logits, acts, KVCache.from_tuple(kv)
 
 
-forward_cached_jit = jax.jit(forward_cached, static_argnames=("cfg", "capture", "precision"))
-forward_cached_jit.__doc__ = "`forward_cached` under jit (cfg, capture and precision static)."
+_forward_cached_compiled = retry_static(jax.jit(forward_cached, static_argnames=("cfg", "capture", "precision")))
+
+
+def forward_cached_jit(params, cfg, tokens, attention_mask, cache, *, hooks=Hooks(), **kwargs):
+    """`forward_cached` under jit (cfg, capture and precision static); edit indices checked first."""
+    if hooks:
+        hooks.check_indices(cfg, None, cache.max_len)
+    return _forward_cached_compiled(params, cfg, tokens, attention_mask, cache, hooks=hooks, **kwargs)

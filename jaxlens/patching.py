@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlens.fingerprint import Fn, call_metric, retry_static
 from jaxlens.forward import forward, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
 from jaxlens.interventions import Replace, _register
@@ -86,16 +87,18 @@ def _axis_layout(activation_name: str, index_axis_names: Sequence[str], cfg: Any
     return tuple(axes), tuple(sizes)
 
 
-@partial(jax.jit, static_argnames=("cfg", "resid_name", "name", "axes", "metric", "precision", "chunk_size"))
-def _layer_grid(params, tokens, mask, resid_in, clean_act, indices, *, cfg, resid_name, name, axes, metric,
+@retry_static
+@partial(jax.jit, static_argnames=("cfg", "resid_name", "name", "axes", "precision", "chunk_size"))
+def _layer_grid(params, tokens, mask, resid_in, clean_act, indices, metric, *, cfg, resid_name, name, axes,
                 precision, chunk_size):
-    """Metric for every patch index of one layer: [n_cells]. Layers below the patch are not computed."""
+    """Metric for every patch index of one layer: [n_cells]. Layers below the patch are not computed.
+    `metric` is an `Fn`: keyed by what it reads, so a metric reading changed globals recompiles."""
 
     def one(index):
         hooks = Hooks(((frozenset({resid_name}), Replace(resid_in)),
                        (frozenset({name}), IndexPatch(index, clean_act, axes))))
         logits, _, _ = forward(params, cfg, tokens, mask, hooks=hooks, precision=precision)
-        out = metric(logits)
+        out = call_metric(metric, logits)
         if jnp.ndim(out) != 0:
             raise ValueError(f"patching_metric must return a scalar, got shape {jnp.shape(out)}; reduce over the "
                              "batch inside the metric (e.g. .mean())")
@@ -127,7 +130,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     axes, sizes = _axis_layout(activation_name, index_axis_names, cfg, toks.shape[1])
     params = model.params if "blocks" not in model.params else unstack_layers(model.params, cfg.n_layers)
-    layer_list = range(cfg.n_layers) if layers is None else [int(l) for l in layers]
+    layer_list = range(cfg.n_layers) if layers is None else _check_layers(layers, cfg.n_layers)
     names = [get_act_name(activation_name, l) for l in layer_list]
     for n in names:
         if n not in clean_cache:
@@ -145,10 +148,26 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
             raise ValueError(f"clean_cache[{name!r}] has shape {clean.shape}, which does not match corrupted_tokens "
                              f"{toks.shape}: clean and corrupted prompts must have the same batch size and length")
         vals = _layer_grid(params, toks_j, mask_j, resid[f"blocks.{l}.hook_resid_pre"], clean, jnp.asarray(cells),
-                           cfg=cfg, resid_name=f"blocks.{l}.hook_resid_pre", name=name, axes=axes,
-                           metric=patching_metric, precision=model.precision, chunk_size=chunk_size)
+                           Fn(patching_metric), cfg=cfg, resid_name=f"blocks.{l}.hook_resid_pre", name=name,
+                           axes=axes, precision=model.precision, chunk_size=chunk_size)
         out[l] = np.asarray(vals)
     return jnp.asarray(out.reshape((cfg.n_layers, *sizes)))
+
+
+def _check_layers(layers: Any, n_layers: int) -> list[int]:
+    """The `layers` argument as ints in [0, n_layers); ValueError naming any other (JAX would not complain)."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"layers must be a sequence of layer indices such as [0, 1], or None for all; got {layers!r}")
+    out = []
+    for l in layers:
+        if isinstance(l, (bool, np.bool_)) or not isinstance(l, (int, np.integer)):
+            raise ValueError(f"layers: {l!r} is not an int layer index; give ints in 0..{n_layers - 1}")
+        if not 0 <= int(l) < n_layers:
+            raise ValueError(f"layers: layer {int(l)} is out of range: the model has layers 0..{n_layers - 1}")
+        out.append(int(l))
+    if not out:
+        raise ValueError("layers is empty: name at least one layer, or pass None for all")
+    return out
 
 
 def _specialise(activation_name: str, index_axis_names: tuple[str, ...], shape_doc: str) -> Callable[..., jax.Array]:
@@ -184,14 +203,15 @@ get_act_patch_attn_head_pattern_all_pos = _specialise("pattern", ("layer", "head
 # Any grid of edits
 # ---------------------------------------------------------------------------------------------
 
-@partial(jax.jit, static_argnames=("cfg", "build", "metric", "precision", "chunk_size"))
-def _grid(params, tokens, mask, grid, shared, *, cfg, build, metric, precision, chunk_size):
+@retry_static
+@partial(jax.jit, static_argnames=("cfg", "precision", "chunk_size"))
+def _grid(params, tokens, mask, grid, shared, build, metric, *, cfg, precision, chunk_size):
     from jaxlens.hooks import make_hooks
 
     def one(item):
         hooks = make_hooks(build(item, *shared), cfg)
         logits, _, _ = forward(params, cfg, tokens, mask, hooks=hooks, precision=precision)
-        return metric(logits)
+        return call_metric(metric, logits)
 
     return jax.lax.map(one, grid, batch_size=chunk_size)
 
@@ -204,8 +224,9 @@ def run_grid(model: Any, tokens: Any, build_hooks: Callable[..., Any], grid: Any
     `build_hooks(grid[i], *shared)` returns TransformerLens-style `fwd_hooks` (typically edits from
     `jaxlens.interventions`) and `metric(logits)` is evaluated on the run with those hooks. The
     items are vmapped (`chunk_size` at a time); `shared` arrays are passed once, not per item.
-    Returns the metric stacked over the grid. `build_hooks` and `metric` must be the same
-    function objects across calls to reuse the compiled program.
+    Returns the metric stacked over the grid. The compiled program is keyed by what `build_hooks`
+    and `metric` read (see `jaxlens.fingerprint`), so fresh lambdas reuse it and changed globals
+    do not.
     """
     cfg = model.cfg
     toks, mask = check_tokens(np.asarray(tokens), cfg, attention_mask)
@@ -215,8 +236,53 @@ def run_grid(model: Any, tokens: Any, build_hooks: Callable[..., Any], grid: Any
     n = {int(jnp.shape(x)[0]) if jnp.ndim(x) else -1 for x in leaves}
     if len(n) != 1 or -1 in n:
         raise ValueError(f"run_grid: every grid leaf needs the same leading (grid) axis; got leading sizes {sorted(n)}")
-    return _grid(model.params, jnp.asarray(toks), jnp.asarray(mask), grid, tuple(shared), cfg=cfg, build=build_hooks,
-                 metric=metric, precision=model.precision, chunk_size=chunk_size)
+    return _grid(model.params, jnp.asarray(toks), jnp.asarray(mask), grid, tuple(shared), Fn(build_hooks), Fn(metric),
+                 cfg=cfg, precision=model.precision, chunk_size=chunk_size)
 
 
 __all__ = ["generic_activation_patch", "run_grid", "IndexPatch"] + [n for n in dir() if n.startswith("get_act_patch_")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every activation type at once (TransformerLens's `*_every` helpers)
+# ---------------------------------------------------------------------------------------------
+
+def _pad_heads(grid: jax.Array, n_heads: int) -> jax.Array:
+    """Zero-pad the last (head) axis to n_heads: grouped-query k/v grids have n_kv_heads (as TransformerLens)."""
+    return jnp.pad(grid, [(0, 0)] * (grid.ndim - 1) + [(0, n_heads - grid.shape[-1])])
+
+
+def get_act_patch_block_every(model: Any, corrupted_tokens: Any, clean_cache: Any, metric: Metric,
+                              **kw: Any) -> jax.Array:
+    """resid_pre, attn_out and mlp_out patched at every (layer, pos): [3, n_layers, pos], in that order
+    (TransformerLens's). Keywords (attention_mask, chunk_size, layers) go to each grid."""
+    grids = [fn(model, corrupted_tokens, clean_cache, metric, **kw)
+             for fn in (get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)]
+    return jnp.stack(grids)
+
+
+def get_act_patch_attn_head_all_pos_every(model: Any, corrupted_tokens: Any, clean_cache: Any, metric: Metric,
+                                          **kw: Any) -> jax.Array:
+    """Every head's output, q, k, v and pattern patched across all positions: [5, n_layers, n_heads], in
+    TransformerLens's order (out, q, k, v, pattern). Grouped-query k/v rows are zero-padded to n_heads."""
+    fns = (get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos, get_act_patch_attn_head_k_all_pos,
+           get_act_patch_attn_head_v_all_pos, get_act_patch_attn_head_pattern_all_pos)
+    grids = [fn(model, corrupted_tokens, clean_cache, metric, **kw) for fn in fns]
+    return jnp.stack([_pad_heads(g, model.cfg.n_heads) for g in grids])
+
+
+def get_act_patch_attn_head_by_pos_every(model: Any, corrupted_tokens: Any, clean_cache: Any, metric: Metric,
+                                         **kw: Any) -> jax.Array:
+    """Every head's output, q, k, v and pattern patched at every position: [5, n_layers, pos, n_heads], in
+    TransformerLens's order (out, q, k, v, pattern; the pattern grid, [layer head dest_pos], is moved to
+    [layer pos head]). Grouped-query k/v are zero-padded to n_heads."""
+    fns = (get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos, get_act_patch_attn_head_k_by_pos,
+           get_act_patch_attn_head_v_by_pos)
+    grids = [fn(model, corrupted_tokens, clean_cache, metric, **kw) for fn in fns]
+    pattern = get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kw)
+    grids.append(jnp.swapaxes(pattern, 1, 2))
+    return jnp.stack([_pad_heads(g, model.cfg.n_heads) for g in grids])
+
+
+__all__ += ["get_act_patch_block_every", "get_act_patch_attn_head_all_pos_every",
+            "get_act_patch_attn_head_by_pos_every"]

@@ -46,7 +46,7 @@ def jl_model(hf_model):
     import jaxlens
 
     path, _ = hf_model
-    return jaxlens.from_pretrained(path)
+    return jaxlens.from_pretrained_no_processing(path)  # HF's basis: parity tests compare with HF PyTorch / unprocessed TL
 
 
 def assert_close(a, b, name="", rtol=1e-5, atol=1e-5):

@@ -29,7 +29,7 @@ def _built(family, hf_root):
 @pytest.fixture(scope="module")
 def llama(hf_root):
     path, model = _built("llama", hf_root)
-    return jaxlens.from_pretrained(path), model
+    return jaxlens.from_pretrained_no_processing(path), model
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_position_statistics():
 
 def test_embedding_with_grad_matches_torch(hf_root):
     path, model = _built("gpt2", hf_root)
-    m = jaxlens.from_pretrained(path)
+    m = jaxlens.from_pretrained_no_processing(path)
     metric = lambda lg: lg[:, -1, 3].sum()
     emb, grad = ex.embedding_with_grad(m, TOKS, metric, [(1, 2), (6,)], avg=True)
     e = model.get_input_embeddings()(torch.tensor(TOKS, dtype=torch.long)).detach().requires_grad_(True)

@@ -91,7 +91,7 @@ def gpt2(hf_root):
 
     if "gpt2" not in conftest._BUILT:
         conftest._BUILT["gpt2"] = build("gpt2", hf_root)
-    return jaxlens.from_pretrained(conftest._BUILT["gpt2"][0])
+    return jaxlens.from_pretrained_no_processing(conftest._BUILT["gpt2"][0])
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def llama(hf_root):
 
     if "llama" not in conftest._BUILT:
         conftest._BUILT["llama"] = build("llama", hf_root)
-    return jaxlens.from_pretrained(conftest._BUILT["llama"][0])
+    return jaxlens.from_pretrained_no_processing(conftest._BUILT["llama"][0])
 
 
 CAPTURED = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern", "blocks.1.attn.hook_k",

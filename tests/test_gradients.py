@@ -35,7 +35,7 @@ def _built(family, hf_root):
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def pair(request, hf_root):
     path, model = _built(request.param, hf_root)
-    return jaxlens.from_pretrained(path), model
+    return jaxlens.from_pretrained_no_processing(path), model
 
 
 def _blocks(model):
@@ -102,7 +102,7 @@ def test_grads_match_finite_differences(hf_root):
     default). eps=1e-2 balances truncation (~eps^2 times the third derivative) and rounding
     (~1e-7·|f|/eps), so the tolerance is 2e-3 relative to the directional derivative's scale. One
     compiled program evaluates every perturbation (Perturb's deltas are traced leaves)."""
-    m = jaxlens.from_pretrained(_built("gpt2", hf_root)[0])
+    m = jaxlens.from_pretrained_no_processing(_built("gpt2", hf_root)[0])
     names = NAMES
     _, fwd, grads = run_with_cache_and_grad(m, CORRUPT, metric, names)
     zeros = {n: np.zeros(fwd[n].shape, np.float32) for n in names}
@@ -127,7 +127,7 @@ def test_grads_match_finite_differences(hf_root):
 
 def test_scanned_grads_and_default_loss(hf_root):
     path, _ = _built("llama", hf_root)
-    m = jaxlens.from_pretrained(path)
+    m = jaxlens.from_pretrained_no_processing(path)
     s = jaxlens.HookedTransformer(m.cfg, stack_layers(m.params, m.cfg.n_layers), m.tokenizer)
     names = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre"]  # one per layer: both switch branches
     va, _, ga = run_with_cache_and_grad(m, CORRUPT, None, names)
@@ -143,7 +143,7 @@ def test_scanned_grads_and_default_loss(hf_root):
 
 def test_attribution_patching_equals_formula(hf_root):
     path, model = _built("gpt2", hf_root)
-    m = jaxlens.from_pretrained(path)
+    m = jaxlens.from_pretrained_no_processing(path)
     names = NAMES
     _, clean = torch_grads(model, CLEAN)
     _, corrupt = torch_grads(model, CORRUPT)
@@ -164,7 +164,7 @@ def test_attribution_patching_equals_formula(hf_root):
 
 def test_gradient_errors(hf_root):
     path, _ = _built("gpt2", hf_root)
-    m = jaxlens.from_pretrained(path)
+    m = jaxlens.from_pretrained_no_processing(path)
     with pytest.raises(ValueError, match="must return a scalar"):
         run_with_cache_and_grad(m, CORRUPT, lambda lg: lg[:, -1, 0], "hook_embed")
     with pytest.raises(ValueError, match="direction must be"):

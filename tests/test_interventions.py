@@ -30,13 +30,13 @@ def _built(family, hf_root):
 @pytest.fixture(scope="module")
 def gpt2(hf_root):
     path, model = _built("gpt2", hf_root)
-    return jaxlens.from_pretrained(path), model
+    return jaxlens.from_pretrained_no_processing(path), model
 
 
 @pytest.fixture(scope="module")
 def llama(hf_root):
     path, model = _built("llama", hf_root)
-    return jaxlens.from_pretrained(path), model
+    return jaxlens.from_pretrained_no_processing(path), model
 
 
 @pytest.fixture(scope="module")

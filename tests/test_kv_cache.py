@@ -33,7 +33,7 @@ def model_for(family, hf_root):
         conftest._BUILT[family] = build(family, hf_root)
     import jaxlens
 
-    return jaxlens.from_pretrained(conftest._BUILT[family][0])
+    return jaxlens.from_pretrained_no_processing(conftest._BUILT[family][0])
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ functions on its bridge; the prefix below the patched layer is not recomputed.""
 from __future__ import annotations
 
 import jax
+from jaxlens.fingerprint import Fn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def _built(family, hf_root):
 @pytest.fixture(scope="module")
 def gpt2(hf_root):
     path, _ = _built("gpt2", hf_root)
-    m = jaxlens.from_pretrained(path)
+    m = jaxlens.from_pretrained_no_processing(path)
     _, cache = m.run_with_cache(CLEAN)
     return m, cache
 
@@ -132,7 +133,7 @@ def test_chunked_and_layer_subset_equal_full(grids, gpt2):
 def test_gqa_value_heads(hf_root):
     """k/v grids of a grouped-query model run over kv heads, as TransformerLens's."""
     path, _ = _built("llama", hf_root)
-    m = jaxlens.from_pretrained(path)
+    m = jaxlens.from_pretrained_no_processing(path)
     _, cache = m.run_with_cache(CLEAN, names_filter="blocks.1.attn.hook_v")
     grid = np.asarray(patching.get_act_patch_attn_head_v_all_pos(m, CORRUPT, cache, metric, layers=[1]))
     assert grid.shape == (m.cfg.n_layers, m.cfg.kv_heads)
@@ -151,8 +152,8 @@ def test_prefix_below_patched_layer_is_not_computed(gpt2):
 
     def flops(l):
         name = f"blocks.{l}.hook_mlp_out"
-        c = patching._layer_grid.lower(m.params, toks, mask, resid, cache[name], cells, cfg=m.cfg,
-                                       resid_name=f"blocks.{l}.hook_resid_pre", name=name, axes=(1,), metric=metric,
+        c = patching._layer_grid.lower(m.params, toks, mask, resid, cache[name], cells, Fn(metric), cfg=m.cfg,
+                                       resid_name=f"blocks.{l}.hook_resid_pre", name=name, axes=(1,),
                                        precision=m.precision, chunk_size=None).compile()
         ca = c.cost_analysis()
         return (ca[0] if isinstance(ca, list) else ca)["flops"]

@@ -127,7 +127,7 @@ def test_layouts_dtypes_and_jax_arrays_agree(hf_root):
     assert news == new and "blocks" in ps
     assert_close(ps["blocks"]["block"]["attn"]["W_Q"], ours_stacked(p, new, "attn", "W_Q"), "scanned")
     # HookedTransformer.process_weights() == from_pretrained flags; jax arrays under jit agree too
-    model = jaxlens.from_pretrained(path)
+    model = jaxlens.from_pretrained_no_processing(path)
     processed = model.process_weights()
     flagged = jaxlens.from_pretrained(path, **ALL)
     assert processed.cfg == flagged.cfg == new
@@ -140,7 +140,7 @@ def test_layouts_dtypes_and_jax_arrays_agree(hf_root):
     hp, _ = process_params(half, cfg, **ALL)
     assert {x.dtype for x in jax.tree.leaves(hp)} == {jnp.dtype(jnp.bfloat16)}
     # the processed model saves and loads without torch (config says RMSPre; no norm weights)
-    back = jaxlens.from_pretrained(flagged.save(hf_root / "llama_processed"))
+    back = jaxlens.from_pretrained_no_processing(flagged.save(hf_root / "llama_processed"))
     assert back.cfg == flagged.cfg and back.cfg.normalization_type == "RMSPre"
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, flagged.params)
     # the cache of a processed model carries no final-norm weights (there are none)

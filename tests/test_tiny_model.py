@@ -24,7 +24,7 @@ MAX_BYTES = 20 * 2**20
 def shipped():
     import jaxlens
 
-    return jaxlens.from_pretrained(model_dir())
+    return jaxlens.from_pretrained_no_processing(model_dir())
 
 
 @pytest.fixture(scope="module")

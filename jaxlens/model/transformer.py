@@ -38,17 +38,28 @@ class Transformer(nn.Module):
     __call__(tokens [batch pos] int, attention_mask [batch pos] 0/1, ctx, kv=None)
     -> (logits [batch pos vocab], new kv or None). `kv` is (keys, values, mask, length) with
     keys/values [layer batch max_len kv_head d_head], mask [batch max_len], length a scalar.
+
+    `start_at_layer` / `stop_at_layer` (TransformerLens's, already resolved to 0 <= start <=
+    stop <= n_layers) run only blocks [start, stop): with a start, `tokens` is the residual
+    stream [batch pos d_model] entering block `start` (no embedding); with a stop, the residual
+    entering block `stop` is returned instead of logits (no final norm or unembedding). They are
+    module fields, so each value is its own compiled program that holds only the layers it runs;
+    scanned params must then hold just those layers (`jaxlens.forward.forward` slices them).
     """
 
     cfg: ModelConfig
     scan_layers: bool = False
     dtype: Any = jnp.float32
+    start_at_layer: int | None = None
+    stop_at_layer: int | None = None
 
     @nn.compact
     def __call__(self, tokens, attention_mask, ctx: RunCtx, kv=None):
         cfg = self.cfg
         ctx = ctx._replace(n_layers=cfg.n_layers)
-        b, q = tokens.shape
+        b, q = tokens.shape[:2]
+        first = 0 if self.start_at_layer is None else self.start_at_layer
+        last = cfg.n_layers if self.stop_at_layer is None else self.stop_at_layer
         W_E = self.param("W_E", _init, (cfg.d_vocab, cfg.d_model), self.dtype)
         attention_mask = attention_mask.astype(jnp.int32)
         if kv is None:
@@ -65,37 +76,40 @@ class Transformer(nn.Module):
             causal = causal & (k_idx > q_idx[:, None] - cfg.sliding_window)
         allowed = causal[None, None] & (full_mask[:, None, None, :] > 0)  # [b 1 q k]
 
-        embed = W_E[tokens]
-        if cfg.embed_scale is not None:
-            embed = embed * jnp.asarray(cfg.embed_scale, embed.dtype)
-        x = hook_point(self, "hook_embed", embed, ctx)
-        rotary = None
-        if cfg.has_pos_embed:
-            W_pos = self.param("W_pos", _init, (cfg.n_ctx, cfg.d_model), self.dtype)
-            x = x + hook_point(self, "hook_pos_embed", W_pos[positions], ctx)
-        else:
-            rotary = rotary_angles(positions, cfg.rotary_dim, cfg.rotary_base)
+        rotary = None if cfg.has_pos_embed else rotary_angles(positions, cfg.rotary_dim, cfg.rotary_base)
+        if self.start_at_layer is None:
+            embed = W_E[tokens]
+            if cfg.embed_scale is not None:
+                embed = embed * jnp.asarray(cfg.embed_scale, embed.dtype)
+            x = hook_point(self, "hook_embed", embed, ctx)
+            if cfg.has_pos_embed:
+                W_pos = self.param("W_pos", _init, (cfg.n_ctx, cfg.d_model), self.dtype)
+                x = x + hook_point(self, "hook_pos_embed", W_pos[positions], ctx)
+        else:  # the residual stream entering block `first` (positions already in it, or rotary)
+            x = tokens.astype(self.dtype)
 
-        if self.scan_layers:
+        if self.scan_layers and last > first:
             scan = nn.scan(
                 _ScanBody,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
+                length=last - first,
             )
             kv_xs = None if kv is None else (keys, values)
-            x, new = scan(cfg, name="blocks")(x, (jnp.arange(cfg.n_layers), kv_xs), allowed, rotary, ctx, offset)
+            x, new = scan(cfg, name="blocks")(x, (jnp.arange(first, last), kv_xs), allowed, rotary, ctx, offset)
             new_kv = None if kv is None else (new[0], new[1])
-        else:
+        elif not self.scan_layers:
             # every layer writes into the stacked buffers (no per-layer slices re-stacked: a decode
             # step would copy the whole cache twice)
-            for l in range(cfg.n_layers):
+            for l in range(first, last):
                 slot = None if kv is None else (keys, values, offset, l)
                 x, nkv = Block(cfg, name=f"blocks_{l}")(x, allowed, rotary, ctx.at_layer(l), slot)
                 if nkv is not None:
                     keys, values = nkv
             new_kv = None if kv is None else (keys, values)
+        if self.stop_at_layer is not None:
+            return x, None
 
         x = Norm(cfg, "ln_final", name="ln_final")(x, ctx)
         if cfg.tie_word_embeddings:
