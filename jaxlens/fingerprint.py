@@ -104,6 +104,10 @@ def _is_library(obj: Any) -> bool:
     return mod.split(".")[0] in _LIBRARIES
 
 
+def _is_user_module(v: Any) -> bool:
+    return isinstance(v, types.ModuleType) and not _is_library(v)
+
+
 def _is_torch(v: Any) -> bool:
     return type(v).__module__.split(".")[0] == "torch" and hasattr(v, "shape")
 
@@ -113,9 +117,10 @@ def _is_array(v: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _code_facts(code: types.CodeType) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(global names read, global names assigned) by a code object and the code nested in it."""
-    reads, writes = set(), set()
+def _code_facts(code: types.CodeType) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(global names read, global names assigned, attribute names read) by a code object and the
+    code nested in it."""
+    reads, writes, attrs = set(), set(), set()
     stack = [code]
     while stack:
         c = stack.pop()
@@ -124,8 +129,10 @@ def _code_facts(code: types.CodeType) -> tuple[tuple[str, ...], tuple[str, ...]]
                 reads.add(ins.argval)
             elif ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
                 writes.add(ins.argval)
+            elif ins.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+                attrs.add(ins.argval)
         stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    return tuple(sorted(reads)), tuple(sorted(writes))
+    return tuple(sorted(reads)), tuple(sorted(writes)), tuple(sorted(attrs))
 
 
 def _snapshot(obj: Any) -> Any:
@@ -172,6 +179,7 @@ class _Walk:
         self.torch: list[str] = []
         self.n_numbers = 0
         self.n_host = 0
+        self._attrs: list[tuple[str, ...]] = []
         self._active: set[int] = set()
 
     # each method returns (key, builder); builder None means "no leaves below: use the value itself"
@@ -232,6 +240,8 @@ class _Walk:
             keys, builders = self._items(children, label, depth)
             return ("tree", treedef, keys), (None if all(b is None for b in builders) else
                                              lambda it: treedef.unflatten(_build_all(builders, children, it)))
+        if _is_user_module(v):
+            return self._module(v, self._attrs[-1] if self._attrs else (), label, depth), None
         if isinstance(v, (type, types.ModuleType, types.BuiltinFunctionType)):
             return ("lib", Identity(v)), None
         if _is_library(v):
@@ -300,13 +310,14 @@ class _Walk:
         if library and not f.__closure__ and not f.__defaults__ and not f.__kwdefaults__:
             return ("lib", Identity(f)), None
         code = f.__code__
-        reads, writes = ((), ()) if library else _code_facts(code)  # library globals are constants
+        reads, writes, attrs = ((), (), ()) if library else _code_facts(code)  # library globals are constants
         if writes:
             raise HookSideEffectError(
                 f"{_name(f)} assigns the global {', '.join(map(repr, writes))}: jaxlens runs hooks and metrics "
                 "once, while tracing a compiled program, so such side effects are lost when the program is "
                 "reused. Return the value instead (or read activations with run_with_cache(names_filter=...)).")
         g = f.__globals__
+        self._attrs.append(attrs)  # user modules it reads are keyed by these attributes
         names = [n for n in reads if n in g]
         gk, gb = self._items([g[n] for n in names], [f"the global {n!r}" for n in names], depth)
         gk = tuple((n, k) for n, k in zip(names, gk))
@@ -323,6 +334,7 @@ class _Walk:
         dk, db = self._items(defaults, f"a default argument of {label}", depth)
         kwd = dict(f.__kwdefaults__ or {})
         kk, kb = self._items(list(kwd.values()), [f"the keyword default {n!r}" for n in kwd], depth)
+        self._attrs.pop()
         key = ("fn", code, gk, missing, ck, dk, tuple(kwd), kk)
         if all(b is None for b in gb + cb + db + kb):
             return key, None
@@ -340,6 +352,16 @@ class _Walk:
             return new
 
         return key, build
+
+    def _module(self, mod: types.ModuleType, attrs: tuple[str, ...], name: str, depth: int) -> Any:
+        """A user module read by a function: keyed by the values of the attributes the code reads
+        (`mymod.HEAD`), as constants (module state cannot be swapped for tracers)."""
+        sub = _Walk(static=True)
+        keys = tuple((a, sub.value(getattr(mod, a), f"{name}.{a}", depth + 1)[0])
+                     for a in attrs if hasattr(mod, a))
+        self.torch += sub.torch
+        self.opaque += sub.opaque + ([f"{name} (a module holding large arrays)"] if sub.leaves else [])
+        return ("module", Identity(mod), keys)
 
     def _object(self, v: Any, t: type, label: str, depth: int) -> tuple[Any, Any]:
         attrs = dict(vars(v))

@@ -492,3 +492,19 @@ def test_dict_of_arrays_is_traced(model, toks):
     np.testing.assert_allclose(b, fresh(model, toks, [(RESID, patch)]), rtol=1e-5, atol=1e-5)
     assert c.n == 0 and np.abs(a - b).max() > 1e-3
     assert not isinstance(acts[RESID], jax.core.Tracer)
+
+
+def test_attribute_of_a_user_module_is_keyed(model, toks, tmp_path, monkeypatch):
+    (tmp_path / "knobs_for_hooks.py").write_text("HEAD = 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import knobs_for_hooks
+
+    def ablate(z, hook):
+        return z.at[:, :, knobs_for_hooks.HEAD].set(0.0)
+
+    outs = []  # the module reaches the hook as a closure cell here; as a global it is keyed the same way
+    for h in (0, 2):
+        knobs_for_hooks.HEAD = h
+        outs.append(np.asarray(model.run_with_hooks(toks, fwd_hooks=[(Z, ablate)])))
+        np.testing.assert_allclose(outs[-1], fresh(model, toks, [(Z, ablate)]), rtol=1e-5, atol=1e-5)
+    assert np.abs(outs[1] - outs[0]).max() > 1e-3
