@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from jaxlens.config import ModelConfig
+from jaxlens.forward import is_scanned
 
 
 def _check_gpt2(cfg: ModelConfig, params: dict[str, Any]) -> None:
@@ -26,7 +27,7 @@ def _check_gpt2(cfg: ModelConfig, params: dict[str, Any]) -> None:
         problems.append(f"n_heads*d_head={cfg.n_heads * cfg.d_head} != d_model={cfg.d_model}")
     if cfg.attn_scale not in (None, cfg.d_head**0.5, 1.0):
         problems.append(f"cfg.attn_scale={cfg.attn_scale} (GPT-2 divides by sqrt(d_head) or by 1)")
-    if "blocks" in params:
+    if is_scanned(params):
         problems.append("params are in the scanned layout; call jaxlens.forward.unstack_layers first")
     if "b_U" in params and np.any(np.asarray(params["b_U"], np.float32) != 0):
         problems.append("b_U is not zero (GPT-2 has no unembedding bias); train with b_U frozen at 0")

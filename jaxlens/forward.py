@@ -18,9 +18,11 @@ from jaxlens.config import ModelConfig
 from jaxlens.fingerprint import retry_static
 from jaxlens.hooks import WILDCARD, Hooks, RunCtx, collect_intermediates
 from jaxlens.model import Transformer
+from jaxlens.model.kv import KVCache
 
 
-def _is_stacked(params: dict[str, Any]) -> bool:
+def is_scanned(params: dict[str, Any]) -> bool:
+    """Is this params tree in the scanned layout (`blocks/block`, stacked over layers)?"""
     return "blocks" in params
 
 
@@ -50,7 +52,7 @@ def resolve_layer_range(cfg: ModelConfig, start_at_layer: int | None = None,
 
 def _run_layers(params: dict[str, Any], start: int | None, stop: int | None) -> dict[str, Any]:
     """Scanned params holding only blocks [start, stop) (unrolled params need no change)."""
-    if not _is_stacked(params) or (start is None and stop is None):
+    if not is_scanned(params) or (start is None and stop is None):
         return params
     sl = slice(start or 0, stop)
     return {**params, "blocks": jax.tree.map(lambda x: x[sl], params["blocks"])}
@@ -77,12 +79,12 @@ def forward(
     *,
     capture: frozenset[str] = frozenset(),
     hooks: Hooks = Hooks(),
-    kv: Any = None,
+    kv: KVCache | None = None,
     precision: str | None = None,
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-    """Run the model: returns (logits [batch pos vocab], {hook name: activation}, new kv).
+) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
+    """Run the model: returns (logits [batch pos vocab], {hook name: activation}, new KVCache or None).
 
     `params` is the tree under "params" (unrolled `blocks_{l}` or scanned `blocks`; the layout
     picks the implementation). `capture` names the activations to return (see
@@ -93,7 +95,12 @@ def forward(
     residual entering block k (k = n_layers: after the last block, before the final norm).
     Only the blocks in between are computed (TransformerLens's semantics; negative values count
     from the end). Neither works with `kv`.
+
+    `kv`: a `jaxlens.kv_cache.KVCache`; the tokens continue its cached ones and the returned
+    cache holds them too (`jaxlens.kv_cache.forward_cached` also guards against overflow).
     """
+    if kv is not None and not isinstance(kv, KVCache):
+        raise ValueError(f"kv must be a jaxlens KVCache (KVCache.init(cfg, batch, max_len)), got {type(kv).__name__}")
     start, stop = resolve_layer_range(cfg, start_at_layer, stop_at_layer)
     if kv is not None and (start is not None or stop is not None):
         raise ValueError("start_at_layer / stop_at_layer cannot be combined with a KV cache; run without kv")
@@ -102,7 +109,7 @@ def forward(
                          f"got shape {jnp.shape(tokens)}")
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape[:2], jnp.int32)
-    module = Transformer(cfg, scan_layers=_is_stacked(params), dtype=params["W_E"].dtype,
+    module = Transformer(cfg, scan_layers=is_scanned(params), dtype=params["W_E"].dtype,
                          start_at_layer=start, stop_at_layer=stop)
     params = _run_layers(params, start, stop)
     ctx = RunCtx(capture=capture, hooks=hooks)
@@ -111,7 +118,7 @@ def forward(
             (logits, new_kv), state = module.apply({"params": params}, tokens, attention_mask, ctx, kv,
                                                    mutable=["intermediates"])
             inter = state.get("intermediates", {})
-            if start and _is_stacked(params):
+            if start and is_scanned(params):
                 inter = _shift_scanned(inter, start)
             acts = collect_intermediates(inter, capture)
         else:
@@ -144,7 +151,7 @@ def forward_jit(params, cfg, tokens, attention_mask, hooks=Hooks(), kv=None, **k
     Edit indices are checked against the activations' sizes first (JAX would drop them)."""
     if hooks:
         q_len = jnp.shape(tokens)[1]
-        hooks.check_indices(cfg, q_len, q_len if kv is None else kv[0].shape[2])
+        hooks.check_indices(cfg, q_len, q_len if kv is None else kv.max_len)
     return _forward_compiled(params, cfg, tokens, attention_mask, hooks, kv, **kwargs)
 
 

@@ -14,10 +14,11 @@ import numpy as np
 from jaxlens.cache import ActivationCache
 from jaxlens.config import ModelConfig
 from jaxlens.devices import resolve_device
-from jaxlens.forward import forward_jit, resolve_layer_range, stack_layers, unstack_layers
+from jaxlens.forward import forward_jit, is_scanned, resolve_layer_range, stack_layers, unstack_layers
 from jaxlens.hook_points import HookPointRef, StoredHook, check_dir, compose, removable, without_name
-from jaxlens.hooks import Hooks, NamesFilter, make_hooks, resolve_names
+from jaxlens.hooks import Hooks, NamesFilter, hook_names, make_hooks, resolve_names
 from jaxlens.model import Transformer
+from jaxlens.model.layers import repeat_kv
 from jaxlens.model.views import BlocksView, EmbedView, NormView, PosEmbedView, UnembedView
 from jaxlens.tokens import check_tokens, encode, load_tokenizer
 
@@ -140,9 +141,9 @@ class HookedTransformer:
             params, cfg = process_params(params, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                          center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         params = jax.tree.map(jnp.asarray, params)
-        if scan_layers and "blocks" not in params:
+        if scan_layers and not is_scanned(params):
             params = stack_layers(params, cfg.n_layers)
-        if not scan_layers and "blocks" in params:
+        if not scan_layers and is_scanned(params):
             params = unstack_layers(params, cfg.n_layers)
         tok = tokenizer if tokenizer is not None else load_tokenizer(path)
         model = cls(cfg, params, tok, precision=precision, device=device)
@@ -160,11 +161,11 @@ class HookedTransformer:
 
     @property
     def module(self) -> Transformer:
-        return Transformer(self.cfg, scan_layers="blocks" in self.params, dtype=self.params["W_E"].dtype)
+        return Transformer(self.cfg, scan_layers=is_scanned(self.params), dtype=self.params["W_E"].dtype)
 
     @property
     def scan_layers(self) -> bool:
-        return "blocks" in self.params
+        return is_scanned(self.params)
 
     def __jaxlens_trace__(self) -> tuple[Any, Any, Any]:
         """How a hook that reads this model is keyed (`jaxlens.fingerprint`): config, precision
@@ -405,6 +406,8 @@ class HookedTransformer:
             out, acts = self._run(input, attention_mask, capture, self._compose_hooks(fwd_hooks, None), prepend_bos,
                                   padding_side, return_type, loss_per_token=loss_per_token,
                                   start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens)
+        order = {n: i for i, n in enumerate(hook_names(self.cfg))}  # forward order, as TransformerLens's cache
+        acts = dict(sorted(acts.items(), key=lambda kv: (kv[0].endswith("_grad"), order.get(kv[0].removesuffix("_grad"), 0))))
         cache = ActivationCache(acts, self.cfg, True, self.cache_weights(), tokenizer=self.tokenizer)
         return out, (cache.remove_batch_dim() if remove_batch_dim else cache)
 
@@ -484,7 +487,7 @@ class HookedTransformer:
         return jnp.zeros((self.cfg.n_layers, *shape), self.params["W_E"].dtype)
 
     def _expand_kv(self, w: jax.Array) -> jax.Array:
-        return jnp.repeat(w, self.cfg.n_heads // self.cfg.kv_heads, axis=1)
+        return repeat_kv(w, self.cfg.n_heads // self.cfg.kv_heads, axis=1)
 
     @property
     def W_E(self) -> jax.Array:

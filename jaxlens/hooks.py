@@ -9,10 +9,14 @@ for, and a grid of edits can be `vmap`-ed.
 
 Inside `nn.scan` the layer index is traced; names are then templates (`blocks.*.attn.hook_q`)
 and per-layer edits are dispatched with `lax.switch`.
+
+The names themselves are stated only where they are sown: `hook_names(cfg)` is read off an
+abstract trace of the model that captures everything (`EVERY_HOOK`), once per config.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
@@ -30,42 +34,74 @@ WILDCARD = "*"
 # Names
 # ---------------------------------------------------------------------------------------------
 
-def block_hook_templates(cfg: ModelConfig, include_result: bool = True) -> list[str]:
-    """Per-layer hook names with `{l}` for the layer, in forward order."""
-    t = [
-        "blocks.{l}.hook_resid_pre",
-        "blocks.{l}.ln1.hook_scale",
-        "blocks.{l}.ln1.hook_normalized",
-        "blocks.{l}.attn.hook_q",
-        "blocks.{l}.attn.hook_k",
-        "blocks.{l}.attn.hook_v",
-    ]
-    if cfg.positional_embedding_type == "rotary":
-        t += ["blocks.{l}.attn.hook_rot_q", "blocks.{l}.attn.hook_rot_k"]
-    t += ["blocks.{l}.attn.hook_attn_scores", "blocks.{l}.attn.hook_pattern", "blocks.{l}.attn.hook_z"]
-    if include_result:
-        t.append("blocks.{l}.attn.hook_result")
-    t.append("blocks.{l}.hook_attn_out")
-    if not cfg.parallel_attn_mlp:
-        t.append("blocks.{l}.hook_resid_mid")
-    t += ["blocks.{l}.ln2.hook_scale", "blocks.{l}.ln2.hook_normalized", "blocks.{l}.mlp.hook_pre"]
-    if cfg.gated_mlp:
-        t.append("blocks.{l}.mlp.hook_pre_linear")
-    t += ["blocks.{l}.mlp.hook_post", "blocks.{l}.hook_mlp_out", "blocks.{l}.hook_resid_post"]
-    return t
+class _EveryHook:
+    """A capture set that holds every hook name (`EVERY_HOOK`): a run given it as `capture`
+    sows every hook point, the opt-in `hook_result` included. Equal only to itself, so a
+    compiled program keyed on it is never confused with one for a real name set."""
+
+    __slots__ = ()
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __hash__(self) -> int:
+        return hash("jaxlens.hooks.EVERY_HOOK")
+
+    def __repr__(self) -> str:
+        return "EVERY_HOOK"
+
+    def __reduce__(self) -> str:
+        return "EVERY_HOOK"
+
+
+EVERY_HOOK = _EveryHook()
+
+
+@functools.lru_cache(maxsize=1024)
+def _sown_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The names the model sows when asked for everything, in the order it sows them.
+
+    One abstract trace (`jax.eval_shape`: no parameters or activations are ever allocated) of
+    `Transformer(cfg).init` on tokens [1, 2] with capture `EVERY_HOOK`; the unrolled model, so
+    each layer sows under its own name. Flax keeps the sown `intermediates` in insertion order
+    and `collect_intermediates` walks them in that order, so the list is in forward order.
+    """
+    from jaxlens.model import Transformer  # the model modules import this one
+
+    names: list[str] = []
+
+    def trace() -> None:
+        toks = jnp.zeros((1, 2), jnp.int32)
+        variables = Transformer(cfg).init(jax.random.PRNGKey(0), toks, jnp.ones_like(toks),
+                                          RunCtx(capture=EVERY_HOOK), mutable=True)
+        names.extend(collect_intermediates(variables.get("intermediates", {}), EVERY_HOOK))
+
+    jax.eval_shape(trace)
+    return tuple(names)
 
 
 def hook_names(cfg: ModelConfig, include_result: bool = True) -> list[str]:
     """Every hook name of a model with this config, in forward order.
 
-    `hook_result` ([batch pos head d_model]) is opt-in as in TransformerLens: it is listed
-    here when `include_result`, but a run captures it only when asked for by name.
+    Read off the model itself: the names its hook points sow in an abstract capture-all trace
+    (done once per config, then cached). `hook_result` ([batch pos head d_model]) is opt-in as
+    in TransformerLens: it is listed here when `include_result`, but a run captures it only
+    when asked for by name.
     """
-    names = ["hook_embed"] + (["hook_pos_embed"] if cfg.has_pos_embed else [])
-    for l in range(cfg.n_layers):
-        names += [t.format(l=l) for t in block_hook_templates(cfg, include_result)]
-    names += ["ln_final.hook_scale", "ln_final.hook_normalized"]
-    return names
+    return [n for n in _sown_names(cfg) if include_result or not n.endswith("attn.hook_result")]
+
+
+def block_hook_templates(cfg: ModelConfig, include_result: bool = True) -> list[str]:
+    """Per-layer hook names with `{l}` for the layer, in forward order (block 0's names from
+    `hook_names`, templated)."""
+    first = "blocks.0."
+    return ["blocks.{l}." + n[len(first):] for n in hook_names(cfg, include_result) if n.startswith(first)]
 
 
 NamesFilter = Union[None, str, re.Pattern, Sequence[str], Callable[[str], bool]]
@@ -101,19 +137,17 @@ def resolve_names(names_filter: NamesFilter, cfg: ModelConfig) -> frozenset[str]
     known = set(every)
     unknown = [n for n in wanted if n not in known]
     if unknown:
-        hint = _closest(unknown[0], every)
-        raise ValueError(
-            f"names_filter names no hook of this model: {unknown}" + (f" (did you mean {hint!r}?)" if hint else "")
-            + "; see jaxlens.hooks.hook_names(cfg)"
-        )
+        raise ValueError(f"names_filter names no hook of this model: {unknown}{did_you_mean(unknown[0], every)}; "
+                         "see jaxlens.hooks.hook_names(cfg)")
     return frozenset(wanted)
 
 
-def _closest(name: str, options: Iterable[str]) -> str | None:
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of `options` to a mistyped `name`, or ""."""
     import difflib
 
-    m = difflib.get_close_matches(name, list(options), n=1)
-    return m[0] if m else None
+    m = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""
 
 
 _ACT_ALIAS = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
@@ -253,6 +287,7 @@ class RunCtx(NamedTuple):
 
     `layer` is an int in the unrolled model and a traced scalar inside `nn.scan` (then
     `n_layers` is needed to resolve per-layer names). `kv` is the per-layer KV-cache slot.
+    `capture` may be `EVERY_HOOK`, which holds every name (how `hook_names` lists them).
     """
 
     capture: frozenset[str] = frozenset()

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.fingerprint import Fn, call_metric, retry_static
-from jaxlens.forward import forward, unstack_layers
+from jaxlens.forward import forward, is_scanned, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
 from jaxlens.interventions import Replace, _register
 from jaxlens.tokens import check_tokens
@@ -129,7 +129,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     axes, sizes = _axis_layout(activation_name, index_axis_names, cfg, toks.shape[1])
-    params = model.params if "blocks" not in model.params else unstack_layers(model.params, cfg.n_layers)
+    params = unstack_layers(model.params, cfg.n_layers) if is_scanned(model.params) else model.params
     layer_list = range(cfg.n_layers) if layers is None else _check_layers(layers, cfg.n_layers)
     names = [get_act_name(activation_name, l) for l in layer_list]
     for n in names:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.config import ModelConfig
+from jaxlens.forward import is_scanned
 
 
 def _is_ln(cfg: ModelConfig) -> bool:
@@ -48,7 +49,7 @@ def process_params(params: dict[str, Any], cfg: ModelConfig, *, fold_ln: bool = 
     if fold_ln and cfg.normalization_type in ("LNPre", "RMSPre"):
         fold_ln = False  # already folded: a second pass would be a no-op in TransformerLens too
     xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)) else jnp
-    scanned = "blocks" in params
+    scanned = is_scanned(params)
     stacked = params if scanned else _stack(params, cfg.n_layers, xp)
     dtypes = jax.tree.map(lambda x: x.dtype, stacked)
     p = _to_f32(stacked, xp)

@@ -37,6 +37,11 @@ def _int_scalar(x: Any) -> int | jax.Array | None:
     return None
 
 
+
+def wrap_negative(idx: Any, n: int) -> Any:
+    """Negative indices count from the end (torch/numpy semantics), for traced index arrays too."""
+    return jnp.where(idx < 0, idx + n, idx)
+
 @jax.tree_util.register_pytree_node_class
 class Slice:
     """A TransformerLens slice over one axis; `apply(x, dim)` applies it.
@@ -113,8 +118,7 @@ class Slice:
             index[axis] = self.value
             return x[tuple(index)]
         n = x.shape[axis]
-        idx = jnp.asarray(self.value)
-        idx = jnp.where(idx < 0, idx + n, idx)
+        idx = wrap_negative(jnp.asarray(self.value), n)
         if self.mode == "int":
             return jax.lax.dynamic_index_in_dim(x, idx, axis, keepdims=False)
         return jnp.take(x, idx, axis=axis)

@@ -385,7 +385,7 @@ def test_storing_into_a_torch_tensor_is_a_clear_error(model, toks):
     def induction_score_hook(pattern, hook):
         scores[hook.layer()] = pattern.mean()  # TransformerLens's tutorials do this
 
-    with pytest.raises(ValueError, match="torch"):
+    with pytest.raises(ValueError, match="torch"), pytest.warns(UserWarning, match="a torch.Tensor"):
         model.run_with_hooks(toks, fwd_hooks=[("blocks.1.attn.hook_pattern", induction_score_hook)])
 
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
-from jaxlens.model.layers import apply_rotary, masked_softmax
+from jaxlens.model.kv import LayerKV
+from jaxlens.model.layers import apply_rotary, masked_softmax, repeat_kv
 
 _init = nn.initializers.normal(0.02)
 P = "blocks.{l}.attn"
@@ -36,15 +37,15 @@ class Attention(nn.Module):
     W_K/W_V [kv_head d_model d_head], W_O [head d_head d_model].
 
     Call with x [batch pos d_model], `allowed` [batch 1|head query key] (causal & padding),
-    rotary (cos, sin) or None, and an optional KV slot: (keys, values, write_index) with this
-    layer's buffers, or (keys, values, write_index, layer) with every layer's (updated in place).
-    Returns (attn_out [batch pos d_model] before hook_attn_out, new KV slot or None).
+    rotary (cos, sin) or None, and optionally this layer's `LayerKV` (its cached keys/values
+    and the write index; then `allowed` spans the cache: key = buffer slot).
+    Returns (attn_out [batch pos d_model] before hook_attn_out, the updated LayerKV or None).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv=None):
+    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None):
         cfg = self.cfg
         H, K, D, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_model
         dt = x.dtype
@@ -64,23 +65,12 @@ class Attention(nn.Module):
             cos, sin = rotary
             q = hook_point(self, f"{P}.hook_rot_q", apply_rotary(q, cos, sin, cfg.rotary_dim), ctx)
             k = hook_point(self, f"{P}.hook_rot_k", apply_rotary(k, cos, sin, cfg.rotary_dim), ctx)
-        new_kv = None
-        if kv is not None:
-            keys, values, index, *layer = kv
-            if layer:  # all layers' buffers [layer batch max_len kv_head d_head]: write ours in place
-                at = (layer[0], 0, index, 0, 0)
-                keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), at)
-                values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), at)
-                k, v = keys[layer[0]].astype(dt), values[layer[0]].astype(dt)
-            else:  # this layer's buffers [batch max_len kv_head d_head]
-                keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
-                values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
-                k, v = keys.astype(dt), values.astype(dt)
-            new_kv = (keys, values)
+        if kv is not None:  # write the new keys/values; attend to the cached ones and the new
+            kv, k, v = kv.update(k, v, dt)
         # [batch head pos d_head]; grouped heads repeat their kv head (query head h uses h // group)
         qh = q.transpose(0, 2, 1, 3)
-        kh = jnp.repeat(k.transpose(0, 2, 1, 3), H // K, axis=1)
-        vh = jnp.repeat(v.transpose(0, 2, 1, 3), H // K, axis=1)
+        kh = repeat_kv(k.transpose(0, 2, 1, 3), H // K, axis=1)
+        vh = repeat_kv(v.transpose(0, 2, 1, 3), H // K, axis=1)
         scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh) / jnp.asarray(cfg.scale, dt)
         scores = hook_point(self, f"{P}.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf), ctx)
         pattern = hook_point(self, f"{P}.hook_pattern", masked_softmax(scores, allowed).astype(dt), ctx)
@@ -94,4 +84,4 @@ class Attention(nn.Module):
             out = (z.reshape(b * q_len, H * D) @ W_O.reshape(H * D, M)).reshape(b, q_len, M)
         if cfg.use_o_bias:
             out = out + self.param("b_O", nn.initializers.zeros, (M,), dt)
-        return out, new_kv
+        return out, kv

@@ -7,6 +7,7 @@ import flax.linen as nn
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.attention import Attention
+from jaxlens.model.kv import LayerKV
 from jaxlens.model.mlp import MLP
 from jaxlens.model.norms import Norm
 
@@ -17,12 +18,13 @@ class Block(nn.Module):
     """resid_pre -> ln1 -> attn -> (+) resid_mid -> ln2 -> mlp -> (+) resid_post.
 
     Parallel blocks add attn and mlp outputs of the same resid_pre (no hook_resid_mid).
+    Returns (resid_post, the attention's updated `LayerKV` or None).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv=None):
+    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None):
         cfg = self.cfg
         x = hook_point(self, f"{B}.hook_resid_pre", x, ctx)
         attn_out, new_kv = Attention(cfg, name="attn")(Norm(cfg, f"{B}.ln1", name="ln1")(x, ctx), allowed, rotary, ctx, kv)

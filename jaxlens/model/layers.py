@@ -1,4 +1,4 @@
-"""Shared numerics: activations, rotary embedding, masked softmax. Pure functions."""
+"""Shared numerics: activations, rotary embedding, masked softmax, grouped-query heads. Pure functions."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
     e = jnp.where(allowed, jnp.exp(s - m), 0.0)
     denom = jnp.sum(e, axis=-1, keepdims=True)
     return e / jnp.where(denom == 0, 1.0, denom)
+
+
+def repeat_kv(x: jax.Array, n_rep: int, axis: int) -> jax.Array:
+    """Grouped-query attention: repeat each kv head `n_rep` times along the head `axis`, so that
+    query head h reads kv head h // n_rep (TransformerLens's and HF's order)."""
+    return jnp.repeat(x, n_rep, axis=axis)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.block import Block
+from jaxlens.model.kv import KVCache, LayerKV
 from jaxlens.model.layers import positions_from_mask, rotary_angles
 from jaxlens.model.norms import Norm
 
@@ -18,16 +19,16 @@ _init = nn.initializers.normal(0.02)
 
 
 class _ScanBody(nn.Module):
-    """One scanned layer: carry is the residual, xs are (layer index, kv slot or None)."""
+    """One scanned layer: carry is the residual, xs are (layer index, this layer's keys and
+    values [batch max_len kv_head d_head], or None). Returns the layer's updated `LayerKV`."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, xs, allowed, rotary, ctx: RunCtx, index):
         layer, kv = xs
-        kv_slot = None if kv is None else (kv[0], kv[1], index)
-        x, new_kv = Block(self.cfg, name="block")(x, allowed, rotary, ctx.at_layer(layer), kv_slot)
-        return x, new_kv
+        layer_kv = None if kv is None else LayerKV(*kv, index)
+        return Block(self.cfg, name="block")(x, allowed, rotary, ctx.at_layer(layer), layer_kv)
 
 
 class Transformer(nn.Module):
@@ -35,9 +36,10 @@ class Transformer(nn.Module):
     `W_E`, `W_pos`, `blocks_{l}/{ln1,attn,ln2,mlp}` (or `blocks/block/...` stacked over layers
     when `scan_layers`), `ln_final`, `W_U`, `b_U`.
 
-    __call__(tokens [batch pos] int, attention_mask [batch pos] 0/1, ctx, kv=None)
-    -> (logits [batch pos vocab], new kv or None). `kv` is (keys, values, mask, length) with
-    keys/values [layer batch max_len kv_head d_head], mask [batch max_len], length a scalar.
+    __call__(tokens [batch pos] int, attention_mask [batch pos] 0/1, ctx, kv: KVCache | None)
+    -> (logits [batch pos vocab], the new KVCache or None). With a cache, the tokens follow its
+    `length` slots; each block gets its `LayerKV` (unrolled: `kv.at_layer(l)`, written in place in
+    the stacked buffers; scanned: the scan's per-layer slice of them).
 
     `start_at_layer` / `stop_at_layer` (TransformerLens's, already resolved to 0 <= start <=
     stop <= n_layers) run only blocks [start, stop): with a start, `tokens` is the residual
@@ -54,7 +56,7 @@ class Transformer(nn.Module):
     stop_at_layer: int | None = None
 
     @nn.compact
-    def __call__(self, tokens, attention_mask, ctx: RunCtx, kv=None):
+    def __call__(self, tokens, attention_mask, ctx: RunCtx, kv: KVCache | None = None):
         cfg = self.cfg
         ctx = ctx._replace(n_layers=cfg.n_layers)
         b, q = tokens.shape[:2]
@@ -65,8 +67,8 @@ class Transformer(nn.Module):
         if kv is None:
             full_mask, offset = attention_mask, 0
         else:
-            keys, values, kv_mask, offset = kv
-            full_mask = jax.lax.dynamic_update_slice(kv_mask, attention_mask.astype(kv_mask.dtype), (0, offset))
+            offset = kv.length
+            full_mask = jax.lax.dynamic_update_slice(kv.mask, attention_mask.astype(kv.mask.dtype), (0, offset))
         positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(full_mask), offset, q, axis=1)
         k_len = full_mask.shape[1]
         q_idx = offset + jnp.arange(q)
@@ -96,18 +98,18 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=last - first,
             )
-            kv_xs = None if kv is None else (keys, values)
+            kv_xs = None if kv is None else (kv.keys, kv.values)
             x, new = scan(cfg, name="blocks")(x, (jnp.arange(first, last), kv_xs), allowed, rotary, ctx, offset)
-            new_kv = None if kv is None else (new[0], new[1])
+            if kv is not None:  # the scan stacked the per-layer buffers back: [layer batch max_len ...]
+                kv = KVCache(new.keys, new.values, kv.mask, kv.length)
         elif not self.scan_layers:
             # every layer writes into the stacked buffers (no per-layer slices re-stacked: a decode
             # step would copy the whole cache twice)
             for l in range(first, last):
-                slot = None if kv is None else (keys, values, offset, l)
-                x, nkv = Block(cfg, name=f"blocks_{l}")(x, allowed, rotary, ctx.at_layer(l), slot)
-                if nkv is not None:
-                    keys, values = nkv
-            new_kv = None if kv is None else (keys, values)
+                x, layer_kv = Block(cfg, name=f"blocks_{l}")(x, allowed, rotary, ctx.at_layer(l),
+                                                             None if kv is None else kv.at_layer(l))
+                if layer_kv is not None:
+                    kv = KVCache(layer_kv.keys, layer_kv.values, kv.mask, kv.length)
         if self.stop_at_layer is not None:
             return x, None
 
@@ -119,4 +121,4 @@ class Transformer(nn.Module):
         logits = logits + self.param("b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
         if kv is None:
             return logits, None
-        return logits, (new_kv[0], new_kv[1], full_mask, offset + q)
+        return logits, KVCache(kv.keys, kv.values, full_mask, jnp.asarray(offset + q, jnp.int32))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxlens.config import ModelConfig
 from jaxlens.hook_points import HookPointRef
 from jaxlens.hooks import RunCtx
+from jaxlens.model.layers import repeat_kv
 from jaxlens.model.norms import Norm
 
 
@@ -188,7 +189,7 @@ class AttnView(_View):
         return w
 
     def _expand(self, w: jax.Array) -> jax.Array:
-        return jnp.repeat(w, self.cfg.n_heads // self.cfg.kv_heads, axis=0)
+        return repeat_kv(w, self.cfg.n_heads // self.cfg.kv_heads, axis=0)
 
     def _kv_bias_shape(self) -> tuple[int, int]:
         return (self.cfg.kv_heads, self.cfg.d_head)
