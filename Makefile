@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean chromium
+.PHONY: test demo bench clean chromium lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 	  echo "note: chromium not installed; the headless-browser test will skip"; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxlens conversion tests benchmarks scripts examples
 
 demo: $(STAMP)
 	$(VENV)/bin/jaxlens demo --out demo_out

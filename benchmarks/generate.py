@@ -113,7 +113,7 @@ def main() -> None:
             toks_t = torch.tensor(toks_np, dtype=torch.long)
             fns, outs = {}, {}
 
-            def jl(model, name, n=n_new):
+            def jl(model, name, n=n_new, outs=outs, toks_np=toks_np):
                 def run():
                     out = generate_tokens(model.params, model.cfg, toks_np, max_new_tokens=n, stop_at_eos=False)
                     outs[name] = np.asarray(out.tokens)  # blocks until done
@@ -126,14 +126,14 @@ def main() -> None:
                 if batch == 1:
                     fns[f"{name} ({half} new)"] = jl(model, f"{name} half", half)
             if bridge is not None:
-                def tl(n=n_new):
+                def tl(n=n_new, outs=outs, toks_t=toks_t):
                     with torch.no_grad():
                         outs["TransformerLens"] = bridge.generate(toks_t, max_new_tokens=n, stop_at_eos=False,
                                                                   do_sample=False, use_past_kv_cache=True,
                                                                   verbose=False, return_type="tokens").numpy()
                 fns["TransformerLens"] = tl
             if hf is not None:
-                def hf_gen(n=n_new):
+                def hf_gen(n=n_new, outs=outs, toks_t=toks_t):
                     with torch.no_grad():
                         outs["HF"] = hf.generate(toks_t, attention_mask=torch.ones_like(toks_t), do_sample=False,
                                                  max_new_tokens=n, min_new_tokens=n, pad_token_id=0).numpy()

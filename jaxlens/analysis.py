@@ -291,7 +291,6 @@ def accumulated_bias(cache: Any, layer: int, mlp_input: bool = False, include_ml
 def get_full_resid_decomposition(cache: Any, pos_slice: Slice = Slice(), *, layer: int, mlp_input: bool = False,
                                  expand_neurons: bool = True, apply_ln: bool = False) -> jax.Array:
     """[components *bp d_model]: heads, neurons (or MLP outputs), embed, pos_embed, biases."""
-    cfg = cache.cfg
     heads = stack_head_results(cache, pos_slice, layer=layer + (1 if mlp_input else 0))
     comps = [heads]
     if layer > 0:

@@ -159,11 +159,12 @@ forward_jit.lower = _forward_compiled.lower
 forward_jit._cache_size = _forward_compiled._cache_size
 
 
-def stack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
-    """Unrolled params (`blocks_{l}`) -> scanned layout (`blocks/block`, leading layer axis)."""
+def stack_layers(params: dict[str, Any], n_layers: int, xp: Any = jnp) -> dict[str, Any]:
+    """Unrolled params (`blocks_{l}`) -> scanned layout (`blocks/block`, leading layer axis);
+    `xp=np` keeps host arrays on the host."""
     blocks = [params[f"blocks_{l}"] for l in range(n_layers)]
     out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
-    out["blocks"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    out["blocks"] = {"block": jax.tree.map(lambda *xs: xp.stack(xs), *blocks)}
     return out
 
 
@@ -171,5 +172,5 @@ def unstack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
     """Scanned layout -> unrolled `blocks_{l}`."""
     out = {k: v for k, v in params.items() if k != "blocks"}
     for l in range(n_layers):
-        out[f"blocks_{l}"] = jax.tree.map(lambda x: x[l], params["blocks"]["block"])
+        out[f"blocks_{l}"] = jax.tree.map(lambda x, l=l: x[l], params["blocks"]["block"])
     return out

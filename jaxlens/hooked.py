@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,9 @@ from jaxlens.model import Transformer
 from jaxlens.model.layers import repeat_kv
 from jaxlens.model.views import BlocksView, EmbedView, NormView, PosEmbedView, UnembedView
 from jaxlens.tokens import check_tokens, encode, load_tokenizer
+
+if TYPE_CHECKING:
+    from jaxlens.factored_matrix import FactoredMatrix
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.forward import is_scanned
+from jaxlens.forward import is_scanned, stack_layers, unstack_layers
 
 
 def _is_ln(cfg: ModelConfig) -> bool:
@@ -50,7 +50,7 @@ def process_params(params: dict[str, Any], cfg: ModelConfig, *, fold_ln: bool = 
         fold_ln = False  # already folded: a second pass would be a no-op in TransformerLens too
     xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)) else jnp
     scanned = is_scanned(params)
-    stacked = params if scanned else _stack(params, cfg.n_layers, xp)
+    stacked = params if scanned else stack_layers(params, cfg.n_layers, xp)
     dtypes = jax.tree.map(lambda x: x.dtype, stacked)
     p = _to_f32(stacked, xp)
     blk = p["blocks"]["block"]
@@ -72,21 +72,7 @@ def process_params(params: dict[str, Any], cfg: ModelConfig, *, fold_ln: bool = 
         changes.update(_fold_value_biases(blk, cfg, dtypes, centre_writers, xp))
     out = jax.tree.map(lambda x, d: x.astype(d), p, dtypes)
     new_cfg = cfg.replace(**changes)
-    return (out if scanned else _unstack(out, cfg.n_layers)), new_cfg
-
-
-def _stack(params: dict[str, Any], n_layers: int, xp: Any) -> dict[str, Any]:
-    """Unrolled `blocks_{l}` -> `blocks/block` with a leading layer axis (numpy or jax)."""
-    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
-    out["blocks"] = {"block": jax.tree.map(lambda *xs: xp.stack(xs), *[params[f"blocks_{l}"] for l in range(n_layers)])}
-    return out
-
-
-def _unstack(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
-    out = {k: v for k, v in params.items() if k != "blocks"}
-    for l in range(n_layers):
-        out[f"blocks_{l}"] = jax.tree.map(lambda x: x[l], params["blocks"]["block"])
-    return out
+    return (out if scanned else unstack_layers(out, cfg.n_layers)), new_cfg
 
 
 def _to_f32(tree: dict[str, Any], xp: Any) -> dict[str, Any]:

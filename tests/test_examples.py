@@ -17,7 +17,6 @@ import sys
 import tokenize
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -3,8 +3,6 @@ differences; attribution patching equals its formula computed by hand from torch
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

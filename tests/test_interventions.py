@@ -350,7 +350,7 @@ def test_vmapped_edits_equal_single_runs(gpt2):
 
     out = grid(edits)
     for i in range(3):
-        e = jax.tree.map(lambda x: x[i], edits)
+        e = jax.tree.map(lambda x, i=i: x[i], edits)
         assert_close(out[i], m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.attn.hook_pattern", e)]), f"edit {i}")
 
 

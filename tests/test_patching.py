@@ -3,7 +3,6 @@ functions on its bridge; the prefix below the patched layer is not recomputed.""
 
 from __future__ import annotations
 
-import jax
 from jaxlens.fingerprint import Fn
 import jax.numpy as jnp
 import numpy as np

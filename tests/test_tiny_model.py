@@ -154,7 +154,7 @@ def test_heldout_templates_are_never_trained_on():
 def test_ioi_example_answer_is_the_name_not_repeated():
     for e in data.ioi_examples(1, 64, "all"):
         assert e.io != e.s
-        count = lambda name: len(re.findall(rf"\b{name}\b", e.prompt))  # noqa: E731
+        count = lambda name, e=e: len(re.findall(rf"\b{name}\b", e.prompt))  # noqa: E731
         assert count(e.io) == 1 and count(e.s) == 2
         assert e.text == f"{e.prompt} {e.io}."
     orders = {e.prompt.index(e.io) < e.prompt.index(e.s) for e in data.ioi_examples(2, 64, "train")}
