@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plots]"
+	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plots,train]"
 	touch $(STAMP)
 
 test: $(STAMP) chromium

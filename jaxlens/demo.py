@@ -5,7 +5,7 @@ checkpoint folder, then runs, stage by stage: top predictions, the logit lens, d
 attribution by layer and by head on the IOI-like task, induction scores per head on repeated
 random tokens, greedy generation, and attention patterns per head. It prints each result and
 writes `report.html` (self-contained), `summary.json`, `demo.txt` and PNG plots to the output
-folder. A stage whose library feature is missing from this build says so plainly and is skipped.
+folder.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ class _Demo:
     def __init__(self, model: Any, out: Path, prompts: Sequence[str]):
         self.m, self.out, self.prompts = model, out, list(prompts)
         self.report = Report(f"jaxlens demo: {model.cfg.model_name}")
-        self.summary: dict[str, Any] = {"model": model.cfg.model_name, "n_layers": model.cfg.n_layers,
-                                        "missing_features": []}
+        self.summary: dict[str, Any] = {"model": model.cfg.model_name, "n_layers": model.cfg.n_layers}
         self.lines: list[str] = []
         self.plt = _pyplot()
         self._ioi: dict[str, Any] | None = None
@@ -53,12 +52,6 @@ class _Demo:
 
         tqdm.write(s)
         self.lines.append(s)
-
-    def missing(self, stage: str, feature: str) -> None:
-        msg = f"{stage}: not available in this build ({feature} missing)"
-        self.say(msg)
-        self.summary["missing_features"].append(feature)
-        self.report.add(stage, Report.note(msg))
 
     def savefig(self, fig: Any, name: str) -> str:
         path = self.out / name
@@ -124,10 +117,6 @@ def stage_ioi_accuracy(d: _Demo) -> None:
 
 
 def stage_logit_lens(d: _Demo) -> None:
-    from jaxlens.cache import ActivationCache
-
-    if not hasattr(ActivationCache, "accumulated_resid"):
-        return d.missing("logit lens", "ActivationCache.accumulated_resid")
     ioi, m = d.ioi(), d.m
     resid, labels = ioi["cache"].accumulated_resid(layer=-1, incl_mid=True, apply_ln=True, pos_slice=-1,
                                                    return_labels=True)
@@ -158,11 +147,6 @@ def stage_logit_lens(d: _Demo) -> None:
 
 
 def stage_dla(d: _Demo) -> None:
-    from jaxlens.cache import ActivationCache
-
-    need = [f for f in ("decompose_resid", "stack_head_results", "logit_attrs") if not hasattr(ActivationCache, f)]
-    if need:
-        return d.missing("direct logit attribution", ", ".join(f"ActivationCache.{f}" for f in need))
     ioi = d.ioi()
     io, s = ioi["io"], ioi["s"]
     # logit_attrs scales by the cached final-LN scale only (TransformerLens, whose from_pretrained
@@ -173,6 +157,8 @@ def stage_dla(d: _Demo) -> None:
     lnf = d.m.params.get("ln_final", {})
     if "w" in lnf:  # loaded with from_pretrained_no_processing
         b_U = b_U + np.asarray(lnf.get("b", np.zeros(u.shape[0]))) @ u
+        from jaxlens.cache import ActivationCache
+
         cache = ActivationCache(cache.to_dict(), d.m.cfg, True, {**cache.weights, "W_U": lnf["w"][:, None] * d.m.W_U})
     resid, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
     by_comp = np.asarray(cache.logit_attrs(resid, io, incorrect_tokens=s, pos_slice=-1)).mean(1)
@@ -256,8 +242,6 @@ def stage_induction(d: _Demo) -> None:
 
 def stage_generation(d: _Demo) -> None:
     m = d.m
-    if not hasattr(m, "generate"):
-        return d.missing("generation", "HookedTransformer.generate")
     d.say("== greedy generation (16 new tokens)")
     outs = m.generate(list(GEN_PROMPTS), max_new_tokens=16, do_sample=False, return_type="str")
     rows, res = [], {}

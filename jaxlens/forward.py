@@ -7,6 +7,7 @@ per (cfg, names, hooks' static parts, shapes).
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any
 
@@ -113,7 +114,7 @@ def forward(
                          start_at_layer=start, stop_at_layer=stop)
     params = _run_layers(params, start, stop)
     ctx = RunCtx(capture=capture, hooks=hooks)
-    with jax.default_matmul_precision(precision) if precision else _null():
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
         if capture:
             (logits, new_kv), state = module.apply({"params": params}, tokens, attention_mask, ctx, kv,
                                                    mutable=["intermediates"])
@@ -125,14 +126,6 @@ def forward(
             logits, new_kv = module.apply({"params": params}, tokens, attention_mask, ctx, kv)
             acts = {}
     return logits, acts, new_kv
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 @retry_static

@@ -36,7 +36,6 @@ def test_demo_writes_report_files(demo_out):
 
 def test_demo_finds_the_circuits(demo_out):
     s = json.loads((demo_out / "summary.json").read_text())
-    assert s["missing_features"] == [], "every stage ran on this build"
     assert s["induction"]["best_score"] >= 0.4
     text = (demo_out / "demo.txt").read_text()
     assert f"best induction head: {s['induction']['best_head']}" in text
@@ -46,14 +45,18 @@ def test_demo_finds_the_circuits(demo_out):
     assert dla["sum_of_components"] == pytest.approx(dla["actual_logit_diff"], abs=1e-3)
     assert s["logit_lens"]["labels"][-1] == "final_post" and len(s["logit_lens"]["labels"]) == 2 * s["n_layers"] + 1
     assert s["logit_lens"]["p_io"][-1] > s["logit_lens"]["p_s"][-1], "the final layer prefers the right name"
-    assert set(s["generation"]) and all(isinstance(v, str) for v in s["generation"].values())
+    gen = s["generation"]  # the shipped model counts, recites the alphabet, copies (induction) and answers IOI
+    assert gen["1 2 3 4 5"].startswith(" 6 7 8 9 10")
+    assert gen["a b c d e"].startswith(" f g h i j")
+    assert gen["paper horse cloud song paper horse"].startswith(" cloud song paper horse")
+    assert gen["When Mary and John went to the store, John gave a drink to"].startswith(" Mary")
 
 
 def test_report_escapes_prompt_markup(demo_out):
     page = (demo_out / "report.html").read_text()
     assert "<script" not in page.lower(), "no script tag may reach the page"
     assert esc(EVIL) in page and "&lt;script&gt;" in page
-    assert 'src="data:image/png;base64,' in page or "matplotlib" in (demo_out / "demo.txt").read_text()
+    assert 'src="data:image/png;base64,' in page  # matplotlib is in the [plots] extra `make test` installs
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
 
 

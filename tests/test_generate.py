@@ -152,12 +152,11 @@ def test_no_recompile_within_a_bucket(gpt2):
         out = generate_tokens(gpt2.params, gpt2.cfg, toks, max_new_tokens=n_new, stop_at_eos=False, return_logits=True)
         out.tokens.block_until_ready()
 
+    run(10, 5, seed=0)  # compiles (or reuses) the program of its bucket, whatever ran before
     before = compile_count()
-    run(10, 5, seed=0)  # a configuration no other test uses: compiles once
-    assert compile_count() == before + 1
     run(12, 7, seed=1)  # prompt bucket 16, new-token bucket 8, batch 2: the same program
     run(9, 8, seed=2)
-    assert compile_count() == before + 1
+    assert compile_count() == before
     assert [bucket(n, 8) for n in (1, 8, 9, 64, 65, 130)] == [8, 8, 16, 64, 128, 192]
     assert [bucket(n) for n in (1, 3, 8)] == [1, 4, 8]
 

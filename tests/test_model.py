@@ -57,7 +57,11 @@ def test_bf16_runs_close(paths):
     b = jaxlens.from_pretrained(paths, dtype="bfloat16")
     assert b.params["W_E"].dtype == jnp.bfloat16
     la, lb = np.asarray(a(TOKS)), np.asarray(b(TOKS)).astype(np.float32)
-    # bf16 has an 8-bit mantissa: compare the argmax agreement and a loose relative error
+    # bf16 has an 8-bit mantissa: the next-token choice agrees where f32 has a clear margin, and
+    # the logits are close relative to their scale
+    top2 = np.sort(la, -1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > 0.05 * np.abs(la).max()
+    assert clear.any() and (la.argmax(-1) == lb.argmax(-1))[clear].all()
     assert np.abs(la - lb).max() < 0.1 * np.abs(la).max() + 0.1
 
 

@@ -53,7 +53,7 @@ def test_training_log_records_curve_and_final_losses():
     assert curve[-1]["loss"] < curve[0]["loss"] - 2.0, "the recorded curve shows no learning"
     final = log["final"]
     assert set(final["eval_loss"]) >= {"ioi", "random_repeat", *data.DOC_KINDS}
-    assert final["induction_best"]["score"] >= 0.4 and final["ioi_heldout"]["top1"] >= 0.8
+    # (the model's behaviour is measured on the shipped weights below, not read back from this log)
     assert log["train_seconds"] > 0 and log["command"].startswith("python scripts/train_tiny.py")
 
 
