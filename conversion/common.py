@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxlens.config import ACT_FNS
 from jaxlens.conversion.io import CheckpointError
 
-_ACT = {"gelu_new": "gelu_new", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "silu": "silu",
-        "swish": "silu", "relu": "relu", "gelu_fast": "gelu_fast"}
+_ACT = {**{a: a for a in ACT_FNS}, "swish": "silu"}  # HF name -> ModelConfig.act_fn
 
 
 def act_fn(name: str, model_type: str) -> str:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 NormType = Literal["LN", "RMS", "LNPre", "RMSPre"]  # *Pre: weightless (after fold_ln, as TransformerLens)
 PosType = Literal["standard", "rotary"]
-ACT_FNS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "silu", "relu", "gelu_fast")
+ActFn = Literal["gelu_new", "gelu", "gelu_pytorch_tanh", "silu", "relu", "gelu_fast"]
+ACT_FNS: tuple[str, ...] = get_args(ActFn)  # the one list; jaxlens.model.layers implements each
+_REMOVED_FIELDS = ("tokenizer_name",)  # read nowhere; older converted configs may still carry them
 # HF `architectures[0]` per model_type, for configs written before `original_architecture` was recorded
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
@@ -41,7 +43,7 @@ class ModelConfig:
     d_vocab: int
     n_ctx: int
     n_kv_heads: int | None = None
-    act_fn: str = "gelu_new"
+    act_fn: ActFn = "gelu_new"
     normalization_type: NormType = "LN"
     eps: float = 1e-5
     positional_embedding_type: PosType = "standard"
@@ -57,7 +59,6 @@ class ModelConfig:
     embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(d_model)
     sliding_window: int | None = None  # keys further back than this many positions are masked
     default_prepend_bos: bool = True
-    tokenizer_name: str | None = None
     model_name: str = "jaxlens-model"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -78,11 +79,9 @@ class ModelConfig:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.act_fn not in ACT_FNS:
             problems.append(f"act_fn={self.act_fn!r} is not one of {ACT_FNS}")
-        if self.normalization_type not in ("LN", "RMS", "LNPre", "RMSPre"):
-            problems.append(f"normalization_type={self.normalization_type!r} must be 'LN', 'RMS', "
-                            "'LNPre' or 'RMSPre'")
-        if self.positional_embedding_type not in ("standard", "rotary"):
-            problems.append(f"positional_embedding_type={self.positional_embedding_type!r} must be 'standard' or 'rotary'")
+        for name, allowed in (("normalization_type", get_args(NormType)), ("positional_embedding_type", get_args(PosType))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
         if self.positional_embedding_type == "rotary":
             rd = self.rotary_dim
             if rd is None or rd <= 0 or rd > self.d_head or rd % 2:
@@ -137,6 +136,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in _REMOVED_FIELDS}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(

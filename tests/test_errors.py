@@ -130,3 +130,14 @@ def test_cache_key_error_says_fix(model):
     _, cache = model.run_with_cache(np.array([[0, 1]]), names_filter="blocks.0.hook_resid_pre")
     with pytest.raises(KeyError, match="names_filter"):
         cache["pattern", 0]
+
+
+def test_config_values_are_validated_from_their_literal_types():
+    from jaxlens.config import ModelConfig
+
+    base = dict(model_type="gpt2", d_model=8, n_layers=1, n_heads=2, d_head=4, d_mlp=16, d_vocab=10, n_ctx=8)
+    for field, bad in (("normalization_type", "BN"), ("positional_embedding_type", "alibi"), ("act_fn", "tanh")):
+        with pytest.raises(ValueError, match=field):
+            ModelConfig(**base, **{field: bad})
+    old = dict(ModelConfig(**base).to_dict(), tokenizer_name="gpt2")  # a field older versions wrote
+    assert ModelConfig.from_dict(old) == ModelConfig(**base)

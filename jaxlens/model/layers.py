@@ -7,18 +7,23 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxlens.config import ACT_FNS
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+ACTIVATIONS = {"gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu_fast": _gelu_tanh,
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu, "relu": jax.nn.relu}
+assert set(ACTIVATIONS) == set(ACT_FNS), "every ModelConfig act_fn needs an implementation here"
+
 
 def activation(name: str, x: jax.Array) -> jax.Array:
-    """The MLP non-linearity by its HF/TransformerLens name."""
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    if name == "silu":
-        return jax.nn.silu(x)
-    if name == "relu":
-        return jax.nn.relu(x)
-    raise ValueError(f"unknown activation {name!r}")
+    """The MLP non-linearity by its HF/TransformerLens name (`jaxlens.config.ACT_FNS`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; supported: {ACT_FNS}")
+    return ACTIVATIONS[name](x)
 
 
 def rotary_angles(positions: jax.Array, rotary_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
