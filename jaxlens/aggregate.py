@@ -3,18 +3,23 @@
 Combination. Each key combines by a `Strategy` chosen by key prefix (the longest registered prefix
 wins): `CONCAT` along the batch axis, `STACK` on a new leading axis, `LAST` keeps the newest,
 `LIST` flattens into a Python list, `MEAN` is a running mean weighted by the batches each side has
-seen, `pairwise(fn)` wraps an easyroutine-style `fn(old, new)`. Unregistered keys use `DEFAULT`,
-which tries concatenate, then stack, then list, and remembers its choice so that later
-combinations agree. `cat(a, b)` returns a new cache; `combine(caches)` (and the `Deferred`
-collector) combines many at once: each key of all the caches is joined by one compiled
-concatenation, instead of a chain of pairwise copies that grows quadratically. Per-key info
-strings and cache-level metadata travel with the cache through combination, `jit` and pickling.
+seen, `FIELDS` concatenates a dict of arrays field by field, `pairwise(fn)` wraps an
+easyroutine-style `fn(old, new)`. Every cache starts with easyroutine's pre-registered strategies
+(`EASYROUTINE_STRATEGIES`: `offset` and `token_dict` kept as a list per batch, `mapping_index` the
+newest, `last_layernorm` concatenated per field). Other keys use `DEFAULT`, easyroutine's
+`default_aggregation` folded over the batches: arrays concatenate, 0-d arrays stack, anything else
+tries `+`, and whatever cannot be joined falls back to a list, from then on appended to.
+`cat(a, b)` returns a new cache; `combine(caches)` (and the `Deferred` collector) gives the same
+result as the chain of `cat`s, but joins each key's arrays in one compiled concatenation instead
+of a chain of pairwise copies that grows quadratically. `merge` is easyroutine's `+` / `update`.
+Per-key info strings and cache-level metadata travel with the cache through combination, `jit`
+and pickling.
 
 Streaming statistics. `RunningStats` is a pytree of per-key count, mean and sum of squared
 deviations, updated inside `jit` with the parallel Welford/Chan merge, so a sweep keeps only
-summaries on device. `group_pattern` reduces attention patterns to per-head blocks over token
-groups (easyroutine's mean / sum / baseline_ratio), and `update_pattern_stats` keeps their
-running average.
+summaries on device. `group_pattern` is the one implementation of easyroutine's attention-pattern
+block statistics (mean / sum / baseline_ratio over row × column token groups), and
+`update_pattern_stats` keeps their running average.
 """
 
 from __future__ import annotations
@@ -27,6 +32,39 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Token groups
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_groups(token_groups: Any, n: int | None = None, what: str = "token_groups") -> tuple[tuple[int, ...], ...]:
+    """Check and freeze token groups into a tuple of int tuples (static, hashable).
+
+    An int or a flat list of ints is accepted as groups of one. With `n` (the sequence length),
+    negative positions are resolved (-1 is position n - 1) and out-of-range ones raise
+    ValueError. A position listed twice counts twice everywhere (as easyroutine's list indexing).
+    """
+    if isinstance(token_groups, (int, np.integer)):
+        token_groups = [(int(token_groups),)]
+    groups = []
+    for g in token_groups:
+        g = (g,) if isinstance(g, (int, np.integer)) else tuple(g)
+        if not g:
+            raise ValueError(f"{what}: empty group; every group needs at least one position")
+        for p in g:
+            if not isinstance(p, (int, np.integer)):
+                raise ValueError(f"{what}: positions must be ints, got {p!r} ({type(p).__name__})")
+        if n is not None:
+            bad = [int(p) for p in g if not -n <= p < n]
+            if bad:
+                raise ValueError(f"{what}: positions {bad} are outside a sequence of length {n}")
+            g = tuple(int(p) % n for p in g)
+        groups.append(tuple(int(p) for p in g))
+    if not groups:
+        raise ValueError(f"{what} is empty: give a list of position tuples, e.g. [(0,), (3, 4)]")
+    return tuple(groups)
+
 
 # ---------------------------------------------------------------------------------------------
 # Strategies
@@ -63,6 +101,7 @@ def _last(values: Sequence[Any], counts: Sequence[int]) -> Any:
 
 
 def _as_list(values: Sequence[Any], counts: Sequence[int]) -> list[Any]:
+    """easyroutine's `sublist`: one element per batch, lists flattened into it."""
     out: list[Any] = []
     for v, c in zip(values, counts):
         if isinstance(v, list) and (c > 1 or not _is_array(v)):
@@ -77,17 +116,43 @@ def _mean(values: Sequence[Any], counts: Sequence[int]) -> Any:
     return sum(jnp.asarray(v) * (c / total) for v, c in zip(values, counts))
 
 
+def _fields(values: Sequence[Any], counts: Sequence[int]) -> dict[str, Any]:
+    """easyroutine's `aggregate_last_layernorm`: dicts of [m, ...] arrays, each field concatenated
+    along the first axis (the fields of the newest dict; a field it lacks is dropped, one that
+    only it has starts afresh, as easyroutine's fold does)."""
+    if not all(isinstance(v, Mapping) for v in values):
+        raise ValueError(f"the 'concatenate_fields' strategy combines dicts of arrays (e.g. last_layernorm's "
+                         f"mean/variance/second_moment), got {[type(v).__name__ for v in values]}")
+    out = {}
+    for k in values[-1]:
+        parts = []
+        for v in reversed(values):  # the run of batches that has the field, up to the newest
+            if k not in v:
+                break
+            parts.insert(0, jnp.asarray(v[k]))
+        if len({p.shape[-1:] for p in parts}) > 1:
+            raise ValueError(f"field {k!r}: last dimensions differ across batches ({[p.shape for p in parts]})")
+        out[k] = _concat(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
+def _default(values: Sequence[Any], counts: Sequence[int]) -> Any:
+    return _fold_default(values, [None] * len(values))[0]
+
+
 CONCAT = Strategy("concatenate", _concat_values)
 STACK = Strategy("stack", _stack)
 LAST = Strategy("last", _last)
 LIST = Strategy("list", _as_list)
 MEAN = Strategy("mean", _mean)
-def _default(values: Sequence[Any], counts: Sequence[int]) -> Any:
-    return _resolve_default(values)(values, counts)
-
-
+FIELDS = Strategy("concatenate_fields", _fields)
 DEFAULT = Strategy("default", _default)
-BUILTIN = {s.name: s for s in (CONCAT, STACK, LAST, LIST, MEAN, DEFAULT)}
+BUILTIN = {s.name: s for s in (CONCAT, STACK, LAST, LIST, MEAN, FIELDS, DEFAULT)}
+
+# easyroutine's ActivationCache registers these in its constructor (just_old, sublist,
+# aggregate_last_layernorm, sublist); every jaxlens cache starts with them too.
+EASYROUTINE_STRATEGIES: tuple[tuple[str, Strategy], ...] = (
+    ("last_layernorm", FIELDS), ("mapping_index", LAST), ("offset", LIST), ("token_dict", LIST))
 
 
 @dataclass(frozen=True)
@@ -108,7 +173,7 @@ def pairwise(fn: Callable[[Any, Any], Any], name: str | None = None) -> Strategy
 
 
 def as_strategy(s: Strategy | str | Callable[[Any, Any], Any]) -> Strategy:
-    """A Strategy, a built-in name ("concatenate", "stack", "last", "list", "mean", "default") or fn(old, new)."""
+    """A Strategy, a built-in name (see `BUILTIN`) or fn(old, new)."""
     if isinstance(s, Strategy):
         return s
     if isinstance(s, str):
@@ -121,16 +186,66 @@ def as_strategy(s: Strategy | str | Callable[[Any, Any], Any]) -> Strategy:
     raise ValueError(f"an aggregation strategy is a Strategy, a name or a function (old, new), not {type(s).__name__}")
 
 
-def _resolve_default(values: Sequence[Any]) -> Strategy:
-    """concatenate if every value is an array of rank >= 1 with the same trailing shape, else stack
-    if all share one shape, else list (easyroutine's fallback order)."""
-    if all(_is_array(v) for v in values):
-        shapes = [tuple(v.shape) for v in values]
-        if all(len(s) >= 1 for s in shapes) and len({s[1:] for s in shapes}) == 1:
-            return CONCAT
-        if len(set(shapes)) == 1:
-            return STACK
-    return LIST
+def _fold_default(values: Sequence[Any], kinds: Sequence[str | None]) -> tuple[Any, str | None]:
+    """easyroutine's `default_aggregation(old, new)` folded left over `values`; returns (value, kind).
+
+    `kinds[i]` says how values[i] was built by earlier combinations ("concatenate", "stack",
+    "list", "plus", or None for a fresh value). Step by step, as easyroutine:
+    - two arrays: concatenated along axis 0 when both have rank >= 1 and the same trailing shape,
+      else stacked when both are 0-d, else `[old, new]` (so after two batches concatenate, a third
+      of another trailing shape gives `[concatenation of the two, third]`);
+    - a list: the new value appended (a list extends it); a tuple: `[old, new]` (`[old] + new`);
+    - anything else (Python scalars, strings): `old + new`, and `[old, new]` where `+` fails.
+    Consecutive concatenations are joined by one compiled concatenation, so `combine` and the
+    chain of `cat`s give the same value and kind; a value that an earlier combination made a list
+    of batches is spliced in (so combining combined caches agrees with the chain too).
+
+    Where easyroutine is wrong we differ, on purpose: a third 0-d value is stacked onto the
+    stack of the first two (easyroutine makes `[stack of two, third]`, because `torch.cat` of a
+    [2] tensor and a 0-d one fails), and an array meeting a non-array gives `[old, new]`
+    (easyroutine's `+` would broadcast-add a Python scalar onto the tensor).
+    """
+    acc, kind = values[0], kinds[0]
+    run = [acc] if _is_array(acc) and np.ndim(acc) >= 1 else None  # acc == concatenate(run)
+
+    def joined(parts: list[Any]) -> Any:
+        return _concat(parts) if len(parts) > 1 else parts[0]
+
+    for v, vk in zip(values[1:], kinds[1:]):
+        if run is not None:
+            trail = run[0].shape[1:]
+            if _is_array(v) and np.ndim(v) >= 1 and v.shape[1:] == trail:
+                run.append(v)
+                kind = "stack" if kind == vk == "stack" else "concatenate"
+                continue
+            if _is_array(v) and kind == "stack" and v.shape == trail:
+                run.append(jnp.asarray(v)[None])
+                continue
+            acc, run = joined(run), None
+        if acc is None:
+            acc, kind = v, vk
+            run = [acc] if _is_array(acc) and np.ndim(acc) >= 1 else None
+        elif _is_array(acc) and _is_array(v):
+            if np.ndim(acc) == 0 and np.ndim(v) == 0:
+                run, kind = [jnp.asarray(acc)[None], jnp.asarray(v)[None]], "stack"
+            elif np.ndim(acc) == 0 and vk == "stack" and v.shape[1:] == ():
+                run, kind = [jnp.asarray(acc)[None], v], "stack"
+            else:
+                acc, kind = [acc, v], "list"
+        elif isinstance(acc, list):
+            acc, kind = acc + (v if isinstance(v, list) else [v]), "list"
+        elif isinstance(acc, tuple) or (isinstance(v, list) and vk == "list"):
+            acc, kind = ([acc] + v if isinstance(v, list) else [acc, v]), "list"
+        elif _is_array(acc) or _is_array(v):
+            acc, kind = [acc, v], "list"
+        else:
+            try:
+                acc, kind = acc + v, "plus"
+            except Exception:
+                acc, kind = [acc, v], "list"
+    if run is not None:
+        acc = joined(run)
+    return acc, kind
 
 
 def strategy_for(key: str, strategies: Mapping[str, Strategy]) -> Strategy:
@@ -163,12 +278,13 @@ def _same(a: Any, b: Any) -> bool:
 class CacheMeta:
     """What an ActivationCache carries besides arrays: per-key info strings, cache-level metadata
     (target positions, model name, extraction config, interventions, mapping index...), the
-    registered aggregation strategies, the default strategy each key resolved to, and how many
-    batches the cache holds. It is part of the pytree's static structure."""
+    registered aggregation strategies (easyroutine's pre-registered ones to begin with), how each
+    default-combined key was built, and how many batches the cache holds. It is part of the
+    pytree's static structure."""
 
     info: tuple[tuple[str, str], ...] = ()
     metadata: tuple[tuple[str, Any], ...] = ()
-    strategies: tuple[tuple[str, Strategy], ...] = ()
+    strategies: tuple[tuple[str, Strategy], ...] = EASYROUTINE_STRATEGIES
     resolved: tuple[tuple[str, str], ...] = ()
     n_batches: int = 1
 
@@ -191,7 +307,7 @@ EMPTY_META = CacheMeta()
 
 
 # ---------------------------------------------------------------------------------------------
-# cat / combine / Deferred
+# cat / combine / Deferred / merge
 # ---------------------------------------------------------------------------------------------
 
 
@@ -220,39 +336,51 @@ def _concat(parts: list[jax.Array]) -> jax.Array:
 def combine(caches: Sequence[Any]) -> Any:
     """Combine caches (batches of one run) into one with the first cache's strategies.
 
-    Each concatenated key is joined in one compiled concatenation of all the caches (one copy of
-    each byte), not a chain of pairwise `cat`s whose copies grow quadratically. Info strings and
-    metadata are merged (the first cache wins on conflicts).
+    The result equals the chain `caches[0].cat(caches[1]).cat(caches[2])...` key by key, but each
+    concatenated key is joined in one compiled concatenation of all the caches (one copy of each
+    byte), not a chain of pairwise copies whose copies grow quadratically. Leading caches
+    without activations (e.g. `ActivationCache({})`, easyroutine's empty cache that batches are
+    `cat` into) contribute only their strategies, info and metadata. A single batch keeps its
+    values as given (easyroutine's `aggregator(None, value)` would make an `offset` a list of one;
+    from the second batch on the results agree). Info strings and metadata are
+    merged (the first cache wins on conflicts).
     """
     caches = list(caches)
     if not caches:
         raise ValueError("combine needs at least one cache")
     first = caches[0]
-    if len(caches) == 1:
+    lead = next((i for i, c in enumerate(caches) if len(c)), None)  # leading empty caches only add meta
+    if len(caches) == 1 or lead is None:
         return first
-    for i, c in enumerate(caches[1:], 1):
-        _check_compatible(first, c, i)
-    meta = first.meta
-    strategies = dict(meta.strategies)
-    resolved = dict(meta.resolved)
-    counts = [c.meta.n_batches for c in caches]
-    plan: dict[str, Strategy] = {}
-    for k in first.keys():
+    filled = caches[lead:]
+    base = filled[0]
+    for i, c in enumerate(filled[1:], lead + 1):
+        _check_compatible(base, c, i)
+    strategies = dict(first.meta.strategies)
+    resolved = dict(base.meta.resolved)
+    counts = [c.meta.n_batches for c in filled]
+    out: dict[str, Any] = {}
+    for k in base.keys():
+        values = [c[k] for c in filled]
         s = strategy_for(k, strategies)
         if s is DEFAULT:
-            s = BUILTIN[resolved[k]] if k in resolved else _resolve_default([c[k] for c in caches])
-            resolved[k] = s.name
-        plan[k] = s
-    out = {k: _concat([c[k] for c in caches]) if s is CONCAT else s([c[k] for c in caches], counts)
-           for k, s in plan.items()}
-    info, metadata = dict(meta.info), dict(meta.metadata)
-    for c in caches[1:]:
+            out[k], kind = _fold_default(values, [dict(c.meta.resolved).get(k) for c in filled])
+            if kind is None:
+                resolved.pop(k, None)
+            else:
+                resolved[k] = kind
+        elif len(values) == 1:  # one batch (cat into an empty cache) stays as given
+            out[k] = values[0]
+        else:
+            out[k] = _concat([jnp.asarray(v) for v in values]) if s is CONCAT else s(values, counts)
+    info, metadata = {}, {}
+    for c in caches:
         for k, v in c.meta.info:
             info.setdefault(k, v)
         for k, v in c.meta.metadata:
             metadata.setdefault(k, v)
-    new_meta = meta.replace(info=info, metadata=metadata, resolved=resolved, n_batches=sum(counts))
-    return first._replace({k: out[k] for k in first.keys()}, meta=new_meta)
+    new_meta = first.meta.replace(info=info, metadata=metadata, resolved=resolved, n_batches=sum(counts))
+    return base._replace(out, meta=new_meta)
 
 
 def cat(a: Any, b: Any) -> Any:
@@ -266,14 +394,19 @@ class Deferred:
     >>> d = Deferred()
     >>> for batch in batches: d.add(model.run_with_cache(batch)[1])
     >>> cache = d.result()
+
+    easyroutine 1.1.5's `deferred_mode` never terminates: on exit it `cat`s the collected caches
+    while still in deferred mode, so each `cat` appends to the list being iterated. Here the
+    collection and the combination are separate calls, and `result()` returns.
     """
 
     def __init__(self, caches: Iterable[Any] = ()):
         self._caches: list[Any] = list(caches)
 
     def add(self, cache: Any) -> "Deferred":
-        if self._caches:
-            _check_compatible(self._caches[0], cache, len(self._caches))
+        filled = [c for c in self._caches if len(c)]
+        if filled:
+            _check_compatible(filled[0], cache, len(self._caches))
         self._caches.append(cache)
         return self
 
@@ -286,16 +419,53 @@ class Deferred:
         return combine(self._caches)
 
 
+def merge(a: Any, b: Any, keep_strategies: bool = True) -> Any:
+    """easyroutine's `a + b` (keep_strategies=False) and `a.update(b)` (True): a new cache with
+    the keys of both, `b`'s values (and info strings) winning where both have a key. `b` is a
+    cache or a dict of values. As easyroutine's `+` builds a fresh cache, it starts from the
+    pre-registered strategies; `update` keeps `a`'s. Metadata is merged field by field (`b` wins);
+    `a`'s model config, weights and batch count are kept (`b`'s where `a` has none)."""
+    if isinstance(b, dict):
+        b_items, b_meta, b_cache = dict(b), None, None
+    elif type(b) is type(a):
+        b_items, b_meta, b_cache = dict(b.items()), b.meta, b
+    else:
+        raise TypeError(f"can only add or update an ActivationCache with an ActivationCache or a dict, "
+                        f"not {type(b).__name__}")
+    ma = a.meta
+    info = {k: v for k, v in ma.info if k not in b_items}
+    resolved = {k: v for k, v in ma.resolved if k not in b_items}
+    metadata = dict(ma.metadata)
+    if b_meta is not None:
+        info.update(b_meta.info)
+        resolved.update(b_meta.resolved)
+        metadata.update(b_meta.metadata)
+    n_batches = ma.n_batches if len(a) or b_meta is None else b_meta.n_batches
+    strategies = ma.strategies if keep_strategies else EASYROUTINE_STRATEGIES
+    meta = ma.replace(info=info, resolved=resolved, metadata=metadata, strategies=strategies, n_batches=n_batches)
+    kw: dict[str, Any] = {"meta": meta}
+    if b_cache is not None:
+        kw["weights"] = {**b_cache.weights, **a.weights}
+        if a.cfg is None:
+            kw["cfg"] = b_cache.cfg
+        if a.tokenizer is None:
+            kw["tokenizer"] = b_cache.tokenizer
+    return a._replace({**dict(a.items()), **b_items}, **kw)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mapping index, memory accounting
 # ---------------------------------------------------------------------------------------------
 
 
 def map_to_dict(cache: Any, key: str, mapping_index: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
-    """{name: cache[key][:, index].squeeze()} for each (name, index) of the mapping index
-    (given, or the cache's `metadata["mapping_index"]`), as easyroutine does."""
+    """{name: cache[key][:, index].squeeze()} for each (name, index) of the mapping index (given,
+    the cache's `metadata["mapping_index"]`, or a `mapping_index` entry of the cache as easyroutine
+    stores it), as easyroutine does."""
     if mapping_index is None:
         mapping_index = dict(cache.meta.metadata).get("mapping_index")
+        if mapping_index is None and isinstance(cache.get("mapping_index"), Mapping):
+            mapping_index = cache["mapping_index"]
         if mapping_index is None:
             raise ValueError("map_to_dict needs a mapping index: pass mapping_index={name: positions} or "
                              "add_metadata(mapping_index=...)")
@@ -304,18 +474,21 @@ def map_to_dict(cache: Any, key: str, mapping_index: Mapping[str, Any] | None = 
         raise ValueError(f"map_to_dict: {key!r} holds a {type(value).__name__}, not an array")
     out = {}
     for name, idx in mapping_index.items():
+        if isinstance(idx, str):  # easyroutine's {"info": "avg"} marker of averaged positions
+            continue
         idx = list(idx) if isinstance(idx, tuple) else idx
         out[name] = jnp.squeeze(jnp.asarray(value)[:, idx])
     return out
 
 
 def nbytes(tree: Any) -> int:
-    """Bytes held by the array leaves of any pytree (lists of arrays included)."""
+    """Bytes held by the array leaves of any pytree (lists and dicts of arrays included)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
 def human(n: float) -> str:
-    """Bytes in decimal units, as easyroutine prints them: "12.35 MB"."""
+    """Bytes in decimal units, as easyroutine prints them: "12.35 MB". Below 1 KB the bytes
+    themselves ("512.00 B"; easyroutine 1.1.5 divides them by 1000 and still writes "B")."""
     for unit, f in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= f:
             return f"{n / f:.2f} {unit}"
@@ -323,7 +496,7 @@ def human(n: float) -> str:
 
 
 def memory_size(cache: Any, key: str | None = None) -> str:
-    """Size of one key (or of all activations) in human units."""
+    """Size of one key (or of all activations) in human units (see `human`)."""
     if key is None:
         return human(sum(nbytes(v) for v in cache.values()))
     if key not in cache:
@@ -332,18 +505,36 @@ def memory_size(cache: Any, key: str | None = None) -> str:
 
 
 _LAYER = re.compile(r"^blocks\.\d+\.")
+_PER_HEAD = re.compile(r"^(.+_L\d+)H\d+$")  # pattern_L0H1 -> pattern_L0
+_PER_LAYER = re.compile(r"^(.+?)_L?\d+$")  # resid_out_3 -> resid_out, values_L3 -> values
+
+
+def _group_of(key: str) -> str | None:
+    if _LAYER.match(key):
+        return _LAYER.sub("blocks.*.", key)
+    m = _PER_HEAD.match(key) or _PER_LAYER.match(key)
+    return m.group(1) if m else None
 
 
 def memory_tree(cache: Any, grouped: bool = True, print_tree: bool = False) -> dict[str, str]:
-    """{key: size}; with `grouped`, per hook type across layers: {"blocks.*.attn.hook_pattern":
-    "1.05 MB (12 items)"}. The carried weights appear once as "weights"."""
+    """{key: size}; with `grouped`, keys of one kind are summed: "blocks.*.attn.hook_pattern":
+    "1.05 MB (12 items)" over layers for hook names, and for easyroutine's keys (those `extract`
+    returns) `resid_out_3` joins "resid_out" and `pattern_L0H1` joins "pattern_L0" (a layer's
+    heads), as easyroutine's grouped tree does. easyroutine's own table misses some of its keys
+    (`head_out_L0H1`, `values_L0`) and fails on `avg_attn_pattern_*` (a pattern without a
+    capture group); here every `{name}_{layer}` / `{name}_L{layer}` key joins `{name}` and
+    every `{name}_L{layer}H{head}` key joins `{name}_L{layer}`.
+    The carried weights appear once as "weights"."""
     sizes = {k: nbytes(v) for k, v in cache.items()}
     if grouped:
         groups: dict[str, list[int]] = {}
+        named: set[str] = set()
         for k, n in sizes.items():
-            groups.setdefault(_LAYER.sub("blocks.*.", k), []).append(n)
-        tree = {g: f"{human(sum(ns))} ({len(ns)} items)" if g.startswith("blocks.*.") else human(sum(ns))
-                for g, ns in groups.items()}
+            g = _group_of(k)
+            if g is not None:
+                named.add(g)
+            groups.setdefault(g if g is not None else k, []).append(n)
+        tree = {g: f"{human(sum(ns))} ({len(ns)} items)" if g in named else human(sum(ns)) for g, ns in groups.items()}
     else:
         tree = {k: human(n) for k, n in sizes.items()}
     if cache.weights:
@@ -366,7 +557,8 @@ class RunningStats(NamedTuple):
 
     Statistics are over the reduced axes of each update (by default the batch axis), so after
     updates with batches x_1..x_n, `mean[k]` and `variance()[k]` equal numpy's over their
-    concatenation. Counts are per element when a mask excludes some entries.
+    concatenation. With `axes=()` each update is one sample (easyroutine's element-wise running
+    average over batches). Counts are per element when a mask excludes some entries.
     """
 
     count: dict[str, jax.Array]
@@ -418,8 +610,9 @@ def update_stats(stats: RunningStats, batch: Mapping[str, jax.Array], mask: jax.
     """Merge one batch into the running statistics (Chan et al.'s parallel Welford update).
 
     `batch` maps keys to arrays (an ActivationCache's items work); `axes` are reduced (batch, or
-    batch and position); `mask`, whose shape is a prefix of each value's, weights entries 0/1 (e.g.
-    the attention mask, so padding is not counted). Keys absent from `stats` start empty.
+    batch and position; `()` makes the whole batch one sample); `mask`, whose shape is a prefix of
+    each value's, weights entries 0/1 (e.g. the attention mask, so padding is not counted). Keys
+    absent from `stats` start empty.
     """
     count, mean, m2 = dict(stats.count), dict(stats.mean), dict(stats.m2)
     for k, x in batch.items():
@@ -438,43 +631,61 @@ def update_stats(stats: RunningStats, batch: Mapping[str, jax.Array], mask: jax.
     return RunningStats(count, mean, m2)
 
 
-def _membership(groups: Any, n: int, batch: int) -> jax.Array:
-    """Token groups -> [batch G n] 0/1 membership: a list of index lists, or an array [G n] / [batch G n]."""
-    if isinstance(groups, (list, tuple)):
-        m = np.zeros((len(groups), n), np.float32)
-        for g, idx in enumerate(groups):
-            idx = [idx] if isinstance(idx, (int, np.integer)) else list(idx)
-            if not idx:
-                raise ValueError(f"token group {g} is empty")
-            bad = [i for i in idx if not -n <= i < n]
-            if bad:
-                raise ValueError(f"token group {g} has position {bad[0]} outside a sequence of length {n}")
-            m[g, idx] = 1.0
+# ---------------------------------------------------------------------------------------------
+# Attention-pattern block statistics (the one implementation)
+# ---------------------------------------------------------------------------------------------
+
+PATTERN_METHODS = ("mean", "sum", "baseline_ratio")
+
+
+def _membership(groups: Any, n: int, batch: int, what: str) -> jax.Array | np.ndarray:
+    """Token groups -> [batch G n] counts: how often each position is listed in each group (a
+    list of index lists, see `normalize_groups`), or a given [G n] / [batch G n] array of weights
+    (per-example positions)."""
+    if isinstance(groups, (list, tuple, int, np.integer)):
+        m = np.zeros((len(norm := normalize_groups(groups, n, what)), n), np.float32)
+        for g, idx in enumerate(norm):
+            for p in idx:
+                m[g, p] += 1.0
         groups = m
     m = groups.astype(jnp.float32) if isinstance(groups, jax.Array) else np.asarray(groups, np.float32)
     if m.ndim == 2:
         m = (jnp if isinstance(m, jax.Array) else np).broadcast_to(m, (batch,) + m.shape)
     if m.ndim != 3 or m.shape[-1] != n:
-        raise ValueError(f"token groups must be index lists or a [G {n}] / [batch G {n}] membership array, "
+        raise ValueError(f"{what} must be index lists or a [G {n}] / [batch G {n}] membership array, "
                          f"got shape {m.shape}")
     return m
 
 
 def group_pattern(pattern: jax.Array, col_groups: Any, row_groups: Any = None, method: str = "mean",
                   attention_mask: jax.Array | None = None) -> jax.Array:
-    """Attention pattern [batch head query key] -> per-head blocks [batch head G_rows G_cols].
+    """Attention pattern [batch head query key] -> per-head blocks [batch head G_rows G_cols]
+    (easyroutine's `attention_pattern_head` with `attn_pattern_avg` = `method`).
 
-    Block (i, j) covers query rows of `row_groups[i]` (default: the column groups) and key columns
-    of `col_groups[j]`; groups are index lists, or 0/1 membership arrays [G pos] / [batch G pos]
-    (per-example positions). `method` is "mean" (block mean, masked entries included as zeros, as
-    easyroutine), "sum", or "baseline_ratio" (the block mean over what uniform attention over the
-    allowed keys would give; NaN where a block has no allowed key, as easyroutine's 0/0).
+    Block (i, j) holds the query rows of `row_groups[i]` (default: the column groups) and the key
+    columns of `col_groups[j]`. Groups are index lists (negative positions count from the end; a
+    position listed twice counts twice, as easyroutine's list indexing does), or membership
+    arrays [G pos] / [batch G pos] (per-example positions, entries = how often each counts).
+    `method`:
+    - "mean": the block's mean (masked entries included as zeros, as easyroutine);
+    - "sum": the block's sum;
+    - "baseline_ratio": the mean divided by what uniform attention would give: the mean over the
+      block's rows i of (listed columns that row i may attend to) / (keys row i may attend to),
+      i.e. easyroutine's (#{j in cols: j <= i}) / (i + 1) for a square pattern. A block wholly
+      above the diagonal has baseline 0 and gives NaN (0/0), as easyroutine. With
+      `attention_mask` [batch key], padding keys are not counted as attendable (our extension
+      for padded batches; without it positions are buffer indices, as easyroutine's).
+    easyroutine 1.1.5 computes the baseline on the positions as given, so a negative position
+    (-1) makes its baseline wrong (row -1 may attend to no key); positions are resolved first
+    here. Its code computes statistics only when a row partition is given (else it returns the
+    flattened pattern); its docstring's default, rows = the column groups, is what
+    `row_groups=None` does here.
     """
-    if method not in ("mean", "sum", "baseline_ratio"):
+    if method not in PATTERN_METHODS:
         raise ValueError(f"method={method!r} must be 'mean', 'sum' or 'baseline_ratio'")
     b, _, q, k = pattern.shape
-    C = _membership(col_groups, k, b)
-    R = _membership(col_groups if row_groups is None else row_groups, q, b)
+    C = _membership(col_groups, k, b, "col_groups")
+    R = _membership(col_groups if row_groups is None else row_groups, q, b, "row_groups")
     return _group_pattern(pattern, C, R, attention_mask, method=method)
 
 
@@ -509,3 +720,9 @@ def update_pattern_stats(stats: RunningStats, patterns: Mapping[str, jax.Array],
     picked = {k: v for k, v in patterns.items() if k.endswith("hook_pattern")} or dict(patterns)
     blocks = {k: group_pattern(v, col_groups, row_groups, method, attention_mask) for k, v in picked.items()}
     return update_stats(stats, blocks, example_mask, axes=(0,))
+
+
+__all__ = ["normalize_groups", "Strategy", "CONCAT", "STACK", "LAST", "LIST", "MEAN", "FIELDS", "DEFAULT", "BUILTIN",
+           "EASYROUTINE_STRATEGIES", "pairwise", "as_strategy", "strategy_for", "CacheMeta", "EMPTY_META",
+           "combine", "cat", "Deferred", "merge", "map_to_dict", "nbytes", "human", "memory_size", "memory_tree",
+           "RunningStats", "update_stats", "PATTERN_METHODS", "group_pattern", "update_pattern_stats"]

@@ -35,7 +35,7 @@ from jaxlens import analysis as A
 from jaxlens.devices import resolve_device
 from jaxlens.fingerprint import Identity
 from jaxlens.config import ModelConfig
-from jaxlens.hooks import get_act_name
+from jaxlens.hooks import did_you_mean, get_act_name
 from jaxlens.slice import Slice, SliceInput
 
 log = logging.getLogger(__name__)
@@ -191,12 +191,8 @@ class ActivationCache:
     def __getitem__(self, key: Any) -> Any:
         name = self._key(key)
         if name not in self._d:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(self._d), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise KeyError(f"{name!r} is not in this cache{hint}; it holds {len(self._d)} activations: "
-                           "run with a names_filter that includes it")
+            raise KeyError(f"{name!r} is not in this cache{did_you_mean(name, self._d)}; it holds {len(self._d)} "
+                           "activations: run with a names_filter that includes it")
         return self._d[name]
 
     def __contains__(self, key: Any) -> bool:
@@ -564,7 +560,8 @@ class ActivationCache:
     # --- aggregation (easyroutine, functional) ----------------------------------------------
     def register_aggregation(self, key_prefix: str, strategy: Any) -> "ActivationCache":
         """A new cache whose keys starting with `key_prefix` combine by `strategy` (a Strategy, a
-        built-in name or an easyroutine-style `fn(old, new)`)."""
+        built-in name or an easyroutine-style `fn(old, new)`). Every cache starts with
+        easyroutine's pre-registered strategies (`jaxlens.aggregate.EASYROUTINE_STRATEGIES`)."""
         strategies = dict(self.meta.strategies)
         strategies[key_prefix] = agg.as_strategy(strategy)
         return self._replace(meta=self.meta.replace(strategies=strategies))
@@ -575,8 +572,20 @@ class ActivationCache:
         return self._replace(meta=self.meta.replace(strategies=strategies))
 
     def cat(self, other: "ActivationCache") -> "ActivationCache":
-        """This cache and `other` combined key by key (see `jaxlens.aggregate`); keys must match."""
+        """This cache and `other` combined key by key (see `jaxlens.aggregate`); keys must match,
+        except that an empty cache (`ActivationCache({})`) takes `other`'s, as easyroutine's does."""
         return agg.cat(self, other)
+
+    def __add__(self, other: Any) -> "ActivationCache":
+        """easyroutine's `a + b`: a new cache with the keys of both (`other`'s values win; `other` is
+        a cache or a dict), starting from the pre-registered aggregation strategies."""
+        return agg.merge(self, other, keep_strategies=False)
+
+    def update(self, other: Any) -> "ActivationCache":
+        """easyroutine's `update`, returning the new cache (this one is unchanged): the keys of
+        both, `other`'s values winning (a cache or a dict); this cache's strategies are kept."""
+        _warn_if_discarded("update", "cache = cache.update(other)")
+        return agg.merge(self, other, keep_strategies=True)
 
     def set(self, key: str, value: Any) -> "ActivationCache":
         """A new cache with `key` set to `value`."""
@@ -615,6 +624,8 @@ class ActivationCache:
         return agg.map_to_dict(self, key, mapping_index)
 
     def memory_size(self, key: str | None = None) -> str:
+        """Size of `key` (or of all activations) as easyroutine prints it, "6.00 KB"; below 1 KB in
+        bytes (easyroutine 1.1.5 divides those by 1000 and still writes "B")."""
         return agg.memory_size(self, key)
 
     def memory_tree(self, grouped: bool = True, print_tree: bool = False) -> dict[str, str]:

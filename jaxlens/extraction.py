@@ -2,29 +2,29 @@
 
 Token positions are given as groups, a list of tuples (`[(1, 3), (4,)]`): without `avg` the
 groups are flattened into one list of positions (easyroutine's default), with `avg` each group
-is averaged into one position. Negative positions count from the end.
+is averaged into one position. Negative positions count from the end; a position listed twice
+counts twice (easyroutine's list indexing).
 
 - `select_tokens`: any [batch pos ...] activation at the token groups (`save_resid_hook`).
 - `head_vectors`: per-head queries/keys/values (`query_key_value_hook`); grouped-query keys and
   values are repeated so query head h reads kv head h // (n_heads / n_kv_heads).
 - `project_head_vectors`: per-head vectors through that head's block of W_O, plus b_O
   (`projected_value/key/query_vectors_head`, with GQA repeat for keys and values).
-- `pattern_block_stats`: attention-pattern block statistics for row groups × column groups:
-  "mean", "sum" and "baseline_ratio" (`attention_pattern_head`), with easyroutine's definitions.
+- `attention_pattern_head`: patterns at the token groups: flattened, easyroutine's raw blocks of
+  a row partition (`'none'`), or block statistics ("mean", "sum", "baseline_ratio"), which are
+  `jaxlens.aggregate.group_pattern`'s (the one implementation).
 - `running_pattern_average`: running average of patterns across batches, optionally with
-  value-norm weighting (`avg_attention_pattern_head`).
+  value-norm weighting (`avg_attention_pattern_head`), kept as `aggregate.RunningStats`.
 - `position_statistics`: mean, variance and second moment over the last axis
   (`compute_statistics`).
 - `embedding_with_grad`: the embedding output and the gradient of a metric with respect to it
   (`input_embedding_hook(keep_gradient=True)`).
 - `extract(model, input, token_groups, what=...)`: all of the above for many layers and heads in
-  one jitted forward pass, returned under easyroutine's cache keys (`resid_out_3`,
-  `projected_value_L3H1`, `pattern_L3H1`, ...).
+  one jitted forward pass, returned under easyroutine's cache keys (see `extract`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, Sequence
 
@@ -32,51 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlens.aggregate import PATTERN_METHODS, RunningStats, group_pattern, normalize_groups, update_stats
 from jaxlens.config import ModelConfig
 from jaxlens.forward import forward
+from jaxlens.hooks import did_you_mean
+from jaxlens.model.layers import repeat_kv
+from jaxlens.model.views import block_param
 
 Array = jax.Array
 TokenGroups = Sequence[Sequence[int]]
-Stat = Literal["mean", "sum", "baseline_ratio"]
-
-
-def normalize_groups(token_groups: Any, n: int | None = None, what: str = "token_groups") -> tuple[tuple[int, ...], ...]:
-    """Check and freeze token groups into a tuple of int tuples (static, hashable).
-
-    An int or a flat list of ints is accepted as groups of one. With `n` (the sequence length),
-    negative positions are resolved and out-of-range ones raise ValueError.
-    """
-    if isinstance(token_groups, (int, np.integer)):
-        token_groups = [(int(token_groups),)]
-    groups = []
-    for g in token_groups:
-        g = (g,) if isinstance(g, (int, np.integer)) else tuple(g)
-        if not g:
-            raise ValueError(f"{what}: empty group; every group needs at least one position")
-        for p in g:
-            if not isinstance(p, (int, np.integer)):
-                raise ValueError(f"{what}: positions must be ints, got {p!r} ({type(p).__name__})")
-        if n is not None:
-            bad = [p for p in g if not -n <= p < n]
-            if bad:
-                raise ValueError(f"{what}: positions {bad} are outside a sequence of length {n}")
-            g = tuple(int(p) % n for p in g)
-        groups.append(tuple(int(p) for p in g))
-    if not groups:
-        raise ValueError(f"{what} is empty: give a list of position tuples, e.g. [(0,), (3, 4)]")
-    return tuple(groups)
-
-
-def _group_matrix(groups: tuple[tuple[int, ...], ...], n: int, avg: bool) -> Array:
-    """[n_out, n] selection matrix: one-hot rows (flatten) or per-group averaging rows (avg)."""
-    if avg:
-        m = np.zeros((len(groups), n), np.float32)
-        for i, g in enumerate(groups):
-            for p in g:
-                m[i, p] += 1.0 / len(g)
-        return jnp.asarray(m)
-    flat = [p for g in groups for p in g]
-    return jnp.asarray(np.eye(n, dtype=np.float32)[flat])
+PatternAvg = Literal["none", "mean", "sum", "baseline_ratio"]
 
 
 def select_tokens(x: Array, token_groups: Any, avg: bool = False, axis: int = 1) -> Array:
@@ -93,14 +58,18 @@ def expand_kv_heads(act: Array, cfg: ModelConfig) -> Array:
     """[batch pos kv_head d] -> [batch pos head d]: query head h uses kv head h // group."""
     if act.shape[2] == cfg.n_heads:
         return act
-    return jnp.repeat(act, cfg.n_heads // cfg.kv_heads, axis=2)
+    return repeat_kv(act, cfg.n_heads // cfg.kv_heads, axis=2)
 
 
 def head_vectors(act: Array, cfg: ModelConfig, token_groups: Any, avg: bool = False, expand_kv: bool = True) -> Array:
     """Per-head q/k/v [batch pos head d_head] -> [batch head tokens d_head] at the token groups.
 
-    Keys and values of grouped-query models are repeated to every query head (`expand_kv`);
-    with expand_kv=False they stay per kv head.
+    Keys and values of grouped-query models are repeated to every query head (`expand_kv`), so
+    query head h reads kv head h // (n_heads / n_kv_heads), as the model's attention does; with
+    expand_kv=False they stay per kv head. easyroutine 1.1.5's `query_key_value_hook` computes
+    that index as h // (n_kv_heads // (n_heads / n_kv_heads)) (and with head="all" lists only
+    n_kv_heads heads), so depending on the ratio it reads the wrong kv head (kv head 0 for
+    several heads) or divides by zero; we keep the model's own index.
     """
     if expand_kv:
         act = expand_kv_heads(act, cfg)
@@ -109,46 +78,42 @@ def head_vectors(act: Array, cfg: ModelConfig, token_groups: Any, avg: bool = Fa
 
 def project_head_vectors(vecs: Array, W_O: Array, b_O: Array | None = None) -> Array:
     """Head vectors [batch head tokens d_head] through each head's W_O [head d_head d_model],
-    plus the full b_O on every head as easyroutine does: [batch head tokens d_model]."""
+    plus `b_O` [d_model] on every head (easyroutine's projected q/k/v add the full b_O):
+    [batch head tokens d_model]."""
     out = jnp.einsum("bhtd,hdm->bhtm", vecs, W_O.astype(vecs.dtype))
     return out if b_O is None else out + b_O.astype(out.dtype)
 
 
-def pattern_block_stats(pattern: Array, col_groups: Any, row_groups: Any = None, stat: Stat = "mean") -> Array:
-    """Block statistics of attention patterns [batch head query key] -> [batch head G_row G_col].
+def attention_pattern_head(pattern: Array, token_groups: Any, row_partition: Any = None, avg: PatternAvg = "none",
+                           attention_mask: Array | None = None) -> Array:
+    """easyroutine's `attention_pattern_head` on patterns [batch head query key].
 
-    Block (i, j) holds rows `row_groups[i]` (default: `col_groups`) and columns
-    `col_groups[j]`; repeated positions count as often as listed (as with easyroutine's list
-    indexing). "mean"/"sum" are the block's mean/sum; "baseline_ratio" is the mean divided by
-    the mean over the block's rows of (#columns ≤ row) / (row + 1), the value a uniform causal
-    pattern would give; a block wholly above the diagonal has baseline 0 and gives NaN, as in
-    easyroutine. Positions are buffer indices (padding is not discounted), as in easyroutine.
-    easyroutine's code computes block statistics only when a row partition is given; its
-    docstring's default (rows = the column groups) is what `row_groups=None` does here.
+    - avg="none", no `row_partition`: the pattern at the flattened positions, rows and columns:
+      [batch head T T].
+    - avg="none" with a `row_partition`: easyroutine's raw blocks, rows `row_partition[i]` ×
+      columns `token_groups[j]`, taken row group by row group, then column group by column
+      group, and concatenated along the rows: [batch head n_col_groups·Σ|row group| |col group|]
+      (so the column groups must have one size, as easyroutine's `torch.cat` requires).
+    - avg="mean" / "sum" / "baseline_ratio": block statistics [batch head G_rows G_cols], see
+      `jaxlens.aggregate.group_pattern` (rows default to the column groups, easyroutine's
+      documented default; its code would return the flattened pattern there instead).
     """
-    if stat not in ("mean", "sum", "baseline_ratio"):
-        raise ValueError(f"stat must be 'mean', 'sum' or 'baseline_ratio', got {stat!r}")
+    if avg not in ("none",) + PATTERN_METHODS:
+        raise ValueError(f"avg must be 'none', 'mean', 'sum' or 'baseline_ratio', got {avg!r}")
     nq, nk = pattern.shape[-2:]
-    cols = normalize_groups(col_groups, nk, "col_groups")
-    rows = normalize_groups(row_groups if row_groups is not None else col_groups, nq, "row_groups")
-    R = np.zeros((len(rows), nq), np.float32)
-    C = np.zeros((len(cols), nk), np.float32)
-    for i, g in enumerate(rows):
-        for p in g:
-            R[i, p] += 1
-    for j, g in enumerate(cols):
-        for p in g:
-            C[j, p] += 1
-    sums = jnp.einsum("iq,bhqk,jk->bhij", jnp.asarray(R), pattern.astype(jnp.float32), jnp.asarray(C))
-    if stat == "sum":
-        return sums
-    counts = np.array([[len(r) * len(c) for c in cols] for r in rows], np.float32)
-    mean = sums / jnp.asarray(counts)
-    if stat == "mean":
-        return mean
-    base = np.array([[np.mean([sum(1 for j in c if j <= i) / (i + 1) for i in r]) for c in cols] for r in rows],
-                    np.float32)
-    return mean / jnp.asarray(base)
+    cols = normalize_groups(token_groups, nk, "token_groups")
+    if avg != "none":
+        return group_pattern(pattern, cols, row_partition, avg, attention_mask)
+    if row_partition is None:
+        rows = jnp.asarray([p for g in normalize_groups(token_groups, nq, "token_groups") for p in g])
+        return pattern[:, :, rows][:, :, :, jnp.asarray([p for g in cols for p in g])]
+    rows = normalize_groups(row_partition, nq, "row_partition")
+    if len({len(g) for g in cols}) > 1:
+        raise ValueError(f"attention_pattern_head(avg='none') with a row partition concatenates the raw blocks along "
+                         f"the rows (easyroutine's layout), which needs column groups of one size; got sizes "
+                         f"{[len(g) for g in cols]}. Use no row partition (the flattened pattern) or a statistic")
+    blocks = [pattern[:, :, jnp.asarray(g1)][:, :, :, jnp.asarray(g2)] for g1 in rows for g2 in cols]
+    return jnp.concatenate(blocks, axis=2)
 
 
 def position_statistics(x: Array, axis: int = -1) -> tuple[Array, Array, Array]:
@@ -164,23 +129,6 @@ def position_statistics(x: Array, axis: int = -1) -> tuple[Array, Array, Array]:
 # Running average of patterns across batches
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class PatternAverage:
-    """Running averages over batches (easyroutine's `avg_attention_pattern_head`).
-
-    `pattern` [batch head T T]: the patterns at the flattened token positions, averaged over
-    the batches seen so far (element-wise per batch row, as easyroutine keeps the batch axis).
-    `value_weighted` [batch head T key] (or None): value-norm-weighted patterns at those query
-    rows. `count`: batches seen.
-    """
-
-    pattern: Array
-    value_weighted: Array | None
-    count: Array
-
-
-jax.tree_util.register_dataclass(PatternAverage, data_fields=["pattern", "value_weighted", "count"], meta_fields=[])
-
 
 def value_weighted_pattern(pattern: Array, projected_values: Array, weight_by: Literal["key", "query"] = "key") -> Array:
     """Pattern [batch head q k] weighted by the norm of the projected value vectors
@@ -195,29 +143,34 @@ def value_weighted_pattern(pattern: Array, projected_values: Array, weight_by: L
     raise ValueError(f"weight_by must be 'key' or 'query', got {weight_by!r}")
 
 
-def running_pattern_average(state: PatternAverage | None, pattern: Array, token_groups: Any,
+def running_pattern_average(state: RunningStats | None, pattern: Array, token_groups: Any,
                             projected_values: Array | None = None, weight_by: Literal["key", "query"] = "key"
-                            ) -> PatternAverage:
-    """Fold one batch's patterns [batch head q k] into the running average (pure; returns a new
-    state). avg ← avg + (x − avg) / (count + 1), as easyroutine with count = batch index.
-    With `projected_values` [batch head k d_model] (all positions), also averages the
-    value-norm-weighted pattern rows at the token positions (`value_weighted_pattern`)."""
+                            ) -> RunningStats:
+    """Fold one batch's patterns [batch head q k] into the running average (easyroutine's
+    `avg_attention_pattern_head`); pure, returns new `aggregate.RunningStats` (None starts one).
+
+    `mean["pattern"]` [batch head T T] is the pattern at the flattened token positions averaged
+    element-wise over the batches seen (easyroutine keeps the batch axis: avg ← avg + (x − avg) /
+    (batch_idx + 1)); `count["pattern"]` counts them; `variance()` comes with it. With
+    `projected_values` [batch head k d_model] (all positions), `mean["value_weighted"]`
+    [batch head T key] averages the value-norm-weighted pattern rows at the token positions
+    (`value_weighted_pattern`).
+    """
     groups = normalize_groups(token_groups, pattern.shape[-1])
     flat = jnp.asarray([p for g in groups for p in g])
-    x = pattern.astype(jnp.float32)[:, :, flat][:, :, :, flat]
-    vw = None
+    batch = {"pattern": pattern.astype(jnp.float32)[:, :, flat][:, :, :, flat]}
     if projected_values is not None:
-        vw = value_weighted_pattern(pattern.astype(jnp.float32), projected_values, weight_by)[:, :, flat]
-    if state is None:
-        state = PatternAverage(jnp.zeros_like(x), None if vw is None else jnp.zeros_like(vw), jnp.zeros((), jnp.int32))
-    if state.pattern.shape != x.shape:
-        raise ValueError(f"running_pattern_average: this batch gives {x.shape}, the running average holds "
-                         f"{state.pattern.shape}; easyroutine averages batches of the same size element-wise")
-    if (vw is None) != (state.value_weighted is None):
-        raise ValueError("running_pattern_average: pass projected_values on every batch or on none")
-    step = 1.0 / (state.count + 1).astype(jnp.float32)
-    new_vw = None if vw is None else state.value_weighted + (vw - state.value_weighted) * step
-    return PatternAverage(state.pattern + (x - state.pattern) * step, new_vw, state.count + 1)
+        batch["value_weighted"] = value_weighted_pattern(pattern.astype(jnp.float32), projected_values,
+                                                         weight_by)[:, :, flat]
+    state = RunningStats.empty() if state is None else state
+    if state.mean:
+        if set(state.mean) != set(batch):
+            raise ValueError("running_pattern_average: pass projected_values on every batch or on none")
+        if state.mean["pattern"].shape != batch["pattern"].shape:
+            raise ValueError(f"running_pattern_average: this batch gives {batch['pattern'].shape}, the running "
+                             f"average holds {state.mean['pattern'].shape}; easyroutine averages batches of the "
+                             "same size element-wise")
+    return update_stats(state, batch, axes=())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,60 +194,121 @@ def embedding_with_grad(model: Any, input: Any, metric: Callable[[Array], Array]
 # One compiled extraction over a model
 # ---------------------------------------------------------------------------------------------
 
-_LAYER_HOOKS = {"resid_in": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_out": "hook_resid_post",
-                "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
-_HEAD_HOOKS = {"queries": "attn.hook_q", "keys": "attn.hook_k", "values": "attn.hook_v", "head_out": "attn.hook_z",
-               "projected_query": "attn.hook_q", "projected_key": "attn.hook_k", "projected_value": "attn.hook_v",
-               "pattern": "attn.hook_pattern"}
-WHAT = ("embed",) + tuple(_LAYER_HOOKS) + tuple(_HEAD_HOOKS)
+# `what` names are easyroutine's ExtractionConfig flags without "extract_"; keys are its cache keys.
+_LAYER_HOOKS = {"resid_in": "hook_resid_pre", "resid_out": "hook_resid_post", "attn_out": "hook_attn_out",
+                "mlp_out": "hook_mlp_out"}
+_NORM_OUTPUTS = {"resid_in_post_layernorm": "ln1", "attn_in": "ln1", "resid_mid": "ln2"}  # what -> norm
+_QKV = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
+_HEAD_VECTORS = {"head_queries": "q", "head_keys": "k", "head_values": "v"}  # key head_queries_L{l}H{h}
+_LAYER_VECTORS = {"queries": "q", "keys": "k", "values": "v"}  # key queries_L{l}, heads not split
+_PROJECTED = {"head_queries_projected": ("q", "projected_query"), "head_keys_projected": ("k", "projected_key"),
+              "head_values_projected": ("v", "projected_value")}
+_HOOK_OF = {**_LAYER_HOOKS, **{w: f"{n}.hook_normalized" for w, n in _NORM_OUTPUTS.items()},
+            **{w: _QKV[c] for w, c in {**_HEAD_VECTORS, **_LAYER_VECTORS}.items()},
+            **{w: _QKV[c] for w, (c, _) in _PROJECTED.items()}, "head_out": "attn.hook_z",
+            "attn_pattern": "attn.hook_pattern"}  # what -> the hook read in each layer (blocks.{l}.*)
+WHAT = ("embed",) + tuple(_HOOK_OF) + ("last_layernorm",)
 
 
-@partial(jax.jit, static_argnames=("cfg", "capture", "what", "layers", "heads", "groups", "avg", "stat", "row_groups",
-                                   "precision"))
-def _extract(params, tokens, mask, weights, *, cfg, capture, what, layers, heads, groups, avg, stat, row_groups,
-             precision):
-    _, acts, _ = forward(params, cfg, tokens, mask, capture=capture, precision=precision)
+def _norm_output(normalized: Array, w: Array | None, b: Array | None) -> Array:
+    """A norm's output from its `hook_normalized`: × w (+ b), as `jaxlens.model.norms.Norm`."""
+    out = normalized * w if w is not None else normalized
+    return out + b if b is not None else out
+
+
+@partial(jax.jit, static_argnames=("cfg", "capture", "what", "layers", "heads", "groups", "avg", "pattern_avg",
+                                   "row_groups", "save_logits", "precision"))
+def _extract(params, tokens, mask, weights, *, cfg, capture, what, layers, heads, groups, avg, pattern_avg, row_groups,
+             save_logits, precision):
+    logits, acts, _ = forward(params, cfg, tokens, mask, capture=capture, precision=precision)
+    flat = [p for g in groups for p in g]
     out: dict[str, Array] = {}
     if "embed" in what:
-        out["embed"] = select_tokens(acts["hook_embed"], groups, avg)
+        out["input_embeddings"] = select_tokens(acts["hook_embed"], groups, avg)
     for l in layers:
+        B = f"blocks.{l}"
         for key, hook in _LAYER_HOOKS.items():
             if key in what:
-                out[f"{key}_{l}"] = select_tokens(acts[f"blocks.{l}.{hook}"], groups, avg)
-        for key in ("queries", "keys", "values", "head_out"):
+                out[f"{key}_{l}"] = select_tokens(acts[f"{B}.{hook}"], groups, avg)
+        for key, norm in _NORM_OUTPUTS.items():
             if key in what:
-                v = head_vectors(acts[f"blocks.{l}.{_HEAD_HOOKS[key]}"], cfg, groups, avg)
+                w = weights["norms"][f"{norm}.{l}"]
+                x = _norm_output(acts[f"{B}.{norm}.hook_normalized"], w["w"], w["b"])
+                out[f"{key}_{l}"] = select_tokens(x, groups, avg)
+        for key, kind in _HEAD_VECTORS.items():
+            if key in what:
+                v = head_vectors(acts[f"{B}.{_QKV[kind]}"], cfg, groups, avg)
                 for h in heads:
                     out[f"{key}_L{l}H{h}"] = v[:, h]
-        for key in ("projected_query", "projected_key", "projected_value"):
+        for key, kind in _LAYER_VECTORS.items():
             if key in what:
-                v = head_vectors(acts[f"blocks.{l}.{_HEAD_HOOKS[key]}"], cfg, groups, avg)
+                x = acts[f"{B}.{_QKV[kind]}"]
+                out[f"{key}_L{l}"] = select_tokens(x.reshape(x.shape[:2] + (-1,)), groups, avg)
+        for key, (kind, name) in _PROJECTED.items():
+            if key in what:
+                v = head_vectors(acts[f"{B}.{_QKV[kind]}"], cfg, groups, avg)
                 p = project_head_vectors(v, weights["W_O"][l], weights["b_O"][l])
                 for h in heads:
-                    out[f"{key}_L{l}H{h}"] = p[:, h]
-        if "pattern" in what:
-            pat = acts[f"blocks.{l}.attn.hook_pattern"]
-            if stat is None:
-                flat = jnp.asarray([p for g in groups for p in g])
-                sel = pat[:, :, flat][:, :, :, flat]
-            else:
-                sel = pattern_block_stats(pat, groups, row_groups, stat)
+                    out[f"{name}_L{l}H{h}"] = p[:, h]
+        if "head_out" in what:
+            z = head_vectors(acts[f"{B}.attn.hook_z"], cfg, groups, avg)
+            p = project_head_vectors(z, weights["W_O"][l], weights["b_O"][l] / cfg.n_heads)
+            for h in heads:
+                out[f"head_out_L{l}H{h}"] = p[:, h]
+        if "attn_pattern" in what:
+            sel = attention_pattern_head(acts[f"{B}.attn.hook_pattern"], groups, row_groups, pattern_avg)
             for h in heads:
                 out[f"pattern_L{l}H{h}"] = sel[:, h]
+    if "last_layernorm" in what:
+        final = acts[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+        stats = position_statistics(jnp.take(final, jnp.asarray(flat), axis=1))
+        out["last_layernorm"] = dict(zip(("mean", "variance", "second_moment"), stats))
+    if save_logits:
+        out["logits"] = jnp.take(logits, jnp.asarray(flat), axis=1)
     return out
 
 
 def extract(model: Any, input: Any, token_groups: Any, what: Sequence[str] = ("resid_out",), *,
             layers: Sequence[int] | None = None, heads: Any = "all", avg: bool = False,
-            pattern_stat: Stat | None = None, row_groups: Any = None, attention_mask: Any = None) -> dict[str, Array]:
-    """easyroutine-style extraction in one jitted forward pass; only the hooks needed are kept.
+            pattern_stat: PatternAvg | None = None, row_groups: Any = None, save_logits: bool = False,
+            attention_mask: Any = None) -> dict[str, Array]:
+    """easyroutine's `HookedModel.forward` extraction in one jitted pass; only the hooks needed are kept.
 
-    `what` ⊂ {embed, resid_in, resid_mid, resid_out, attn_out, mlp_out, queries, keys, values,
-    head_out, projected_query, projected_key, projected_value, pattern}. Per-layer keys are
-    `{what}_{layer}` ([batch tokens d_model]); per-head keys `{what}_L{layer}H{head}`
-    ([batch tokens d], patterns [batch tokens tokens], or [batch G_row G_col] with
-    `pattern_stat`). `avg` averages each token group instead of flattening them (patterns are
-    always flattened, or summarised by `pattern_stat`, as in easyroutine).
+    `what` names easyroutine's `ExtractionConfig` flags without "extract_"; the keys are
+    easyroutine's cache keys ([batch tokens ...]; tokens = the flattened positions, or one per
+    group with `avg`):
+
+    | what | key | value |
+    |---|---|---|
+    | embed | input_embeddings | the token embedding `hook_embed` (see below) |
+    | resid_in / resid_out | resid_in_{l} / resid_out_{l} | block input / output |
+    | resid_in_post_layernorm, attn_in | resid_in_post_layernorm_{l}, attn_in_{l} | ln1's output (the attention's input) |
+    | resid_mid | resid_mid_{l} | ln2's output, the normalised MLP input (HF `post_attention_layernorm`) |
+    | attn_out / mlp_out | attn_out_{l} / mlp_out_{l} | |
+    | head_queries / head_keys / head_values | head_queries_L{l}H{h}, ... | [batch tokens d_head] |
+    | queries / keys / values | queries_L{l}, ... | the projections, heads not split [batch tokens H·d_head] |
+    | head_queries_projected, ... | projected_query_L{l}H{h}, ... | through W_O[h], plus b_O |
+    | head_out | head_out_L{l}H{h} | the head's output in d_model: z_h @ W_O[h] + b_O / n_heads |
+    | attn_pattern | pattern_L{l}H{h} | see `attention_pattern_head` |
+    | last_layernorm | last_layernorm | {mean, variance, second_moment} [batch T] of the final norm's input |
+
+    `save_logits` adds "logits" [batch T vocab] at the flattened target positions (even with
+    `avg`, as easyroutine). `pattern_stat` (easyroutine's `attn_pattern_avg`: None / "none",
+    "mean", "sum", "baseline_ratio") and `row_groups` (its `attn_pattern_row_positions`) select
+    what `attn_pattern` returns. Patterns, `logits` and `last_layernorm` ignore `avg`.
+    Per-layer keys are computed for `layers` (default all), per-head keys for `layers` × `heads`.
+
+    Norm outputs use the model's own norm weights: after `from_pretrained`'s fold_ln they live in
+    the next layer's weights, so `resid_mid` / `attn_in` are the bare normalised input, as that
+    model's MLP / attention read it; `from_pretrained_no_processing` gives HF's (easyroutine's)
+    values.
+
+    Where we differ from easyroutine 1.1.5, on purpose: `input_embeddings` is `hook_embed` (its
+    `model.layers[0].input` is the same tensor for every family it supports, which have no
+    learned position embedding); `head_out`'s share of b_O is b_O / n_heads (its code floors it,
+    `b_O // n_heads`), so the heads sum to `attn_out`; per-head keys/values read the kv head the
+    model uses (see `head_vectors`); `save_logits` defaults to False (easyroutine: True), since
+    nothing is computed that is not asked for.
     """
     cfg = model.cfg
     toks, mask = model._inputs(input, attention_mask, None, "right")
@@ -303,11 +317,11 @@ def extract(model: Any, input: Any, token_groups: Any, what: Sequence[str] = ("r
     what = tuple(dict.fromkeys([what] if isinstance(what, str) else what))
     unknown = [w for w in what if w not in WHAT]
     if unknown:
-        raise ValueError(f"extract: unknown what={unknown}; choose from {WHAT}")
-    if "resid_mid" in what and cfg.parallel_attn_mlp:
-        raise ValueError(f"{cfg.model_type} has parallel attention and MLP: there is no resid_mid")
-    if pattern_stat is not None and pattern_stat not in ("mean", "sum", "baseline_ratio"):
-        raise ValueError(f"pattern_stat must be None, 'mean', 'sum' or 'baseline_ratio', got {pattern_stat!r}")
+        raise ValueError(f"extract: unknown what={unknown}{did_you_mean(unknown[0], WHAT)}; choose from {WHAT} "
+                         "(easyroutine's ExtractionConfig flags without 'extract_')")
+    pattern_avg = "none" if pattern_stat is None else pattern_stat
+    if pattern_avg not in ("none",) + PATTERN_METHODS:
+        raise ValueError(f"pattern_stat must be None, 'none', 'mean', 'sum' or 'baseline_ratio', got {pattern_stat!r}")
     layers = tuple(range(cfg.n_layers)) if layers is None else tuple(int(l) for l in layers)
     bad = [l for l in layers if not 0 <= l < cfg.n_layers]
     if bad:
@@ -317,16 +331,22 @@ def extract(model: Any, input: Any, token_groups: Any, what: Sequence[str] = ("r
     if any(not 0 <= h < cfg.n_heads for h in heads):
         raise ValueError(f"extract: heads {heads} out of range for a model with {cfg.n_heads} heads")
     capture = {"hook_embed"} if "embed" in what else set()
+    if "last_layernorm" in what:
+        capture.add(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
     for l in layers:
-        capture |= {f"blocks.{l}.{_LAYER_HOOKS[w]}" for w in what if w in _LAYER_HOOKS}
-        capture |= {f"blocks.{l}.{_HEAD_HOOKS[w]}" for w in what if w in _HEAD_HOOKS}
-    weights = {}
-    if any(w.startswith("projected_") for w in what):
-        weights = {"W_O": model.W_O, "b_O": model.b_O}
+        capture |= {f"blocks.{l}.{_HOOK_OF[w]}" for w in what if w in _HOOK_OF}
+    weights: dict[str, Any] = {}
+    if any(w in _PROJECTED or w == "head_out" for w in what):
+        weights.update(W_O=model.W_O, b_O=model.b_O)
+    norms = {_NORM_OUTPUTS[w] for w in what if w in _NORM_OUTPUTS}
+    if norms:
+        weights["norms"] = {f"{n}.{l}": {"w": block_param(model, l, n, "w"), "b": block_param(model, l, n, "b")}
+                            for n in norms for l in layers}
     return _extract(model.params, toks, mask, weights, cfg=cfg, capture=frozenset(capture), what=what, layers=layers,
-                    heads=heads, groups=groups, avg=avg, stat=pattern_stat, row_groups=rows, precision=model.precision)
+                    heads=heads, groups=groups, avg=avg, pattern_avg=pattern_avg, row_groups=rows,
+                    save_logits=save_logits, precision=model.precision)
 
 
 __all__ = ["normalize_groups", "select_tokens", "expand_kv_heads", "head_vectors", "project_head_vectors",
-           "pattern_block_stats", "position_statistics", "PatternAverage", "value_weighted_pattern",
+           "attention_pattern_head", "group_pattern", "position_statistics", "value_weighted_pattern",
            "running_pattern_average", "embedding_with_grad", "extract", "WHAT"]

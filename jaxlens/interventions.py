@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.hooks import HookPoint
+from jaxlens.slice import wrap_negative
 
 Array = jax.Array
 _PATTERN_HOOKS = ("hook_pattern", "hook_attn_scores")
@@ -57,8 +58,7 @@ def _float(x: Any) -> Array:
 
 def index_mask(idx: Array, n: int) -> Array:
     """Boolean [n]: True where some entry of `idx` (negative counts from the end) points."""
-    idx = jnp.asarray(idx).reshape(-1)
-    idx = jnp.where(idx < 0, idx + n, idx)
+    idx = wrap_negative(jnp.asarray(idx).reshape(-1), n)
     return (jnp.arange(n)[:, None] == idx[None, :]).any(-1)
 
 
@@ -133,7 +133,7 @@ class ResidEdit(IndexChecked):
             raise ValueError(f"ResidEdit edits [batch pos ...] activations, not {hook.name!r}; use AttnMatEdit "
                              "or HeadEdit for attention patterns")
         if self.at_positions and self.values is not None:
-            pos = jnp.where(self.positions < 0, self.positions + x.shape[1], self.positions)
+            pos = wrap_negative(self.positions, x.shape[1])
             return x.at[:, pos].set(jnp.broadcast_to(self.values, x[:, pos].shape).astype(x.dtype))
         mask = index_mask(self.positions, x.shape[1]).reshape((1, x.shape[1]) + (1,) * (x.ndim - 2))
         return _apply_values(x, mask, self.values, "ResidEdit", hook)
@@ -230,7 +230,12 @@ class AttnMatEdit(IndexChecked):
             raise ValueError(f"AttnMatEdit edits hook_pattern or hook_attn_scores, not {hook.name!r}")
         _, n_heads, nq, nk = x.shape
         head_m = index_mask(self.heads, n_heads)[:, None, None]
-        mask = head_m & index_mask(self.q_positions, nq)[None, :, None] & index_mask(self.k_positions, nk)[None, None, :]
+        # A single query row (a generation step with a KV cache) is the newest token: easyroutine
+        # maps the query positions onto row 0 there (its `seq_len_q < len(q_positions)`; with one
+        # listed position it indexes the row directly, which only 0 / -1 survive), and so do we.
+        # Its condition also fires on a full prompt listing more positions than rows; we do not.
+        q_m = jnp.full((1,), jnp.size(self.q_positions) > 0) if nq == 1 else index_mask(self.q_positions, nq)
+        mask = head_m & q_m[None, :, None] & index_mask(self.k_positions, nk)[None, None, :]
         if self.values is None:
             y = jnp.where(mask, x * self.multiplier.astype(x.dtype), x)
         else:
@@ -278,8 +283,7 @@ class KeepSelfAttnAblation(IndexChecked):
         if not hook.name.endswith("hook_pattern"):
             raise ValueError(f"KeepSelfAttnAblation applies at hook_pattern, not {hook.name!r}")
         _, n_heads, nq, nk = x.shape
-        h = jnp.where(self.heads < 0, self.heads + n_heads, self.heads)
-        q = jnp.where(self.positions < 0, self.positions + nq, self.positions)
+        h, q = wrap_negative(self.heads, n_heads), wrap_negative(self.positions, nq)
         pairs = ((jnp.arange(n_heads)[:, None, None] == h) & (jnp.arange(nq)[None, :, None] == q)).any(-1)
         mask = pairs[:, :, None] & (jnp.arange(nk) < nk - 1)[None, None, :]
         return jnp.where(mask[None], jnp.zeros((), x.dtype), x)

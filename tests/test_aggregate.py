@@ -1,5 +1,6 @@
-"""Combining caches across batches (strategies, cat, deferred combination, info, metadata, memory)
-and streaming statistics (Welford mean/variance, attention-pattern blocks over token groups)."""
+"""Combining caches across batches (strategies, cat, deferred combination, info, metadata, memory,
+`+` / update) and streaming statistics (Welford mean/variance, attention-pattern blocks over token
+groups), against literal ports of easyroutine 1.1.5's aggregation code."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def synthetic(seed: int, batch: int = 2, pos: int = 4) -> ActivationCache:
     acts = {f"blocks.{l}.hook_resid_pre": rng.normal(size=(batch, pos, 3)).astype(np.float32) for l in range(2)}
     acts["blocks.0.attn.hook_pattern"] = rng.random((batch, 2, pos, pos)).astype(np.float32)
     acts["offset"] = np.float32(seed)
+    acts["scale"] = np.float32(seed)
     acts["tokens"] = rng.integers(0, 9, (batch, pos)).astype(np.int32)
     return ActivationCache(acts, weights={"W_U": np.ones((3, 5), np.float32)})
 
@@ -90,16 +92,23 @@ def test_default_strategy_concat_then_stack_then_list():
     a, b, c = synthetic(0), synthetic(1, batch=3), synthetic(2)
     ab = a.cat(b)
     assert ab["blocks.0.hook_resid_pre"].shape == (5, 4, 3)  # concatenated along the batch
-    assert ab["offset"].shape == (2,)  # 0-d: stacked
-    abc = ab.cat(c)  # the resolved strategies persist through a chain
-    assert abc["offset"].tolist() == [0.0, 1.0, 2.0] and abc["blocks.1.hook_resid_pre"].shape == (7, 4, 3)
-    assert dict(abc.meta.resolved)["offset"] == "stack"
-    assert_close(agg.combine([a, b, c])["offset"], abc["offset"], "combine == chain")
+    assert ab["scale"].shape == (2,)  # 0-d: stacked
+    assert ab["offset"] == [0.0, 1.0]  # easyroutine pre-registers `offset` as a list per batch
+    abc = ab.cat(c)  # how each key was built persists through a chain
+    assert abc["scale"].tolist() == [0.0, 1.0, 2.0] and abc["blocks.1.hook_resid_pre"].shape == (7, 4, 3)
+    assert dict(abc.meta.resolved)["scale"] == "stack" and abc["offset"] == [0.0, 1.0, 2.0]
+    assert_close(agg.combine([a, b, c])["scale"], abc["scale"], "combine == chain")
     # different sequence lengths cannot concatenate or stack: a list
     short = synthetic(3, pos=2)
     mixed = a.cat(short)
     assert isinstance(mixed["blocks.0.attn.hook_pattern"], list) and len(mixed["blocks.0.attn.hook_pattern"]) == 2
     assert len(mixed.cat(synthetic(4))["blocks.0.attn.hook_pattern"]) == 3
+    # after two batches concatenate, a third of another trailing shape: [the concatenation, the third]
+    for abs_ in (ab.cat(short), agg.combine([a, b, short]), agg.Deferred([a, b]).add(short).result()):
+        got = abs_["blocks.0.attn.hook_pattern"]
+        assert isinstance(got, list) and len(got) == 2 and abs_.n_batches == 3
+        assert_close(got[0], np.concatenate([a["blocks.0.attn.hook_pattern"], b["blocks.0.attn.hook_pattern"]]), "ab")
+        assert_close(got[1], short["blocks.0.attn.hook_pattern"], "third")
 
 
 def keep_max(old, new):
@@ -123,8 +132,8 @@ def test_registered_strategies_by_prefix():
     # pairwise chains agree with the one-shot combination (running mean weighted by batches seen)
     chain = caches[0].cat(caches[1]).cat(caches[2])
     for k in out.keys():
-        jax.tree.map(lambda x, y: assert_close(x, y, k), chain[k], out[k])
-    assert caches[0].remove_aggregation("offset").cat(caches[1])["offset"].shape == (2,)
+        jax.tree.map(lambda x, y, k=k: assert_close(x, y, k), chain[k], out[k])
+    assert caches[0].remove_aggregation("offset").cat(caches[1])["offset"].shape == (2,)  # default: stacked
     with pytest.raises(ValueError, match="unknown aggregation strategy 'median'"):
         caches[0].register_aggregation("x", "median")
 
@@ -202,6 +211,198 @@ def test_memory_size_and_tree():
 
 
 # ---------------------------------------------------------------------------------------------
+# easyroutine, exactly: literal ports of its aggregation functions (numpy arrays for tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+def er_default_aggregation(old, new):
+    """easyroutine 1.1.5's `ActivationCache.default_aggregation`, line by line."""
+    if old is None:
+        return new
+    tensor = (np.ndarray, np.generic)  # torch.Tensor, 0-d included
+    if isinstance(old, tensor) and isinstance(new, tensor):
+        try:
+            if np.ndim(old) == 0 or np.ndim(new) == 0:
+                raise ValueError("zero-dimensional tensor cannot be concatenated")  # torch.cat's rule
+            return np.concatenate([old, new], axis=0)
+        except ValueError:
+            try:
+                return np.stack([old, new], axis=0)
+            except ValueError:
+                return [old, new]
+    if isinstance(old, list):
+        return old + (new if isinstance(new, list) else [new])
+    if isinstance(old, tuple):
+        if isinstance(new, tuple):
+            return [old, new]
+        if isinstance(new, list):
+            return [old] + new
+        return [old, new]
+    try:
+        return old + new
+    except Exception:
+        return [old, new]
+
+
+def er_sublist(old, new):
+    out = []
+    if old is not None:
+        out.extend(old) if isinstance(old, list) else out.append(old)
+    out.extend(new) if isinstance(new, list) else out.append(new)
+    return out
+
+
+def er_aggregate_last_layernorm(old, new):
+    if old is None:
+        return new
+    return {k: new[k] if k not in old else np.concatenate([old[k], new[k]], 0) for k in new}
+
+
+def er_fold(fn, values):
+    acc = values[0]  # easyroutine's first batch: the value itself (cat into a non-empty cache)
+    for v in values[1:]:
+        acc = fn(acc, v)
+    return acc
+
+
+def assert_same(got, ref, name):
+    if isinstance(ref, (list, tuple)):
+        assert type(got) is type(ref) and len(got) == len(ref), f"{name}: {got!r} vs {ref!r}"
+        for i, (g, r) in enumerate(zip(got, ref)):
+            assert_same(g, r, f"{name}[{i}]")
+    elif isinstance(ref, dict):
+        assert isinstance(got, dict) and got.keys() == ref.keys(), f"{name}: {got!r} vs {ref!r}"
+        for k in ref:
+            assert_same(got[k], ref[k], f"{name}[{k}]")
+    elif isinstance(ref, np.ndarray):
+        assert_close(got, ref, name, rtol=0, atol=0)
+    else:
+        assert got == ref and type(got) is type(ref), f"{name}: {got!r} vs {ref!r}"
+
+
+def _np(tree):
+    """jax arrays as numpy, everything else as it is."""
+    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, tree)
+
+
+def _f32(*shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+DEFAULT_SEQUENCES = {
+    "concatenate": [_f32(2, 3), _f32(1, 3, seed=1), _f32(3, 3, seed=2)],
+    "concatenate, then a list": [_f32(2, 3), _f32(1, 3, seed=1), _f32(2, 4, seed=2), _f32(1, 3, seed=3)],
+    "list from the start": [_f32(2, 3), _f32(2, 5, seed=1), _f32(2, 3, seed=2)],
+    "rank 0 then rank 1": [np.float32(1.0), _f32(2)],
+    "two scalars stack": [np.float32(1.0), np.float32(2.0)],
+    "python floats add": [1.5, 2.0, 3.0],
+    "python ints add": [1, 2, 3],
+    "strings add": ["a", "b", "c"],
+    "tuples": [(1, 2), (3,), (4,)],
+    "lists extend": [[1], [2, 3], 4],
+    "dicts: + fails": [{"x": 1}, {"x": 2}, {"x": 3}],
+    "mixed: + fails": [1.0, "a", 2.0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_SEQUENCES))
+def test_default_aggregation_is_easyroutines_fold(name):
+    """The chain of `cat`s, `combine` and `Deferred` all give easyroutine's default_aggregation
+    folded over the batches (Python scalars and strings try `+` before a list)."""
+    values = DEFAULT_SEQUENCES[name]
+    caches = [ActivationCache({"k": v}) for v in values]
+    ref = er_fold(er_default_aggregation, values)
+    chain = caches[0]
+    for c in caches[1:]:
+        chain = chain.cat(c)
+    for how, got in (("chain", chain), ("combine", agg.combine(caches)), ("deferred", agg.Deferred(caches).result())):
+        assert got.n_batches == len(values)
+        assert_same(_np(got["k"]), ref, f"{name} ({how})")
+    # a chain of combinations of combinations agrees too
+    halves = agg.combine([agg.combine(caches[:2]), agg.combine(caches[2:])]) if len(caches) > 2 else chain
+    assert_same(_np(halves["k"]), ref, f"{name} (combine of combines)")
+
+
+def test_default_aggregation_where_easyroutine_is_wrong():
+    """A third 0-d value: easyroutine's torch.cat of the [2] stack and a 0-d tensor fails, so it
+    makes [stack of two, third]; we keep stacking. An array then a Python scalar: easyroutine's
+    `+` would broadcast-add the scalar onto the tensor; we keep both in a list."""
+    scalars = [ActivationCache({"k": np.float32(i)}) for i in range(3)]
+    assert isinstance(er_fold(er_default_aggregation, [np.float32(i) for i in range(3)]), list)
+    for got in (scalars[0].cat(scalars[1]).cat(scalars[2]), agg.combine(scalars)):
+        assert np.asarray(got["k"]).tolist() == [0.0, 1.0, 2.0]
+    mixed = ActivationCache({"k": _f32(2, 3)}).cat(ActivationCache({"k": 1.0}))
+    assert isinstance(mixed["k"], list) and mixed["k"][1] == 1.0
+
+
+def test_easyroutine_preregistered_strategies(gpt2):
+    """`offset` and `token_dict` are lists per batch, `mapping_index` the newest, `last_layernorm`
+    concatenated field by field (here as `extract` returns it), as easyroutine registers them."""
+    from jaxlens import extraction as ex
+
+    toks = np.array([[0, 5, 9, 30, 2, 7], [0, 17, 250, 8, 4, 61], [0, 1, 2, 3, 4, 5]], np.int32)
+    batches = []
+    for i, rows in enumerate((slice(0, 2), slice(2, 3))):
+        out = ex.extract(gpt2, toks[rows], [(1,), (3, 4)], what=("resid_out", "last_layernorm"), layers=[0, 1])
+        batches.append(ActivationCache({**out, "offset": i, "token_dict": {"last": [5]},
+                                        "mapping_index": {"last": [i]}}))
+    assert dict(batches[0].meta.strategies) == dict(agg.EASYROUTINE_STRATEGIES)
+    ref = {"offset": er_fold(er_sublist, [0, 1]), "token_dict": er_fold(er_sublist, [{"last": [5]}] * 2),
+           "mapping_index": {"last": [1]},
+           "last_layernorm": er_fold(er_aggregate_last_layernorm,
+                                     [jax.tree.map(np.asarray, b["last_layernorm"]) for b in batches])}
+    for got in (batches[0].cat(batches[1]), agg.combine(batches)):
+        for k, r in ref.items():
+            assert_same(_np(got[k]), r, k)
+        assert got["last_layernorm"]["mean"].shape == (3, 3) and got["resid_out_1"].shape == (3, 3, gpt2.cfg.d_model)
+    # the grouped memory tree groups extract's keys as easyroutine's does
+    tree = batches[0].memory_tree(grouped=True)
+    assert tree["resid_out"].endswith("(2 items)") and "resid_out_0" not in tree and "last_layernorm" in tree
+    with pytest.raises(ValueError, match="dicts of arrays"):
+        agg.combine([ActivationCache({"last_layernorm": np.ones(2)})] * 2)
+
+
+def test_cat_into_an_empty_cache():
+    """easyroutine's idiom: an empty cache that batches are `cat` into (its strategies apply)."""
+    parts = [synthetic(i) for i in range(3)]
+    acc = ActivationCache({}).register_aggregation("blocks.1.", "stack")
+    for p in parts:
+        acc = acc.cat(p)
+    assert acc.n_batches == 3 and list(acc.keys()) == list(parts[0].keys())
+    assert acc["blocks.1.hook_resid_pre"].shape == (3, 2, 4, 3) and acc["offset"] == [0.0, 1.0, 2.0]
+    assert_close(acc["blocks.0.hook_resid_pre"], np.concatenate([p["blocks.0.hook_resid_pre"] for p in parts]), "cat")
+    d = agg.Deferred([ActivationCache({})])
+    for p in parts:
+        d.add(p)
+    assert_close(d.result()["blocks.0.attn.hook_pattern"], agg.combine(parts)["blocks.0.attn.hook_pattern"], "d")
+    with pytest.raises(ValueError, match="lacks"):
+        parts[0].cat(ActivationCache({}))  # only an empty cache on the left is easyroutine's start
+
+
+def test_add_and_update_merge_like_easyroutine():
+    """`a + b` = a new cache of {**a, **b} (easyroutine's __add__: fresh strategies); `a.update(b)`
+    the same keys keeping a's strategies; b may be a dict; anything else is a TypeError."""
+    a = (synthetic(0).add_with_info("probe", np.ones((2, 3), np.float32), "a's probe")
+         .register_aggregation("probe", "list").add_metadata(model_name="m", mapping_index={"x": 0}))
+    b = ActivationCache({"probe": np.zeros((2, 3), np.float32), "extra": np.full((2,), 7.0, np.float32)}) \
+        .add_with_info("extra", np.full((2,), 7.0, np.float32), "b's extra").add_metadata(model_name="n")
+    ref = {**a.to_dict(), **b.to_dict()}  # easyroutine: {**self.cache, **other.cache}
+    for merged in (a + b, a.update(b)):
+        assert list(merged.keys()) == list(ref) and merged.weights.keys() == a.weights.keys()
+        for k in ref:
+            assert_close(merged[k], ref[k], k, rtol=0, atol=0)
+        assert merged.info("probe") is None and merged.info("extra") == "b's extra"  # b's value, b's info
+        assert merged.metadata["model_name"] == "n" and merged.metadata["mapping_index"] == {"x": 0}
+    assert dict((a + b).meta.strategies) == dict(agg.EASYROUTINE_STRATEGIES)
+    assert dict(a.update(b).meta.strategies)["probe"] is agg.LIST
+    with_dict = a + {"new": 1.0}
+    assert set(with_dict.keys()) == set(a.keys()) | {"new"} and with_dict.info("probe") == "a's probe"
+    assert "extra" not in a.keys()  # immutable: a is unchanged
+    with pytest.raises(TypeError, match="ActivationCache or a dict"):
+        a + 3
+
+
+# ---------------------------------------------------------------------------------------------
 # Streaming statistics
 # ---------------------------------------------------------------------------------------------
 
@@ -263,6 +464,24 @@ def test_group_pattern_matches_easyroutine(method):
                  easyroutine_blocks(pattern, rows, cols, method), method)
     assert_close(agg.group_pattern(jnp.asarray(pattern), cols, None, method),
                  easyroutine_blocks(pattern, cols, cols, method), f"{method} rows=cols")
+    # a repeated position counts as often as listed (easyroutine's list indexing), in rows and columns
+    rep_cols, rep_rows = [(1, 1, 3), (4, 2)], [(5, 5, 6), (2,)]
+    assert_close(agg.group_pattern(pattern, rep_cols, rep_rows, method),
+                 easyroutine_blocks(pattern, rep_rows, rep_cols, method), f"{method} repeated")
+    # negative positions are resolved first (easyroutine's baseline is wrong on them)
+    assert_close(agg.group_pattern(pattern, [(1, -6), (-3,)], [(-1, 0)], method),
+                 easyroutine_blocks(pattern, [(6, 0)], [(1, 1), (4,)], method), f"{method} negative")
+    # membership arrays (per-example positions) give the same blocks; entries are counts
+    C = np.zeros((3, 2, 7), np.float32)
+    for g, idx in enumerate(rep_cols):
+        for p in idx:
+            C[:, g, p] += 1
+    R = np.zeros((2, 7), np.float32)
+    for g, idx in enumerate(rep_rows):
+        for p in idx:
+            R[g, p] += 1
+    assert_close(agg.group_pattern(pattern, jnp.asarray(C), R, method),
+                 easyroutine_blocks(pattern, rep_rows, rep_cols, method), f"{method} membership arrays")
 
 
 def test_running_pattern_average_over_batches():

@@ -165,6 +165,7 @@ def test_layer_bounds(llama):
     assert sorted(s_start) == sorted(c_start)
     for k in c_start:
         assert_close(s_start[k], c_start[k], f"scanned start {k}")
+    m(TOKS, stop_at_layer=1)  # compiles (or reuses) the stop_at_layer=1 program
     before = forward_jit._cache_size()
     m(TOKS + 1, stop_at_layer=1)
     m(TOKS, stop_at_layer=-1)  # the same bound, counted from the end

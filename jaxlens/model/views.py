@@ -169,24 +169,36 @@ class NormView(_View):
         return _norm(self._params(), jnp.asarray(x, self._dt()), cfg=self.cfg, prefix=self._prefix)
 
 
-class AttnView(_View):
+class _SublayerView(_View):
+    """Base of the attention and MLP views: one block's `sub` parameters; an absent bias reads
+    as zeros of `shape` (TransformerLens's convention), an absent weight is an AttributeError."""
+
+    __slots__ = ("_layer",)
+    _sub = ""
+
+    def __init__(self, model: Any, layer: int):
+        super().__init__(model, f"blocks.{layer}.{self._sub}")
+        object.__setattr__(self, "_layer", layer)
+
+    def _missing(self, name: str) -> str:
+        return ""
+
+    def _w(self, name: str, shape: tuple[int, ...] | None = None) -> jax.Array:
+        w = block_param(self._model, self._layer, self._sub, name)
+        if w is None:
+            if shape is None:
+                raise AttributeError(f"{self._prefix} has no {name}{self._missing(name)}")
+            w = jnp.zeros(shape, self._dt())
+        return w
+
+
+class AttnView(_SublayerView):
     """`model.blocks[l].attn`: W_Q/W_K/W_V [head d_model d_head], W_O [head d_head d_model],
     b_Q/b_K/b_V [head d_head], b_O [d_model]. Grouped K/V are expanded to every query head
     (`_W_K`, `_W_V`, `_b_K`, `_b_V` are the [kv_head ...] weights as stored)."""
 
-    __slots__ = ("_layer",)
-
-    def __init__(self, model: Any, layer: int):
-        super().__init__(model, f"blocks.{layer}.attn")
-        object.__setattr__(self, "_layer", layer)
-
-    def _w(self, name: str, shape: tuple[int, ...] | None = None) -> jax.Array:
-        w = block_param(self._model, self._layer, "attn", name)
-        if w is None:
-            if shape is None:
-                raise AttributeError(f"{self._prefix} has no {name}")
-            w = jnp.zeros(shape, self._dt())
-        return w
+    __slots__ = ()
+    _sub = "attn"
 
     def _expand(self, w: jax.Array) -> jax.Array:
         return repeat_kv(w, self.cfg.n_heads // self.cfg.kv_heads, axis=0)
@@ -208,24 +220,15 @@ class AttnView(_View):
     b_O = property(lambda self: self._w("b_O", (self.cfg.d_model,)))
 
 
-class MLPView(_View):
+class MLPView(_SublayerView):
     """`model.blocks[l].mlp`: W_in [d_model d_mlp], W_out [d_mlp d_model], b_in, b_out (zeros
     when the family has none), W_gate / b_gate for gated MLPs."""
 
-    __slots__ = ("_layer",)
+    __slots__ = ()
+    _sub = "mlp"
 
-    def __init__(self, model: Any, layer: int):
-        super().__init__(model, f"blocks.{layer}.mlp")
-        object.__setattr__(self, "_layer", layer)
-
-    def _w(self, name: str, shape: tuple[int, ...] | None = None) -> jax.Array:
-        w = block_param(self._model, self._layer, "mlp", name)
-        if w is None:
-            if shape is None:
-                why = ": it is not a gated MLP" if name in ("W_gate", "b_gate") and not self.cfg.gated_mlp else ""
-                raise AttributeError(f"{self._prefix} has no {name}{why}")
-            w = jnp.zeros(shape, self._dt())
-        return w
+    def _missing(self, name: str) -> str:
+        return ": it is not a gated MLP" if name in ("W_gate", "b_gate") and not self.cfg.gated_mlp else ""
 
     W_in = property(lambda self: self._w("W_in"))
     W_out = property(lambda self: self._w("W_out"))
