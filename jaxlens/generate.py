@@ -405,7 +405,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     """
     from jaxlens.cache import ActivationCache
     from jaxlens.hooks import make_hooks, resolve_names
-    from jaxlens.tokens import encode
+    from jaxlens.tokens import is_text, parse_input
 
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
@@ -414,16 +414,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     if key is None and do_sample and float(temperature) > 0:
         key = _default_key()
         _warn_default_key()
-    is_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and len(input) > 0
-                                         and all(isinstance(s, str) for s in input))
-    if is_text:
-        if attention_mask is not None:
-            raise ValueError("attention_mask is computed from text input; pass it only with token ids")
-        toks, mask = encode(model.tokenizer, input, model.cfg, prepend_bos, padding_side="left")
-    else:
-        if isinstance(input, (list, tuple)) and len(input) == 0:
-            raise ValueError("input is empty: give a string, a list of strings or token ids")
-        toks, mask = input, attention_mask
+    toks, mask = parse_input(model.tokenizer, input, model.cfg, attention_mask, prepend_bos, "left")
     capture = resolve_names(names_filter, model.cfg) if names_filter is not None else frozenset()
     tok = model.tokenizer
     eos = eos_token_id
@@ -441,7 +432,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     width = out.tokens.shape[1] - max_new_tokens + n_steps
     tokens_h = np.asarray(out.tokens)[:, :width]  # cut on the host: no program per output width
     tokens_out = jax.device_put(tokens_h)
-    if return_type == "str" or (return_type == "input" and is_text):
+    if return_type == "str" or (return_type == "input" and is_text(input)):
         if tok is None:
             raise ValueError("return_type='str' needs a tokenizer; this model has none: use return_type='tokens'")
         rows = tokens_h

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -20,7 +19,7 @@ from jaxlens.hooks import Hooks, NamesFilter, hook_names, make_hooks, resolve_na
 from jaxlens.model import Transformer
 from jaxlens.model.layers import repeat_kv
 from jaxlens.model.views import BlocksView, EmbedView, NormView, PosEmbedView, UnembedView
-from jaxlens.tokens import check_tokens, encode, load_tokenizer
+from jaxlens.tokens import check_tokens, encode, load_tokenizer, parse_input
 
 if TYPE_CHECKING:
     from jaxlens.factored_matrix import FactoredMatrix
@@ -62,24 +61,6 @@ def tokenizer_prepends_bos(tokenizer: Any) -> bool | None:
     ids = list(tokenizer.encode("a"))
     lead = {t for t in (tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None)) if t is not None}
     return len(ids) > 1 and ids[0] in lead
-
-
-def _truncate(toks: np.ndarray, mask: np.ndarray, n_ctx: int, padding_side: str) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded rows cut to their first `n_ctx` tokens (a warning says how many went), then
-    padded on `padding_side`."""
-    lengths = mask.sum(axis=1)
-    dropped = int(np.maximum(lengths - n_ctx, 0).sum())
-    if dropped:
-        long = int((lengths > n_ctx).sum())
-        warnings.warn(f"to_tokens: {dropped} token(s) past the model's context n_ctx={n_ctx} were dropped from "
-                      f"{long} sequence(s), as TransformerLens truncates; pass truncate=False for an error instead",
-                      stacklevel=4)
-        toks, mask = toks[:, :n_ctx], mask[:, :n_ctx]
-    if padding_side == "left":
-        shift = mask.shape[1] - mask.sum(axis=1)
-        toks = np.stack([np.roll(t, s) for t, s in zip(toks, shift)])
-        mask = np.stack([np.roll(m, s) for m, s in zip(mask, shift)])
-    return toks, mask
 
 
 class HookedTransformer:
@@ -198,13 +179,7 @@ class HookedTransformer:
 
     def _encode(self, text: Any, prepend_bos: bool | None, padding_side: str | None,
                 truncate: bool) -> tuple[np.ndarray, np.ndarray]:
-        side = padding_side or "right"
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if not truncate:
-            return encode(self.tokenizer, text, self.cfg, prepend_bos, side)
-        toks, mask = encode(self.tokenizer, text, self.cfg, prepend_bos, "right")
-        return _truncate(toks, mask, self.cfg.n_ctx, side)
+        return encode(self.tokenizer, text, self.cfg, prepend_bos, padding_side or "right", truncate=truncate)
 
     def to_str_tokens(self, input: Any, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
         if isinstance(input, str):
@@ -237,15 +212,8 @@ class HookedTransformer:
 
     def _inputs(self, input: Any, attention_mask: Any, prepend_bos: bool | None, padding_side: str | None,
                 truncate: bool = True):
-        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-            if attention_mask is not None:
-                raise ValueError("attention_mask is computed from text input; pass it only with token ids")
-            toks, mask = self._encode(input, prepend_bos, padding_side, truncate)  # text truncates, as in TL
-        else:
-            if isinstance(input, (list, tuple)) and len(input) == 0:
-                raise ValueError("input is empty: give a string, a list of strings or token ids")
-            toks, mask = input, attention_mask
-        toks, mask = check_tokens(toks, self.cfg, mask)
+        toks, mask = parse_input(self.tokenizer, input, self.cfg, attention_mask, prepend_bos, padding_side or "right",
+                                 truncate=truncate)  # text truncates, as in TL
         return jnp.asarray(toks), jnp.asarray(mask)
 
     # --- running ----------------------------------------------------------------------------

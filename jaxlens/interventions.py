@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.hooks import HookPoint
+from jaxlens.model.layers import masked_softmax
 from jaxlens.slice import wrap_negative
 
 Array = jax.Array
@@ -247,8 +248,7 @@ class AttnMatEdit(IndexChecked):
                              f"{hook.name!r} the model's own softmax follows the edit")
         allowed = x > 0
         if self.normalize == "softmax":
-            z = jax.nn.softmax(jnp.where(allowed, y.astype(jnp.float32), -jnp.inf), axis=-1)
-            z = jnp.where(allowed, z, 0.0)
+            z = masked_softmax(y, allowed)
         elif self.normalize == "renorm":
             s = y.astype(jnp.float32).sum(-1, keepdims=True)
             z = y.astype(jnp.float32) / jnp.where(s == 0, 1.0, s)

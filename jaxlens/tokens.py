@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,13 +63,41 @@ def check_tokens(tokens: Any, cfg: ModelConfig, attention_mask: Any = None) -> t
     return t.astype(np.int32), m
 
 
+def is_text(input: Any) -> bool:
+    """Is `input` a string or a non-empty list of strings (rather than token ids)?"""
+    return isinstance(input, str) or (isinstance(input, (list, tuple)) and len(input) > 0
+                                      and all(isinstance(s, str) for s in input))
+
+
+def parse_input(tokenizer: Any, input: Any, cfg: ModelConfig, attention_mask: Any = None,
+                prepend_bos: bool | None = None, padding_side: str = "right", *,
+                truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The one input path of every run method: text (a string or strings) or token ids (and an
+    optional mask) -> checked int32 [batch pos] tokens and mask (see `encode`, `check_tokens`)."""
+    if is_text(input):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is computed from text input; pass it only with token ids")
+        toks, mask = encode(tokenizer, input, cfg, prepend_bos, padding_side, truncate=truncate)
+    else:
+        if isinstance(input, (list, tuple)) and len(input) == 0:
+            raise ValueError("input is empty: give a string, a list of strings or token ids")
+        toks, mask = input, attention_mask
+    return check_tokens(toks, cfg, mask)
+
+
 def encode(tokenizer: Any, text: str | Sequence[str], cfg: ModelConfig, prepend_bos: bool | None = None,
-           padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+           padding_side: str = "right", *, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize a string or list of strings to padded [batch pos] tokens and mask.
 
     BOS is added by us (not the tokenizer), once, when `prepend_bos` (default: the family's
-    `default_prepend_bos`, as TransformerLens has it).
+    `default_prepend_bos`, as TransformerLens has it). With `truncate`, sequences longer than
+    `n_ctx` keep their first `n_ctx` tokens and a warning says how many were dropped.
     """
+    if truncate:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        toks, mask = encode(tokenizer, text, cfg, prepend_bos, "right")
+        return _truncate(toks, mask, cfg.n_ctx, padding_side)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer (none was saved beside it): pass token ids instead of text")
     if padding_side not in ("left", "right"):
@@ -97,4 +127,22 @@ def encode(tokenizer: Any, text: str | Sequence[str], cfg: ModelConfig, prepend_
         sl = slice(n - len(s), n) if padding_side == "left" else slice(0, len(s))
         toks[i, sl] = s
         mask[i, sl] = 1
+    return toks, mask
+
+
+def _truncate(toks: np.ndarray, mask: np.ndarray, n_ctx: int, padding_side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded rows cut to their first `n_ctx` tokens (a warning says how many went), then
+    padded on `padding_side`."""
+    lengths = mask.sum(axis=1)
+    dropped = int(np.maximum(lengths - n_ctx, 0).sum())
+    if dropped:
+        long = int((lengths > n_ctx).sum())
+        warnings.warn(f"to_tokens: {dropped} token(s) past the model's context n_ctx={n_ctx} were dropped from "
+                      f"{long} sequence(s), as TransformerLens truncates; pass truncate=False for an error instead",
+                      stacklevel=5)
+        toks, mask = toks[:, :n_ctx], mask[:, :n_ctx]
+    if padding_side == "left":
+        shift = mask.shape[1] - mask.sum(axis=1)
+        toks = np.stack([np.roll(t, s) for t, s in zip(toks, shift)])
+        mask = np.stack([np.roll(m, s) for m, s in zip(mask, shift)])
     return toks, mask
