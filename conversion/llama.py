@@ -55,7 +55,7 @@ def config_from_hf(hf: dict[str, Any], mt: str) -> ModelConfig:
 
 
 def convert(t: Tensors, cfg: ModelConfig) -> dict[str, Any]:
-    D, H, K, dh, F, V = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab
+    D, H, K, dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab
     off = 1.0 if cfg.model_type == "gemma" else 0.0  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in
 
     def norm(name: str) -> dict[str, np.ndarray]:

@@ -42,7 +42,7 @@ class ModelConfig:
     d_mlp: int
     d_vocab: int
     n_ctx: int
-    n_kv_heads: int | None = None
+    n_kv_heads: int | None = None  # key/value heads; None means n_heads (it is set to n_heads then)
     act_fn: ActFn = "gelu_new"
     normalization_type: NormType = "LN"
     eps: float = 1e-5
@@ -69,13 +69,15 @@ class ModelConfig:
     tokenizer_prepends_bos: bool | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.n_kv_heads is None:  # one name, always an int: no `n_kv_heads or n_heads` anywhere
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.original_architecture is None and self.model_type in ARCHITECTURES:
             object.__setattr__(self, "original_architecture", ARCHITECTURES[self.model_type])
         problems = []
         for f in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
             if int(getattr(self, f)) <= 0:
                 problems.append(f"{f}={getattr(self, f)} must be positive")
-        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+        if int(self.n_kv_heads) <= 0 or self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.act_fn not in ACT_FNS:
             problems.append(f"act_fn={self.act_fn!r} is not one of {ACT_FNS}")
@@ -91,11 +93,6 @@ class ModelConfig:
 
     # --- derived --------------------------------------------------------------------------
     @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads (== n_heads unless grouped-query attention)."""
-        return self.n_kv_heads or self.n_heads
-
-    @property
     def scale(self) -> float:
         """Divisor applied to q·k (TransformerLens `attn_scale`)."""
         return self.attn_scale if self.attn_scale is not None else self.d_head**0.5
@@ -103,7 +100,7 @@ class ModelConfig:
     @property
     def n_key_value_heads(self) -> int | None:
         """TransformerLens's name for `n_kv_heads` (None when not grouped)."""
-        return self.n_kv_heads if self.n_kv_heads not in (None, self.n_heads) else None
+        return self.n_kv_heads if self.n_kv_heads != self.n_heads else None
 
     @property
     def d_vocab_out(self) -> int:
@@ -137,6 +134,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k not in _REMOVED_FIELDS}
+        if "n_key_value_heads" in d:  # TransformerLens's name
+            d["n_kv_heads"] = d.pop("n_key_value_heads")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(

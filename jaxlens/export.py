@@ -21,7 +21,7 @@ def _check_gpt2(cfg: ModelConfig, params: dict[str, Any]) -> None:
                 parallel_attn_mlp=False, gated_mlp=False, use_qkv_bias=True, use_o_bias=True, use_mlp_bias=True,
                 embed_scale=None, sliding_window=None)
     problems = [f"cfg.{k}={getattr(cfg, k)!r} (GPT-2 needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
-    if cfg.kv_heads != cfg.n_heads:
+    if cfg.n_kv_heads != cfg.n_heads:
         problems.append(f"cfg.n_kv_heads={cfg.n_kv_heads} (GPT-2 has no grouped-query attention)")
     if cfg.d_head * cfg.n_heads != cfg.d_model:
         problems.append(f"n_heads*d_head={cfg.n_heads * cfg.d_head} != d_model={cfg.d_model}")

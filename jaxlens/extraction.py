@@ -58,7 +58,7 @@ def expand_kv_heads(act: Array, cfg: ModelConfig) -> Array:
     """[batch pos kv_head d] -> [batch pos head d]: query head h uses kv head h // group."""
     if act.shape[2] == cfg.n_heads:
         return act
-    return repeat_kv(act, cfg.n_heads // cfg.kv_heads, axis=2)
+    return repeat_kv(act, cfg.n_heads // cfg.n_kv_heads, axis=2)
 
 
 def head_vectors(act: Array, cfg: ModelConfig, token_groups: Any, avg: bool = False, expand_kv: bool = True) -> Array:

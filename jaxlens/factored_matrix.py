@@ -350,9 +350,9 @@ def refactor_factored_attn_matrices(params: dict[str, Any], cfg: ModelConfig) ->
         raise ValueError(f"refactor_factored_attn_matrices: {cfg.model_type} uses rotary embeddings, so its QK "
                          "matrix depends on the query and key positions and cannot be refactored (TransformerLens "
                          "refuses this too)")
-    if cfg.kv_heads != cfg.n_heads:
+    if cfg.n_kv_heads != cfg.n_heads:
         raise ValueError(f"refactor_factored_attn_matrices: grouped-query attention ({cfg.n_heads} query heads, "
-                         f"{cfg.kv_heads} key/value heads) shares keys between heads, so per-head factors cannot be "
+                         f"{cfg.n_kv_heads} key/value heads) shares keys between heads, so per-head factors cannot be "
                          "stored; not supported")
     if cfg.d_head > cfg.d_model:
         raise ValueError(f"refactor_factored_attn_matrices needs d_head <= d_model, got {cfg.d_head} > {cfg.d_model}")

@@ -458,7 +458,7 @@ class HookedTransformer:
         return jnp.zeros((self.cfg.n_layers, *shape), self.params["W_E"].dtype)
 
     def _expand_kv(self, w: jax.Array) -> jax.Array:
-        return repeat_kv(w, self.cfg.n_heads // self.cfg.kv_heads, axis=1)
+        return repeat_kv(w, self.cfg.n_heads // self.cfg.n_kv_heads, axis=1)
 
     @property
     def W_E(self) -> jax.Array:
@@ -483,8 +483,8 @@ class HookedTransformer:
     W_V = property(lambda self: self._expand_kv(self._stacked("attn", "W_V")))
     W_O = property(lambda self: self._stacked("attn", "W_O"))
     b_Q = property(lambda self: self._stacked("attn", "b_Q", (self.cfg.n_heads, self.cfg.d_head)))
-    b_K = property(lambda self: self._expand_kv(self._stacked("attn", "b_K", (self.cfg.kv_heads, self.cfg.d_head))))
-    b_V = property(lambda self: self._expand_kv(self._stacked("attn", "b_V", (self.cfg.kv_heads, self.cfg.d_head))))
+    b_K = property(lambda self: self._expand_kv(self._stacked("attn", "b_K", (self.cfg.n_kv_heads, self.cfg.d_head))))
+    b_V = property(lambda self: self._expand_kv(self._stacked("attn", "b_V", (self.cfg.n_kv_heads, self.cfg.d_head))))
     b_O = property(lambda self: self._stacked("attn", "b_O", (self.cfg.d_model,)))
     W_in = property(lambda self: self._stacked("mlp", "W_in"))
     b_in = property(lambda self: self._stacked("mlp", "b_in", (self.cfg.d_mlp,)))

@@ -73,7 +73,7 @@ class IndexChecked:
     _index_fields: dict[str, str] = {}
 
     def check_indices(self, name: str, cfg: Any, q_len: int | None, k_len: int | None) -> None:
-        heads = cfg.kv_heads if name.endswith(_KV_HOOKS) else cfg.n_heads
+        heads = cfg.n_kv_heads if name.endswith(_KV_HOOKS) else cfg.n_heads
         sizes = {"head": heads, "pos": q_len, "query": q_len, "key": k_len}
         for field, axis in self._index_fields.items():
             idx, n = getattr(self, field), sizes[axis]

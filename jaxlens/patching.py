@@ -65,7 +65,7 @@ def _axis_layout(activation_name: str, index_axis_names: Sequence[str], cfg: Any
     """(activation axis, size) of each non-layer grid axis, TransformerLens's axis names."""
     if not index_axis_names or index_axis_names[0] != "layer":
         raise ValueError(f"index_axis_names must start with 'layer', got {tuple(index_axis_names)}")
-    n_heads = cfg.kv_heads if activation_name in ("k", "v", "rot_k") else cfg.n_heads
+    n_heads = cfg.n_kv_heads if activation_name in ("k", "v", "rot_k") else cfg.n_heads
     pattern = activation_name in _PATTERN
     axes, sizes = [], []
     for a in index_axis_names[1:]:

@@ -147,7 +147,7 @@ def _fold_value_biases(blk: dict[str, Any], cfg: ModelConfig, dtypes: dict[str, 
                        xp: Any) -> dict[str, Any]:
     """b_O += sum over heads of b_V W_O (grouped value heads repeated); b_V = 0."""
     attn = blk["attn"]
-    b_V = xp.repeat(attn["b_V"], cfg.n_heads // cfg.kv_heads, axis=1)  # [L, H, d_head]
+    b_V = xp.repeat(attn["b_V"], cfg.n_heads // cfg.n_kv_heads, axis=1)  # [L, H, d_head]
     L = b_V.shape[0]
     b_O = attn.get("b_O", xp.zeros((L, cfg.d_model), xp.float32)) + xp.einsum("lhd,lhdm->lm", b_V, attn["W_O"])
     attn["b_O"] = b_O - b_O.mean(-1, keepdims=True) if centre else b_O

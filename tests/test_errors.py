@@ -141,3 +141,15 @@ def test_config_values_are_validated_from_their_literal_types():
             ModelConfig(**base, **{field: bad})
     old = dict(ModelConfig(**base).to_dict(), tokenizer_name="gpt2")  # a field older versions wrote
     assert ModelConfig.from_dict(old) == ModelConfig(**base)
+
+
+def test_one_name_for_the_kv_heads():
+    from jaxlens.config import ModelConfig
+
+    base = dict(model_type="llama", d_model=8, n_layers=1, n_heads=4, d_head=2, d_mlp=16, d_vocab=10, n_ctx=8)
+    assert ModelConfig(**base).n_kv_heads == 4 and ModelConfig(**base).n_key_value_heads is None
+    assert ModelConfig(**base) == ModelConfig(**base, n_kv_heads=4)
+    grouped = ModelConfig.from_dict(dict(ModelConfig(**base).to_dict(), n_kv_heads=None, n_key_value_heads=2))
+    assert grouped.n_kv_heads == 2 and grouped.n_key_value_heads == 2  # TransformerLens's name accepted
+    with pytest.raises(ValueError, match="not a multiple of n_kv_heads=3"):
+        ModelConfig(**base, n_kv_heads=3)

@@ -72,7 +72,7 @@ def _select(x, groups, avg, axis):
 def test_head_vectors_and_projections_match_hf(llama, hf_proj, avg):
     m, model = llama
     heads, o_proj, hidden, raw = hf_proj
-    H, K = m.cfg.n_heads, m.cfg.kv_heads
+    H, K = m.cfg.n_heads, m.cfg.n_kv_heads
     assert K < H  # grouped-query
     what = ("embed", "resid_in", "head_queries", "head_keys", "head_values", "queries", "keys", "values",
             "head_queries_projected", "head_keys_projected", "head_values_projected")
@@ -288,7 +288,7 @@ def test_running_pattern_average_matches_easyroutine(llama, patterns):
     for scale in (1.0, 0.5, 2.0):  # three "batches": patterns and values scaled differently
         pat = np.asarray(patterns["pattern", 1]) ** scale
         pat = pat / pat.sum(-1, keepdims=True)
-        v = np.repeat(np.asarray(patterns["v", 1]) * scale, m.cfg.n_heads // m.cfg.kv_heads, axis=2)
+        v = np.repeat(np.asarray(patterns["v", 1]) * scale, m.cfg.n_heads // m.cfg.n_kv_heads, axis=2)
         proj = np.einsum("bphd,hdm->bhpm", v, W_O[1]) + b_O[1]
         batches.append((pat, proj))
     for weight_by in ("key", "query"):

@@ -135,8 +135,8 @@ def test_gqa_value_heads(hf_root):
     m = jaxlens.from_pretrained_no_processing(path)
     _, cache = m.run_with_cache(CLEAN, names_filter="blocks.1.attn.hook_v")
     grid = np.asarray(patching.get_act_patch_attn_head_v_all_pos(m, CORRUPT, cache, metric, layers=[1]))
-    assert grid.shape == (m.cfg.n_layers, m.cfg.kv_heads)
-    for h in range(m.cfg.kv_heads):
+    assert grid.shape == (m.cfg.n_layers, m.cfg.n_kv_heads)
+    for h in range(m.cfg.n_kv_heads):
         logits = m.run_with_hooks(CORRUPT, fwd_hooks=[("blocks.1.attn.hook_v", iv.patch_heads([h], cache["v", 1]))])
         assert_close(grid[1, h], metric(logits), f"kv head {h}")
 

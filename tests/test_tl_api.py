@@ -85,7 +85,7 @@ def test_module_views(pair):
     last = m.blocks[-1]
     for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
         assert_close(getattr(last.attn, n), _n(ref[f"blocks.{cfg.n_layers - 1}.attn.{n}"]), n)
-    assert last.attn._W_K.shape == (cfg.kv_heads, cfg.d_model, cfg.d_head)
+    assert last.attn._W_K.shape == (cfg.n_kv_heads, cfg.d_model, cfg.d_head)
     for n in ("W_in", "W_out", "b_in", "b_out"):
         assert_close(getattr(m.blocks[0].mlp, n), _n(ref[f"blocks.0.mlp.{n}"]), n)
     for view, name in ((m.embed.W_E, "embed.W_E"), (m.unembed.W_U, "unembed.W_U"), (m.blocks[0].ln1.w, "blocks.0.ln1.w"),

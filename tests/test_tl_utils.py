@@ -551,7 +551,7 @@ def test_every_stacking_order_padding_and_pattern_axes(monkeypatch):
     from types import SimpleNamespace
 
     L, P, H, KV = 2, 3, 4, 2
-    model = SimpleNamespace(cfg=SimpleNamespace(n_layers=L, n_heads=H, kv_heads=KV))
+    model = SimpleNamespace(cfg=SimpleNamespace(n_layers=L, n_heads=H, n_kv_heads=KV))
     seen = []
 
     def stub(value, shape):

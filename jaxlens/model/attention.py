@@ -47,7 +47,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None):
         cfg = self.cfg
-        H, K, D, M = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_model
+        H, K, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
         dt = x.dtype
         W_Q = self.param("W_Q", _init, (H, M, D), dt)
         W_K = self.param("W_K", _init, (K, M, D), dt)

@@ -56,7 +56,7 @@ class KVCache:
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> "KVCache":
         """An empty cache for `batch` rows of up to `max_len` tokens each."""
         batch, max_len = _positive_int("KVCache.init", "batch", batch), _positive_int("KVCache.init", "max_len", max_len)
-        shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.d_head)
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.d_head)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
                    jnp.zeros((), jnp.int32))
 

@@ -201,10 +201,10 @@ class AttnView(_SublayerView):
     _sub = "attn"
 
     def _expand(self, w: jax.Array) -> jax.Array:
-        return repeat_kv(w, self.cfg.n_heads // self.cfg.kv_heads, axis=0)
+        return repeat_kv(w, self.cfg.n_heads // self.cfg.n_kv_heads, axis=0)
 
     def _kv_bias_shape(self) -> tuple[int, int]:
-        return (self.cfg.kv_heads, self.cfg.d_head)
+        return (self.cfg.n_kv_heads, self.cfg.d_head)
 
     W_Q = property(lambda self: self._w("W_Q"))
     W_O = property(lambda self: self._w("W_O"))
