@@ -37,6 +37,7 @@ from jaxlens.fingerprint import Identity
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import did_you_mean, get_act_name
 from jaxlens.slice import Slice, SliceInput
+from jaxlens.validate import index
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,10 @@ class ActivationCache:
     def _layer_of_key(self, key: tuple) -> int:
         """The layer of a `(name, layer, ...)` key, negative counting from the end as in TransformerLens;
         one outside the model raises LayerIndexError naming the valid range, not a bare missing key."""
-        layer, n = int(key[1]), getattr(self.cfg, "n_layers", None)
+        n = getattr(self.cfg, "n_layers", None)
         if n is None:
-            return layer
-        if not -n <= layer < n:
-            raise LayerIndexError(f"cache[{key!r}]: layer={layer} is out of range for this {n}-layer model; "
-                                  f"use a layer in [{-n}, {n}) (negative counts from the end)")
-        return layer % n
+            return int(key[1])
+        return index(key[1], n, f"cache[{key!r}]: layer", context=f"for this {n}-layer model", error=LayerIndexError)
 
     @property
     def cache_dict(self) -> Mapping[str, Any]:

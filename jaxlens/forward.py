@@ -13,12 +13,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlens.config import ModelConfig
 from jaxlens.fingerprint import retry_static
 from jaxlens.hooks import WILDCARD, Hooks, RunCtx, collect_intermediates
 from jaxlens.model import Transformer
+from jaxlens.validate import index
 from jaxlens.model.kv import KVCache
 
 
@@ -33,18 +33,10 @@ def resolve_layer_range(cfg: ModelConfig, start_at_layer: int | None = None,
     checked: 0 <= start < n_layers, 0 <= stop <= n_layers, start <= stop. None stays None."""
     n = cfg.n_layers
 
-    def one(name: str, v: int | None, hi: int) -> int | None:
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ValueError(f"{name} must be an int layer index (or None), got {v!r}")
-        r = int(v) + n if v < 0 else int(v)
-        if not 0 <= r <= hi:
-            raise ValueError(f"{name}={v} is out of range for a model of {n} layers: give an index in "
-                             f"[{-n}, {hi}] (negative counts from the end)")
-        return r
+    def one(name: str, v: int | None, end: bool) -> int | None:
+        return None if v is None else index(v, n, name, end=end, context=f"for a model of {n} layers")
 
-    start, stop = one("start_at_layer", start_at_layer, n - 1), one("stop_at_layer", stop_at_layer, n)
+    start, stop = one("start_at_layer", start_at_layer, False), one("stop_at_layer", stop_at_layer, True)
     if start is not None and stop is not None and start > stop:
         raise ValueError(f"start_at_layer={start_at_layer} comes after stop_at_layer={stop_at_layer}: "
                          "the run covers blocks [start, stop), so start must be <= stop")

@@ -20,6 +20,7 @@ from jaxlens.model import Transformer
 from jaxlens.model.layers import repeat_kv
 from jaxlens.model.views import BlocksView, EmbedView, NormView, PosEmbedView, UnembedView
 from jaxlens.tokens import check_tokens, encode, load_tokenizer, parse_input
+from jaxlens.validate import index
 
 if TYPE_CHECKING:
     from jaxlens.factored_matrix import FactoredMatrix
@@ -749,8 +750,8 @@ class HookedTransformer:
         As TransformerLens, mlp_input adds b_O also for parallel attention/MLP blocks (NeoX), whose MLP
         does not read it."""
         n = self.cfg.n_layers
-        if not 0 <= int(layer) <= n:
-            raise ValueError(f"layer {layer} is out of range: use 0..{n} (n_layers={n} is the final residual stream)")
+        layer = index(layer, n, "layer", negative=False, end=True,
+                      context=f"(n_layers={n} is the final residual stream)")
         if mlp_input and int(layer) == n:
             raise ValueError(f"mlp_input=True needs layer < n_layers={n}: there is no attention bias beyond the "
                              "final layer")

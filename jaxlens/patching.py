@@ -32,6 +32,7 @@ from jaxlens.forward import forward, is_scanned, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
 from jaxlens.interventions import Replace, _register
 from jaxlens.tokens import check_tokens
+from jaxlens.validate import indices
 
 Metric = Callable[[jax.Array], jax.Array]
 _PATTERN = ("pattern", "attn_scores")
@@ -156,18 +157,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
 
 def _check_layers(layers: Any, n_layers: int) -> list[int]:
     """The `layers` argument as ints in [0, n_layers); ValueError naming any other (JAX would not complain)."""
-    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-        raise ValueError(f"layers must be a sequence of layer indices such as [0, 1], or None for all; got {layers!r}")
-    out = []
-    for l in layers:
-        if isinstance(l, (bool, np.bool_)) or not isinstance(l, (int, np.integer)):
-            raise ValueError(f"layers: {l!r} is not an int layer index; give ints in 0..{n_layers - 1}")
-        if not 0 <= int(l) < n_layers:
-            raise ValueError(f"layers: layer {int(l)} is out of range: the model has layers 0..{n_layers - 1}")
-        out.append(int(l))
-    if not out:
-        raise ValueError("layers is empty: name at least one layer, or pass None for all")
-    return out
+    return indices(layers, n_layers, "layers", negative=False, context=f"for a model of {n_layers} layers")
 
 
 def _specialise(activation_name: str, index_axis_names: tuple[str, ...], shape_doc: str) -> Callable[..., jax.Array]:

@@ -27,6 +27,44 @@ def hf_root(tmp_path_factory):
 
 _BUILT: dict = {}
 
+PROMPTS = [[0, 5, 9, 30, 2, 7, 100, 44, 12, 3], [0, 17, 250, 8], [0, 60, 61, 62, 63, 64, 65]]
+
+
+def built(family, hf_root):
+    """(path, torch model) for the family's random HF checkpoint under hf_root; built once per session.
+
+    Shared by every test: read it, never change it (copy the folder or the model to modify one)."""
+    if family not in _BUILT:
+        _BUILT[family] = build(family, hf_root)
+    return _BUILT[family]
+
+
+def boot_bridge(path, processed: bool):
+    """A fresh TransformerLens 4.x bridge on the checkpoint at path, in compatibility mode.
+
+    processed=True: TL's default processing (fold_ln, center_writing_weights, center_unembed,
+    fold_value_biases); False: HF's weights unchanged. Not cached: some tests add hooks to theirs."""
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
+    if processed:
+        bridge.enable_compatibility_mode()
+    else:
+        bridge.enable_compatibility_mode(no_processing=True)
+    return bridge
+
+
+def padded(side, prompts=PROMPTS):
+    """(tokens, mask) int32 [batch, longest]: the prompts padded with 0 on the given side ("left"|"right")."""
+    n = max(map(len, prompts))
+    toks = np.zeros((len(prompts), n), np.int32)
+    mask = np.zeros_like(toks)
+    for i, p in enumerate(prompts):
+        sl = slice(n - len(p), n) if side == "left" else slice(0, len(p))
+        toks[i, sl], mask[i, sl] = p, 1
+    return toks, mask
+
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def family(request):
@@ -36,9 +74,7 @@ def family(request):
 @pytest.fixture(scope="session")
 def hf_model(family, hf_root):
     """(path, torch model) for the family; built once."""
-    if family not in _BUILT:
-        _BUILT[family] = build(family, hf_root)
-    return _BUILT[family]
+    return built(family, hf_root)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, built
 from jaxlens import aggregate as agg
 from jaxlens.cache import ActivationCache
 from test_cache_analysis import MODEL_PHASES, random_params, run_fast, small_configs
@@ -510,12 +510,7 @@ def test_running_pattern_average_over_batches():
 
 @pytest.fixture(scope="module")
 def gpt2(hf_root):
-    import conftest
-    from hf_models import build
-
-    if "gpt2" not in conftest._BUILT:
-        conftest._BUILT["gpt2"] = build("gpt2", hf_root)
-    return jaxlens.from_pretrained(conftest._BUILT["gpt2"][0])
+    return jaxlens.from_pretrained(built("gpt2", hf_root)[0])
 
 
 def test_stats_accumulate_a_sweep_inside_jit(gpt2):

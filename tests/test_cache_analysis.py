@@ -15,26 +15,14 @@ import torch
 from hypothesis import Phase, given, settings, strategies as st
 
 import jaxlens
-from conftest import assert_close
+from conftest import PROMPTS, assert_close, boot_bridge, built, padded
 from jaxlens import analysis as A
 from jaxlens.cache import ActivationCache
 from jaxlens.slice import Slice
 
 TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44, 12, 3], [0, 17, 250, 8, 4, 61, 62, 63, 64, 65],
                  [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]], np.int32)  # [3 10], the padded batches' shape
-PROMPTS = [[0, 5, 9, 30, 2, 7, 100, 44, 12, 3], [0, 17, 250, 8], [0, 60, 61, 62, 63, 64, 65]]
 PROCESS = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
-
-
-def boot_bridge(path, processed: bool):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    if processed:
-        bridge.enable_compatibility_mode()  # fold_ln, center_writing_weights, center_unembed, fold_value_biases
-    else:
-        bridge.enable_compatibility_mode(no_processing=True)
-    return bridge
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["unprocessed", "processed"])
@@ -201,16 +189,6 @@ def test_hooks_logits_and_head_results_match(pair, hf_model):
     assert_close(shift, np.broadcast_to(shift.mean(-1, keepdims=True), shift.shape), "constant shift", atol=3e-5)
 
 
-def padded(side):
-    n = max(map(len, PROMPTS))
-    toks = np.zeros((len(PROMPTS), n), np.int32)
-    mask = np.zeros_like(toks)
-    for i, p in enumerate(PROMPTS):
-        sl = slice(n - len(p), n) if side == "left" else slice(0, len(p))
-        toks[i, sl], mask[i, sl] = p, 1
-    return toks, mask
-
-
 PADDED_CALLS = [
     ("accumulated ln", lambda c, T: c.accumulated_resid(apply_ln=True)),
     ("full mlp_input ln", lambda c, T: c.get_full_resid_decomposition(layer=1, mlp_input=True, apply_ln=True)),
@@ -339,12 +317,7 @@ def test_decompositions_sum_to_the_residual(cfg, seed):
 
 @pytest.fixture(scope="module")
 def gpt2_cache(hf_root):
-    import conftest
-    from hf_models import build
-
-    if "gpt2" not in conftest._BUILT:
-        conftest._BUILT["gpt2"] = build("gpt2", hf_root)
-    model = jaxlens.from_pretrained(conftest._BUILT["gpt2"][0])
+    model = jaxlens.from_pretrained(built("gpt2", hf_root)[0])
     return model, model.run_with_cache(TOKS)[1]
 
 
@@ -494,11 +467,6 @@ def test_bad_arguments_raise_clear_errors(gpt2_cache):
 
 
 def test_parallel_block_has_no_resid_mid(hf_root):
-    import conftest
-    from hf_models import build
-
-    if "gpt_neox" not in conftest._BUILT:
-        conftest._BUILT["gpt_neox"] = build("gpt_neox", hf_root)
-    _, c = jaxlens.from_pretrained(conftest._BUILT["gpt_neox"][0]).run_with_cache(TOKS)
+    _, c = jaxlens.from_pretrained(built("gpt_neox", hf_root)[0]).run_with_cache(TOKS)
     with pytest.raises(ValueError, match="parallel attention and MLP: there is no resid_mid"):
         c.accumulated_resid(incl_mid=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, boot_bridge, built
 from jaxlens import cache as cache_mod
 from jaxlens.cache import ActivationCache, DiscardedResultWarning, LayerIndexError
 
@@ -25,12 +25,7 @@ TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 17, 250, 8, 4, 61, 62, 63]], 
 
 @pytest.fixture(scope="module")
 def gpt2(hf_root):
-    import conftest
-    from hf_models import build
-
-    if "gpt2" not in conftest._BUILT:
-        conftest._BUILT["gpt2"] = build("gpt2", hf_root)
-    path = conftest._BUILT["gpt2"][0]
+    path = built("gpt2", hf_root)[0]
     return jaxlens.from_pretrained_no_processing(path), path
 
 
@@ -41,11 +36,7 @@ def cache(gpt2):
 
 @pytest.fixture(scope="module")
 def bridge(gpt2):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    b = TransformerBridge.boot_transformers(str(gpt2[1]), device="cpu", dtype=torch.float32)
-    b.enable_compatibility_mode(no_processing=True)
-    return b
+    return boot_bridge(gpt2[1], processed=False)
 
 
 def tl_cache(bridge, toks):
@@ -233,7 +224,7 @@ def test_cache_lookup_layers_are_checked(cache):
     assert cache["scale", -2, "ln1"] is cache["blocks.0.ln1.hook_scale"]
     for bad in (2, 7, -3):
         with pytest.raises(ValueError, match=rf"layer={bad} is out of range for this 2-layer model; "
-                                             r"use a layer in \[-2, 2\)"):
+                                             r"valid -2..1 \(negative counts from the end\)"):
             cache["pattern", bad]
     with pytest.raises(KeyError):  # TransformerLens code that catches KeyError still does
         cache["pattern", 7]

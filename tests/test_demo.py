@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,4 +107,3 @@ def test_report_renders_in_headless_chromium(demo_out, tmp_path):
     assert img.shape[0] == 2400 and img.shape[1] == 1280
     ink = (img[..., :3].mean(-1) < 0.5).mean()
     assert 0.005 < ink < 0.5, f"the page looks blank or broken (dark-pixel share {ink:.4f})"
-    Path(demo_out / "report_screenshot.png").write_bytes(shot.read_bytes())

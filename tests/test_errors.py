@@ -9,17 +9,13 @@ import numpy as np
 import pytest
 
 import jaxlens
+from conftest import built
 from jaxlens.conversion import CheckpointError
 
 
 @pytest.fixture(scope="module")
 def gpt2_path(hf_root):
-    from hf_models import build
-    import conftest
-
-    if "gpt2" not in conftest._BUILT:
-        conftest._BUILT["gpt2"] = build("gpt2", hf_root)
-    return conftest._BUILT["gpt2"][0]
+    return built("gpt2", hf_root)[0]
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +75,7 @@ def test_missing_folder_and_config(tmp_path):
 
 
 def test_unsupported_rope_scaling(hf_root, tmp_path):
-    from hf_models import build
-    import conftest
-
-    if "llama" not in conftest._BUILT:
-        conftest._BUILT["llama"] = build("llama", hf_root)
-    d = copy(conftest._BUILT["llama"][0], tmp_path / "m")
+    d = copy(built("llama", hf_root)[0], tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     (d / "config.json").write_text(json.dumps(cfg))

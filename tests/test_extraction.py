@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, built
 from jaxlens import aggregate as agg
 from jaxlens import extraction as ex
 from jaxlens import interventions as iv
@@ -23,18 +23,9 @@ ROWS = [(0, 1), (6, 7), (5,)]
 FLAT = [p for g in GROUPS for p in g]
 
 
-def _built(family, hf_root):
-    import conftest
-    from hf_models import build
-
-    if family not in conftest._BUILT:
-        conftest._BUILT[family] = build(family, hf_root)
-    return conftest._BUILT[family]
-
-
 @pytest.fixture(scope="module")
 def llama(hf_root):
-    path, model = _built("llama", hf_root)
+    path, model = built("llama", hf_root)
     return jaxlens.from_pretrained_no_processing(path), model
 
 
@@ -122,7 +113,7 @@ def test_norm_outputs_head_out_logits_and_last_layernorm_match_hf(hf_root, famil
     output (the MLP input; parallel GPT-NeoX too), `head_out_L{l}H{h}` = the o_proj input of head
     h through its W_O block plus b_O / n_heads, `logits` at the flattened positions, and
     `last_layernorm` = compute_statistics of the final norm's input."""
-    path, model = _built(family, hf_root)
+    path, model = built(family, hf_root)
     m = jaxlens.from_pretrained_no_processing(path)
     blocks, ln1, ln2, o_name, final = HF_MODULES[family]
     store, handles = {}, []
@@ -325,7 +316,7 @@ def test_position_statistics():
 
 
 def test_embedding_with_grad_matches_torch(hf_root):
-    path, model = _built("gpt2", hf_root)
+    path, model = built("gpt2", hf_root)
     m = jaxlens.from_pretrained_no_processing(path)
     metric = lambda lg: lg[:, -1, 3].sum()
     emb, grad = ex.embedding_with_grad(m, TOKS, metric, [(1, 2), (6,)], avg=True)

@@ -11,25 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import conftest
-from conftest import assert_close
-from hf_models import build
+from conftest import PROMPTS, assert_close, built, padded
 from jaxlens.forward import forward_jit
 from jaxlens.generate import (Sampler, bucket, compile_count, filter_logits, generate_tokens,
                               sample_logits)
 from jaxlens.hooks import make_hooks
 
-PROMPTS = [[0, 5, 9, 30, 2, 7, 100, 44, 12, 3], [0, 17, 250, 8], [0, 60, 61, 62, 63, 64, 65]]
 N_NEW = 9
-
-
-def left_padded(prompts):
-    n = max(map(len, prompts))
-    toks = np.zeros((len(prompts), n), np.int32)
-    mask = np.zeros_like(toks)
-    for i, p in enumerate(prompts):
-        toks[i, n - len(p):], mask[i, n - len(p):] = p, 1
-    return toks, mask
 
 
 def hf_generate(model, toks, mask, eos, **kw):
@@ -59,7 +47,7 @@ def test_greedy_matches_hf_and_full_recomputation(hf_model, jl_model):
     """Left-padded batch: same tokens as HF generate (with a stop token that ends one row early),
     and the KV-cached logits of every step equal a full forward over the generated sequence."""
     _, hf = hf_model
-    toks, mask = left_padded(PROMPTS)
+    toks, mask = padded("left", PROMPTS)
     free = hf_generate(hf, toks, mask, eos=0, min_new_tokens=N_NEW)  # only to pick a stop token
     eos = int(free[1, toks.shape[1] + 3])  # a token row 1 emits at step 3: it stops there (or earlier)
     ref = hf_generate(hf, toks, mask, eos=eos)
@@ -89,18 +77,14 @@ def test_greedy_single_prompt_matches_hf(hf_model, jl_model):
 def gpt2(hf_root):
     import jaxlens
 
-    if "gpt2" not in conftest._BUILT:
-        conftest._BUILT["gpt2"] = build("gpt2", hf_root)
-    return jaxlens.from_pretrained_no_processing(conftest._BUILT["gpt2"][0])
+    return jaxlens.from_pretrained_no_processing(built("gpt2", hf_root)[0])
 
 
 @pytest.fixture(scope="module")
 def llama(hf_root):
     import jaxlens
 
-    if "llama" not in conftest._BUILT:
-        conftest._BUILT["llama"] = build("llama", hf_root)
-    return jaxlens.from_pretrained_no_processing(conftest._BUILT["llama"][0])
+    return jaxlens.from_pretrained_no_processing(built("llama", hf_root)[0])
 
 
 CAPTURED = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern", "blocks.1.attn.hook_k",
@@ -112,7 +96,7 @@ def test_capture_every_step_equals_run_with_cache(llama):
     the steps, equal to run_with_cache over the output at those positions (grouped-query k,
     rotary, left padding)."""
     model = llama
-    toks, mask = left_padded(PROMPTS)
+    toks, mask = padded("left", PROMPTS)
     out, steps = model.generate(toks, N_NEW, do_sample=False, stop_at_eos=False, attention_mask=mask,
                                 names_filter=CAPTURED)
     out = np.asarray(out)
@@ -197,7 +181,7 @@ def test_text_in_text_out(gpt2):
 # --- sampling ----------------------------------------------------------------------------------
 
 def test_sampling_is_reproducible_per_key(gpt2):
-    toks, mask = left_padded(PROMPTS)
+    toks, mask = padded("left", PROMPTS)
 
     def sample(seed):
         return np.asarray(gpt2.generate(toks, N_NEW, attention_mask=mask, stop_at_eos=False, temperature=1.5,
@@ -274,7 +258,7 @@ def test_bad_prompts(gpt2):
         gpt2.generate(["", ""], 2, do_sample=False, prepend_bos=False)
     with pytest.raises(ValueError, match=r"prompt row\(s\) \[0, 1\] have no real tokens"):
         gpt2.generate(np.zeros((2, 3), np.int32), 2, do_sample=False, attention_mask=np.zeros((2, 3), np.int32))
-    toks, mask = left_padded(PROMPTS)
+    toks, mask = padded("left", PROMPTS)
     with pytest.raises(ValueError, match="needs left-padded prompts"):
         gpt2.generate(toks, 2, do_sample=False, attention_mask=mask[:, ::-1])
     with pytest.raises(ValueError, match="return_type must be one of"):

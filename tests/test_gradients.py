@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, built
 from jaxlens.forward import stack_layers
 from jaxlens.gradients import Perturb, attribution_patching, run_with_cache_and_grad
 
@@ -21,18 +21,9 @@ def metric(logits):
     return (logits[:, -1, A] - logits[:, -1, B]).mean()
 
 
-def _built(family, hf_root):
-    import conftest
-    from hf_models import build
-
-    if family not in conftest._BUILT:
-        conftest._BUILT[family] = build(family, hf_root)
-    return conftest._BUILT[family]
-
-
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def pair(request, hf_root):
-    path, model = _built(request.param, hf_root)
+    path, model = built(request.param, hf_root)
     return jaxlens.from_pretrained_no_processing(path), model
 
 
@@ -100,7 +91,7 @@ def test_grads_match_finite_differences(hf_root):
     default). eps=1e-2 balances truncation (~eps^2 times the third derivative) and rounding
     (~1e-7·|f|/eps), so the tolerance is 2e-3 relative to the directional derivative's scale. One
     compiled program evaluates every perturbation (Perturb's deltas are traced leaves)."""
-    m = jaxlens.from_pretrained_no_processing(_built("gpt2", hf_root)[0])
+    m = jaxlens.from_pretrained_no_processing(built("gpt2", hf_root)[0])
     names = NAMES
     _, fwd, grads = run_with_cache_and_grad(m, CORRUPT, metric, names)
     zeros = {n: np.zeros(fwd[n].shape, np.float32) for n in names}
@@ -124,7 +115,7 @@ def test_grads_match_finite_differences(hf_root):
 
 
 def test_scanned_grads_and_default_loss(hf_root):
-    path, _ = _built("llama", hf_root)
+    path, _ = built("llama", hf_root)
     m = jaxlens.from_pretrained_no_processing(path)
     s = jaxlens.HookedTransformer(m.cfg, stack_layers(m.params, m.cfg.n_layers), m.tokenizer)
     names = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre"]  # one per layer: both switch branches
@@ -132,7 +123,7 @@ def test_scanned_grads_and_default_loss(hf_root):
     vb, _, gb = run_with_cache_and_grad(s, CORRUPT, None, names)
     with torch.no_grad():
         ids = torch.tensor(CORRUPT, dtype=torch.long)
-        hf_loss = _built("llama", hf_root)[1](input_ids=ids, labels=ids).loss.item()
+        hf_loss = built("llama", hf_root)[1](input_ids=ids, labels=ids).loss.item()
     assert_close(va, hf_loss, "default metric is the LM loss")
     assert_close(va, vb, "loss")
     for k in ga:
@@ -140,7 +131,7 @@ def test_scanned_grads_and_default_loss(hf_root):
 
 
 def test_attribution_patching_equals_formula(hf_root):
-    path, model = _built("gpt2", hf_root)
+    path, model = built("gpt2", hf_root)
     m = jaxlens.from_pretrained_no_processing(path)
     names = NAMES
     _, clean = torch_grads(model, CLEAN)
@@ -161,7 +152,7 @@ def test_attribution_patching_equals_formula(hf_root):
 
 
 def test_gradient_errors(hf_root):
-    path, _ = _built("gpt2", hf_root)
+    path, _ = built("gpt2", hf_root)
     m = jaxlens.from_pretrained_no_processing(path)
     with pytest.raises(ValueError, match="must return a scalar"):
         run_with_cache_and_grad(m, CORRUPT, lambda lg: lg[:, -1, 0], "hook_embed")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, boot_bridge, built
 from jaxlens import interventions as iv
 from jaxlens.forward import stack_layers
 
@@ -18,34 +18,22 @@ TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 17, 250, 8, 3, 3, 60, 61]], n
 CLEAN = np.array([[0, 5, 9, 31, 2, 7, 100, 44], [0, 17, 251, 8, 3, 4, 60, 61]], np.int32)
 
 
-def _built(family, hf_root):
-    import conftest
-    from hf_models import build
-
-    if family not in conftest._BUILT:
-        conftest._BUILT[family] = build(family, hf_root)
-    return conftest._BUILT[family]
-
-
 @pytest.fixture(scope="module")
 def gpt2(hf_root):
-    path, model = _built("gpt2", hf_root)
+    path, model = built("gpt2", hf_root)
     return jaxlens.from_pretrained_no_processing(path), model
 
 
 @pytest.fixture(scope="module")
 def llama(hf_root):
-    path, model = _built("llama", hf_root)
+    path, model = built("llama", hf_root)
     return jaxlens.from_pretrained_no_processing(path), model
 
 
 @pytest.fixture(scope="module")
 def bridge_llama(hf_root):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    path, _ = _built("llama", hf_root)
-    b = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    b.enable_compatibility_mode(no_processing=True)
+    path, _ = built("llama", hf_root)
+    b = boot_bridge(path, processed=False)
     return b
 
 

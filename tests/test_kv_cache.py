@@ -8,32 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import conftest
-from conftest import assert_close
-from hf_models import build
+from conftest import PROMPTS, assert_close, built, padded
 from jaxlens import HookedTransformer
 from jaxlens.forward import stack_layers
 from jaxlens.kv_cache import KVCache, check_cache, forward_cached_jit
 
-PROMPTS = [[0, 5, 9, 30, 2, 7, 100, 44, 12, 3], [0, 17, 250, 8], [0, 60, 61, 62, 63, 64, 65]]
 EXTRA = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]  # one token per row per step after the prompt
 
 
-def left_padded(prompts):
-    n = max(map(len, prompts))
-    toks = np.zeros((len(prompts), n), np.int32)
-    mask = np.zeros_like(toks)
-    for i, p in enumerate(prompts):
-        toks[i, n - len(p):], mask[i, n - len(p):] = p, 1
-    return toks, mask
-
-
 def model_for(family, hf_root):
-    if family not in conftest._BUILT:
-        conftest._BUILT[family] = build(family, hf_root)
     import jaxlens
 
-    return jaxlens.from_pretrained_no_processing(conftest._BUILT[family][0])
+    return jaxlens.from_pretrained_no_processing(built(family, hf_root)[0])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +30,7 @@ def gpt2(hf_root):
 def chunked_vs_full(model):
     """Prefill the left-padded prompts in uneven chunks, then extend one token per step; every real
     position's logits must equal one full pass over the same tokens."""
-    toks, mask = left_padded(PROMPTS)
+    toks, mask = padded("left", PROMPTS)
     extra = np.array(EXTRA, np.int32)
     all_toks = np.concatenate([toks, extra], 1)
     all_mask = np.concatenate([mask, np.ones_like(extra)], 1)

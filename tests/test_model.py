@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, built
 from jaxlens.conversion import load_converted
 
 TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 3, 3, 3, 3, 1, 2, 9]], np.int32)
@@ -16,12 +16,7 @@ TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 3, 3, 3, 3, 1, 2, 9]], np.int
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def paths(request, hf_root):
-    from hf_models import build
-    import conftest
-
-    if request.param not in conftest._BUILT:
-        conftest._BUILT[request.param] = build(request.param, hf_root)
-    return conftest._BUILT[request.param][0]
+    return built(request.param, hf_root)[0]
 
 
 def test_scanned_equals_unrolled(paths):

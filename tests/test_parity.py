@@ -6,19 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
-
-PROMPTS = [[0, 5, 9, 30, 2, 7, 100, 44, 12, 3], [0, 17, 250, 8], [0, 60, 61, 62, 63, 64, 65]]
-
-
-def padded(side):
-    n = max(map(len, PROMPTS))
-    toks = np.zeros((len(PROMPTS), n), np.int32)
-    mask = np.zeros_like(toks)
-    for i, p in enumerate(PROMPTS):
-        sl = slice(n - len(p), n) if side == "left" else slice(0, len(p))
-        toks[i, sl], mask[i, sl] = p, 1
-    return toks, mask
+from conftest import PROMPTS, assert_close, boot_bridge, padded
 
 
 def hf_run(model, toks, mask):
@@ -67,11 +55,8 @@ def test_padded_rows_equal_prompt_alone(jl_model, side):
 
 
 def test_every_hook_matches_transformer_lens(hf_model, jl_model):
-    from transformer_lens.model_bridge import TransformerBridge
-
     path, _ = hf_model
-    bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    bridge.enable_compatibility_mode(no_processing=True)
+    bridge = boot_bridge(path, processed=False)
     toks = np.array([PROMPTS[0]], np.int32)
     with torch.no_grad():
         ref_logits, ref = bridge.run_with_cache(torch.tensor(toks, dtype=torch.long))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, boot_bridge, built
 from jaxlens import interventions as iv
 from jaxlens import patching
 
@@ -27,18 +27,9 @@ def metric_t(logits):
     return (logits[:, -1, A] - logits[:, -1, B]).mean()
 
 
-def _built(family, hf_root):
-    import conftest
-    from hf_models import build
-
-    if family not in conftest._BUILT:
-        conftest._BUILT[family] = build(family, hf_root)
-    return conftest._BUILT[family]
-
-
 @pytest.fixture(scope="module")
 def gpt2(hf_root):
-    path, _ = _built("gpt2", hf_root)
+    path, _ = built("gpt2", hf_root)
     m = jaxlens.from_pretrained_no_processing(path)
     _, cache = m.run_with_cache(CLEAN)
     return m, cache
@@ -68,11 +59,9 @@ def grids(gpt2):
 @pytest.fixture(scope="module")
 def tl_grids(hf_root, gpt2):
     from transformer_lens import patching as tlp
-    from transformer_lens.model_bridge import TransformerBridge
 
-    path, _ = _built("gpt2", hf_root)
-    bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    bridge.enable_compatibility_mode(no_processing=True)
+    path, _ = built("gpt2", hf_root)
+    bridge = boot_bridge(path, processed=False)
     with torch.no_grad():
         _, tl_cache = bridge.run_with_cache(torch.tensor(CLEAN, dtype=torch.long))
         corrupt = torch.tensor(CORRUPT, dtype=torch.long)
@@ -131,7 +120,7 @@ def test_chunked_and_layer_subset_equal_full(grids, gpt2):
 
 def test_gqa_value_heads(hf_root):
     """k/v grids of a grouped-query model run over kv heads, as TransformerLens's."""
-    path, _ = _built("llama", hf_root)
+    path, _ = built("llama", hf_root)
     m = jaxlens.from_pretrained_no_processing(path)
     _, cache = m.run_with_cache(CLEAN, names_filter="blocks.1.attn.hook_v")
     grid = np.asarray(patching.get_act_patch_attn_head_v_all_pos(m, CORRUPT, cache, metric, layers=[1]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, built
 from jaxlens.conversion import load_any
 from jaxlens.processing import process_params
 
@@ -74,24 +74,14 @@ def test_all_processing_matches_transformer_lens(family, hf_model):
 @pytest.mark.parametrize("fam", ["gpt2", "qwen2"])  # LN, tied, positions / RMS, value bias without b_O
 @pytest.mark.parametrize("flag", FLAGS)
 def test_each_flag_alone_matches_transformer_lens(fam, flag, hf_root):
-    import conftest
-    from hf_models import build
-
-    if fam not in conftest._BUILT:
-        conftest._BUILT[fam] = build(fam, hf_root)
-    path = conftest._BUILT[fam][0]
+    path = built(fam, hf_root)[0]
     cfg, raw = load_any(path, "float32")
     params, new = process_params(raw, cfg, **{f: f == flag for f in FLAGS})
     compare_weights(params, new, boot(path, {flag: True}), f"{fam} {flag}")
 
 
 def test_properties_of_processed_weights(hf_root):
-    import conftest
-    from hf_models import build
-
-    if "gpt2" not in conftest._BUILT:
-        conftest._BUILT["gpt2"] = build("gpt2", hf_root)
-    cfg, raw = load_any(conftest._BUILT["gpt2"][0], "float32")
+    cfg, raw = load_any(built("gpt2", hf_root)[0], "float32")
     p, new = process_params(raw, cfg, **ALL)
     zero = dict(rtol=0, atol=1e-6)
     # LN folded: reading weights are centred over d_model; writing weights and unembed centred
@@ -112,14 +102,10 @@ def test_properties_of_processed_weights(hf_root):
     jax.tree.map(lambda a, b: assert_close(a, b, "twice", atol=1e-6), again, p)
 
 
-def test_layouts_dtypes_and_jax_arrays_agree(hf_root):
-    import conftest
-    from hf_models import build
+def test_layouts_dtypes_and_jax_arrays_agree(hf_root, tmp_path):
     from jaxlens.forward import stack_layers
 
-    if "llama" not in conftest._BUILT:
-        conftest._BUILT["llama"] = build("llama", hf_root)
-    path = conftest._BUILT["llama"][0]
+    path = built("llama", hf_root)[0]
     cfg, raw = load_any(path, "float32")
     p, new = process_params(raw, cfg, **ALL)
     # the scanned layout gives the same numbers, in the scanned layout
@@ -140,7 +126,7 @@ def test_layouts_dtypes_and_jax_arrays_agree(hf_root):
     hp, _ = process_params(half, cfg, **ALL)
     assert {x.dtype for x in jax.tree.leaves(hp)} == {jnp.dtype(jnp.bfloat16)}
     # the processed model saves and loads without torch (config says RMSPre; no norm weights)
-    back = jaxlens.from_pretrained_no_processing(flagged.save(hf_root / "llama_processed"))
+    back = jaxlens.from_pretrained_no_processing(flagged.save(tmp_path / "llama_processed"))
     assert back.cfg == flagged.cfg and back.cfg.normalization_type == "RMSPre"
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, flagged.params)
     # the cache of a processed model carries no final-norm weights (there are none)

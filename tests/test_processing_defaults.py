@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import jaxlens
-from conftest import assert_close
-from test_cache_analysis import boot_bridge
+from conftest import assert_close, boot_bridge, built
 
 TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44, 12, 3], [0, 17, 250, 8, 4, 61, 62, 63, 64, 65]], np.int32)
 FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
@@ -82,12 +81,7 @@ def test_each_step_applies_to_the_families_transformer_lens_applies_it_to(family
 
 
 def test_flags_and_dtype_are_explicit_arguments(hf_root):
-    import conftest
-    from hf_models import build
-
-    if "gpt2" not in conftest._BUILT:
-        conftest._BUILT["gpt2"] = build("gpt2", hf_root)
-    path = conftest._BUILT["gpt2"][0]
+    path = built("gpt2", hf_root)[0]
     off = {f: False for f in FLAGS}
     raw = jaxlens.from_pretrained_no_processing(path)
     flagged_off = jaxlens.from_pretrained(path, **off)

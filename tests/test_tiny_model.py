@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, boot_bridge
 from jaxlens import data
 from jaxlens.assets import model_dir
 from jaxlens.export import gpt2_state_dict, save_hf_gpt2
@@ -98,10 +98,7 @@ def test_some_head_is_an_induction_head(shipped, probe_tokens):
 
 def test_induction_score_matches_transformer_lens_patterns(shipped, probe_tokens):
     """The score read off TransformerLens 4.x's own patterns equals ours."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    bridge = TransformerBridge.boot_transformers(str(model_dir()), device="cpu", dtype=torch.float32)
-    bridge.enable_compatibility_mode(no_processing=True)
+    bridge = boot_bridge(model_dir(), processed=False)
     toks = probe_tokens[:4]
     with torch.no_grad():
         _, ref = bridge.run_with_cache(torch.tensor(toks, dtype=torch.long),
@@ -207,14 +204,14 @@ def test_shipped_prompts_file_is_pattern_lens_format(shipped):
 
 # --- exporter and probes ---------------------------------------------------------------------
 
-def test_export_is_the_inverse_of_conversion(hf_root, tmp_path):
+def test_export_is_the_inverse_of_conversion(tmp_path):
     """HF GPT-2 -> jaxlens params -> HF tensors gives back every tensor exactly; saved, it reloads."""
     import transformers
 
     from hf_models import build
     from jaxlens.conversion import load_any
 
-    path, model = build("gpt2", hf_root / "export_roundtrip")
+    path, model = build("gpt2", tmp_path / "hf")
     cfg, params = load_any(path)
     sd = gpt2_state_dict(cfg, params)
     ref = {k: v.numpy() for k, v in model.state_dict().items() if not k.endswith((".attn.bias", ".masked_bias"))}
@@ -229,12 +226,12 @@ def test_export_is_the_inverse_of_conversion(hf_root, tmp_path):
         assert_close(again(toks).logits.numpy(), model(toks).logits.numpy(), "reloaded logits")
 
 
-def test_export_rejects_what_gpt2_cannot_hold(hf_root):
+def test_export_rejects_what_gpt2_cannot_hold(tmp_path):
     from hf_models import build
     from jaxlens.conversion import load_any
     from jaxlens.forward import stack_layers
 
-    cfg, params = load_any(build("gpt2", hf_root / "export_errors")[0])
+    cfg, params = load_any(build("gpt2", tmp_path)[0])
     with pytest.raises(ValueError, match="b_U is not zero"):
         gpt2_state_dict(cfg, {**params, "b_U": np.ones(cfg.d_vocab, np.float32)})
     with pytest.raises(ValueError, match="scanned layout"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, boot_bridge, built
 from jaxlens.forward import forward_jit, stack_layers
 from jaxlens.hooked import HookedTransformer
 
@@ -23,33 +23,19 @@ TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 17, 250, 8, 4, 61, 62, 63]], 
 FAMILIES = ("gpt2", "llama")  # learned positions + LayerNorm + tied unembed; rotary + RMS + GQA + gated MLP
 
 
-def _built(family, hf_root):
-    import conftest
-    from hf_models import build
-
-    if family not in conftest._BUILT:
-        conftest._BUILT[family] = build(family, hf_root)
-    return conftest._BUILT[family]
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, hf_root):
     """(jaxlens model, TL bridge) on the same random HF checkpoint, both unprocessed."""
-    from transformer_lens.model_bridge import TransformerBridge
 
-    path, _ = _built(request.param, hf_root)
-    bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    bridge.enable_compatibility_mode(no_processing=True)
+    path, _ = built(request.param, hf_root)
+    bridge = boot_bridge(path, processed=False)
     return jaxlens.from_pretrained_no_processing(path), bridge
 
 
 @pytest.fixture(scope="module")
 def gpt2_pair(hf_root):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    path, _ = _built("gpt2", hf_root)
-    bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    bridge.enable_compatibility_mode(no_processing=True)
+    path, _ = built("gpt2", hf_root)
+    bridge = boot_bridge(path, processed=False)
     return jaxlens.from_pretrained_no_processing(path), bridge
 
 
@@ -139,7 +125,7 @@ def test_stop_and_start_at_layer_match_tl(pair):
 
 @pytest.fixture(scope="module")
 def llama(hf_root):
-    path, _ = _built("llama", hf_root)
+    path, _ = built("llama", hf_root)
     return jaxlens.from_pretrained_no_processing(path)
 
 
@@ -403,10 +389,13 @@ def test_backward_hooks_match_tl(gpt2_pair):
     # run_with_hooks(bwd_hooks=...): TL needs reset_hooks_end=False and .backward(); jaxlens runs it
     seen, ref_seen = {}, {}
     loss = m.run_with_hooks(TOKS, bwd_hooks=[("hook_embed", _recorder(seen, "e"))], return_type="loss")
-    ref_loss = bridge.run_with_hooks(T(TOKS).long(), bwd_hooks=[("hook_embed", _torch_recorder(ref_seen, "e"))],
-                                     return_type="loss", reset_hooks_end=False)
-    ref_loss.backward()
-    bridge.reset_hooks()
+    try:
+        ref_loss = bridge.run_with_hooks(T(TOKS).long(), bwd_hooks=[("hook_embed", _torch_recorder(ref_seen, "e"))],
+                                         return_type="loss", reset_hooks_end=False)
+        ref_loss.backward()
+    finally:  # the bridge is shared by the module: leave it without hooks or parameter grads
+        bridge.reset_hooks()
+        bridge.zero_grad(set_to_none=True)
     np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
     assert_close(seen["e"][0], ref_seen["e"][0], "hook_embed grad", rtol=1e-4, atol=1e-7)
     assert m._stored_hooks == ()
@@ -428,11 +417,9 @@ def test_generate_tl_arguments(llama, hf_root):
     """freq_penalty as TL defines it (logits / T - penalty * count, greedy unaffected), against
     TL's generate; without key= sampling uses key(0) and says so once."""
     import jaxlens.generate as G
-    from transformer_lens.model_bridge import TransformerBridge
 
     m = llama
-    bridge = TransformerBridge.boot_transformers(str(_built("llama", hf_root)[0]), device="cpu", dtype=torch.float32)
-    bridge.enable_compatibility_mode(no_processing=True)
+    bridge = boot_bridge(built("llama", hf_root)[0], processed=False)
     prompt = TOKS[:1]
     kw = dict(max_new_tokens=6, stop_at_eos=False, verbose=False, return_type="tokens")
     # TL 4.3's KV-cached generate disagrees with its own uncached loop (and with HF) on these
@@ -493,11 +480,11 @@ def test_cfg_fields(gpt2_pair, hf_root):
     assert cfg.original_architecture == "GPT2LMHeadModel" and cfg.dtype == jnp.float32 and cfg.device == "cpu"
     # TL's HookedTransformerConfig: n_layers * (4 d_model d_head n_heads + (2 + gated) d_model d_mlp)
     assert cfg.n_params == 2 * (4 * 32 * 8 * 4 + 2 * 32 * 128)
-    path, _ = _built("llama", hf_root)
+    path, _ = built("llama", hf_root)
     ll = jaxlens.from_pretrained_no_processing(path, dtype="bfloat16")
     assert ll.cfg.original_architecture == "LlamaForCausalLM" and ll.cfg.dtype == jnp.bfloat16
     assert ll.cfg.n_params == 2 * (4 * 32 * 8 * 4 + 3 * 32 * 48)
-    assert cfg.tokenizer_prepends_bos == detect_tokenizer_bos_eos(AutoTokenizer.from_pretrained(str(_built("gpt2", hf_root)[0])))[0]
+    assert cfg.tokenizer_prepends_bos == detect_tokenizer_bos_eos(AutoTokenizer.from_pretrained(str(built("gpt2", hf_root)[0])))[0]
     from jaxlens.assets import model_dir
     from jaxlens.conversion import hf_config
 
@@ -517,7 +504,7 @@ def test_errors(gpt2_pair):
         (lambda: m(TOKS, stop_at_layer=-3), r"stop_at_layer=-3 is out of range"),
         (lambda: m(resid, start_at_layer=2), r"start_at_layer=2 is out of range"),
         (lambda: m(resid, start_at_layer=1, stop_at_layer=0), "start must be <= stop"),
-        (lambda: m(TOKS, stop_at_layer=1.5), "must be an int layer index"),
+        (lambda: m(TOKS, stop_at_layer=1.5), "stop_at_layer must be an int index"),
         (lambda: m(TOKS, start_at_layer=1), "must be a float residual stream"),
         (lambda: m("some text", start_at_layer=1), "not text"),
         (lambda: m(resid, start_at_layer=1, return_type="loss"), "pass tokens="),

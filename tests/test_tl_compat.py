@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import jaxlens  # noqa: E402
+from conftest import boot_bridge  # noqa: E402
 from jaxlens.assets import model_dir  # noqa: E402
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -36,10 +37,7 @@ def jax_set(x, index, value):
 
 @pytest.fixture(scope="module")
 def models():
-    from transformer_lens.model_bridge import TransformerBridge
-
-    bridge = TransformerBridge.boot_transformers(str(model_dir()), device="cpu", dtype=torch.float32)
-    bridge.enable_compatibility_mode()
+    bridge = boot_bridge(model_dir(), processed=True)
     return {"tl": (bridge, torch_set), "jaxlens": (jaxlens.HookedTransformer.from_pretrained(model_dir()), jax_set)}
 
 
@@ -94,8 +92,10 @@ def stateful_hooks(model, set_):
         inside = model(CLEAN, return_type="loss", loss_per_token=True)
     after = model(CLEAN, return_type="loss", loss_per_token=True)
     model.add_hook("blocks.0.attn.hook_z", zero_head_1)
-    added = model(CLEAN, return_type="loss", loss_per_token=True)
-    model.reset_hooks()
+    try:
+        added = model(CLEAN, return_type="loss", loss_per_token=True)
+    finally:  # the models are shared by the module
+        model.reset_hooks()
     return np.stack([np.asarray(inside)[0], np.asarray(after)[0], np.asarray(added)[0]])
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxlens
-from conftest import assert_close
+from conftest import assert_close, built
 from jaxlens import head_detector as hd
 from jaxlens import patching, utils
 from jaxlens.factored_matrix import FactoredMatrix
@@ -26,15 +26,6 @@ INDUCTION_TEXT = "state new way door school time year people state new way door 
 # Singular vectors come from different LAPACK paths (torch vs XLA) on f32 factors; they agree to ~1e-5
 # of entries of size ~0.3, so these comparisons allow 2e-5.
 SVD_TOL = dict(rtol=1e-5, atol=2e-5)
-
-
-def _built(family, hf_root):
-    import conftest
-    from hf_models import build
-
-    if family not in conftest._BUILT:
-        conftest._BUILT[family] = build(family, hf_root)
-    return conftest._BUILT[family]
 
 
 def _bridge(path, **processing):
@@ -52,7 +43,7 @@ def _model(path):
 
 @pytest.fixture(scope="module")
 def gpt2(hf_root):
-    path, _ = _built("gpt2", hf_root)
+    path, _ = built("gpt2", hf_root)
     return _model(path), _bridge(path)
 
 
@@ -285,7 +276,7 @@ def test_test_prompt_prints_what_transformer_lens_prints(shipped, capsys, answer
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_qk_ov_circuits(hf_root, family):
     """[n_layers n_heads d_model d_model] factored circuits, grouped keys/values expanded (llama: GQA)."""
-    path, _ = _built(family, hf_root)
+    path, _ = built(family, hf_root)
     model, bridge = _model(path), _bridge(path)
     cfg = model.cfg
     for name in ("QK", "OV"):
@@ -356,7 +347,7 @@ def test_refactor_factored_attn_matrices(hf_root, gpt2):
     """As TransformerLens's refactor step alone (no other processing): every weight equal up to the
     sign of each singular vector, the QK/OV products and the logits unchanged."""
     model, _ = gpt2
-    path, _ = _built("gpt2", hf_root)
+    path, _ = built("gpt2", hf_root)
     bridge = _bridge(path, **NO_PROCESSING, refactor_factored_attn_matrices=True)
     new = model.refactor_factored_attn_matrices()
     assert isinstance(new, HookedTransformer) and new is not model
@@ -384,7 +375,7 @@ def test_refactor_factored_attn_matrices(hf_root, gpt2):
 
 
 def test_refactor_refuses_rotary(hf_root):
-    path, _ = _built("llama", hf_root)
+    path, _ = built("llama", hf_root)
     with pytest.raises(ValueError, match="rotary"):
         _model(path).refactor_factored_attn_matrices()
 
@@ -581,11 +572,11 @@ def test_every_stacking_order_padding_and_pattern_axes(monkeypatch):
 
 
 @pytest.mark.parametrize("layers,message", [
-    ([2], "layer 2 is out of range: the model has layers 0..1"),
-    ([-1], "layer -1 is out of range"),
-    ([1.0], "1.0 is not an int layer index"),
-    (1, "sequence of layer indices"),
-    ("1", "sequence of layer indices"),
+    ([2], r"layers\[0\]=2 is out of range for a model of 2 layers; valid 0..1"),
+    ([-1], r"layers\[0\]=-1 is out of range"),
+    ([0, 1.0], r"layers\[1\] must be an int index, got 1.0"),
+    (1, "must be a sequence of indices"),
+    ("1", "must be a sequence of indices"),
     ([], "layers is empty"),
 ])
 def test_patching_layer_indices_are_checked(gpt2, layers, message):
