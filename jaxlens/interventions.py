@@ -158,7 +158,8 @@ class HeadEdit(IndexChecked):
     query key]) the head axis is 1 and `positions` select query rows. `values` None zeroes;
     otherwise it is an array broadcastable to the activation (a clean run's activation, or a
     mean from `mean_ablation`) whose selected entries are copied. For grouped-query models,
-    `hook_k`/`hook_v` heads are kv heads.
+    `hook_k`/`hook_v` heads are kv heads. Every batch row is edited (easyroutine 1.1.5's
+    `intervention_heads` edits batch row 0 only, which we consider a bug).
     """
 
     heads: Array
@@ -272,7 +273,8 @@ class KeepSelfAttnAblation(IndexChecked):
     pattern row except its last key column, so the last position keeps attending to itself.
 
     `heads` and `positions` are paired element-wise (same length), as easyroutine zips its
-    dataframe's `head` and `pos_token_to_ablate` columns. Applies at `hook_pattern`.
+    dataframe's `head` and `pos_token_to_ablate` columns. Applies at `hook_pattern`, to every
+    batch row (easyroutine 1.1.5 edits batch row 0 only, which we consider a bug).
     """
 
     heads: Array
