@@ -238,8 +238,9 @@ class _Walk:
         if _is_pytree_node(v):
             children, treedef = jax.tree_util.tree_flatten(v, is_leaf=lambda x: x is not v)
             keys, builders = self._items(children, label, depth)
-            return ("tree", treedef, keys), (None if all(b is None for b in builders) else
-                                             lambda it: treedef.unflatten(_build_all(builders, children, it)))
+            static = self._static_callables(treedef, label, depth)
+            return ("tree", treedef, static, keys), (None if all(b is None for b in builders) else
+                                                     lambda it: treedef.unflatten(_build_all(builders, children, it)))
         if _is_user_module(v):
             return self._module(v, self._attrs[-1] if self._attrs else (), label, depth), None
         if isinstance(v, (type, types.ModuleType, types.BuiltinFunctionType)):
@@ -352,6 +353,25 @@ class _Walk:
             return new
 
         return key, build
+
+    def _static_callables(self, treedef: Any, label: str, depth: int) -> tuple[Any, ...]:
+        """Keys of the user functions a pytree node keeps in its static (aux) data: the treedef
+        compares them by identity, which would miss a global they read. They stay static (the
+        node is rebuilt with them), so what they read is keyed as constants."""
+        try:
+            aux = treedef.node_data()[1]
+        except Exception:
+            return ()
+        items = list(aux.values()) if isinstance(aux, dict) else list(aux) if isinstance(aux, (tuple, list)) else [aux]
+        fns = [x for x in items if isinstance(x, (types.FunctionType, types.MethodType, functools.partial))
+               and not _is_library(getattr(x, "func", x))]
+        if not fns:
+            return ()
+        sub = _Walk(static=True)
+        keys = tuple(sub.value(f, f"{label} (a static field)", depth + 1)[0] for f in fns)
+        self.torch += sub.torch
+        self.opaque += sub.opaque + ([f"{label} (a static field holding large arrays)"] if sub.leaves else [])
+        return keys
 
     def _module(self, mod: types.ModuleType, attrs: tuple[str, ...], name: str, depth: int) -> Any:
         """A user module read by a function: keyed by the values of the attributes the code reads

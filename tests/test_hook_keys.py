@@ -8,6 +8,7 @@ i.e. what a fresh process would compute), and the number of programs compiled is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -507,4 +508,31 @@ def test_attribute_of_a_user_module_is_keyed(model, toks, tmp_path, monkeypatch)
         knobs_for_hooks.HEAD = h
         outs.append(np.asarray(model.run_with_hooks(toks, fwd_hooks=[(Z, ablate)])))
         np.testing.assert_allclose(outs[-1], fresh(model, toks, [(Z, ablate)]), rtol=1e-5, atol=1e-5)
+    assert np.abs(outs[1] - outs[0]).max() > 1e-3
+
+
+def _scaled_by_global(x):
+    return x * SCALE
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UserEdit:
+    """A user's own pytree edit that keeps a function in a static field."""
+
+    bias: jax.Array
+    transform: object = dataclasses.field(metadata={"static": True})
+
+    def __call__(self, x, hook):
+        return self.transform(x) + self.bias
+
+
+def test_function_in_a_static_pytree_field_is_keyed(model, toks):
+    global SCALE
+    edit = UserEdit(jnp.zeros(128), _scaled_by_global)
+    outs = []
+    for SCALE in (1.0, 0.5):
+        outs.append(np.asarray(model.run_with_hooks(toks, fwd_hooks=[(RESID, edit)])))
+        np.testing.assert_allclose(outs[-1], fresh(model, toks, [(RESID, edit)]), rtol=1e-5, atol=1e-5)
+    SCALE = 1.0
     assert np.abs(outs[1] - outs[0]).max() > 1e-3
