@@ -44,10 +44,10 @@ import torch  # noqa: E402
 
 import jaxlens  # noqa: E402
 from common import fmt_table, gpt2_small_dir, interleaved, median  # noqa: E402
-from jaxlens import aggregate as agg  # noqa: E402
-from jaxlens import analysis as A  # noqa: E402
-from jaxlens.slice import Slice  # noqa: E402
-from jaxlens.cache import ActivationCache  # noqa: E402
+from jaxlens.cache import aggregate as agg  # noqa: E402
+from jaxlens.cache import analysis as A  # noqa: E402
+from jaxlens.cache.slice import Slice  # noqa: E402
+from jaxlens.cache.activation_cache import ActivationCache  # noqa: E402
 
 
 def timed_first(fn):

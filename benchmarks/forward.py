@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import jaxlens  # noqa: E402
 from common import fmt_table, gpt2_small_dir, interleaved, median  # noqa: E402
-from jaxlens.forward import forward_jit  # noqa: E402
+from jaxlens.model.forward import forward_jit  # noqa: E402
 
 
 def main() -> None:

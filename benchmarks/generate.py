@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import jaxlens  # noqa: E402
 from common import fmt_table, gpt2_small_dir, median  # noqa: E402
-from jaxlens.generate import generate_tokens  # noqa: E402
+from jaxlens.generation.generate import generate_tokens  # noqa: E402
 
 PROMPT = 16
 

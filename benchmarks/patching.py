@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 import jaxlens  # noqa: E402
 from common import fmt_table, gpt2_small_dir, interleaved, median  # noqa: E402
-from jaxlens import patching  # noqa: E402
+from jaxlens.edits import patching  # noqa: E402
 
 ANSWER, WRONG = 11, 12
 

@@ -1,13 +1,16 @@
 """HF checkpoint -> (ModelConfig, params), without torch. Installed as `jaxlens.conversion`.
 
-A registry keyed by HF `model_type`; each family is one module with `config_from_hf(hf)` and
-`convert(tensors, cfg)`. A converted model is saved as `jaxlens_config.json` plus
+A registry keyed by HF `model_type`, assembled from the family modules of this package: each
+declares `MODEL_TYPES` (the HF `model_type`s it reads), `config_from_hf(hf, mt)`, `convert(tensors,
+cfg)` and `IGNORE` (tensor names that are not weights). Adding a family is adding its file. A converted model is saved as `jaxlens_config.json` plus
 `params.safetensors` (the flat Flax tree), which loads with neither torch nor transformers.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import warnings
 from functools import partial
 from pathlib import Path
@@ -16,7 +19,6 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.conversion import gpt2, gpt_neox, llama
 from jaxlens.conversion.io import DTYPES, CheckpointError, Tensors, cast_tree, read_config, read_tensors
 
 CONVERTED_CONFIG = "jaxlens_config.json"
@@ -29,12 +31,23 @@ class Family(NamedTuple):
     ignore: tuple[str, ...]
 
 
-REGISTRY: dict[str, Family] = {
-    "gpt2": Family(gpt2.config_from_hf, gpt2.convert, gpt2.IGNORE),
-    "gpt_neox": Family(gpt_neox.config_from_hf, gpt_neox.convert, gpt_neox.IGNORE),
-    **{mt: Family(partial(llama.config_from_hf, mt=mt), llama.convert, llama.IGNORE)
-       for mt in ("llama", "mistral", "qwen2", "gemma")},
-}
+NOT_FAMILIES = ("common", "io")  # helper modules of this package
+
+
+def _registry() -> dict[str, Family]:
+    out: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in NOT_FAMILIES:
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        for mt in mod.MODEL_TYPES:
+            if mt in out:
+                raise RuntimeError(f"model_type {mt!r} is claimed by two conversion modules")
+            out[mt] = Family(partial(mod.config_from_hf, mt=mt), mod.convert, mod.IGNORE)
+    return out
+
+
+REGISTRY: dict[str, Family] = _registry()
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -135,5 +148,5 @@ def load_any(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[str
     return convert_hf(path, dtype)
 
 
-__all__ = ["REGISTRY", "CheckpointError", "convert_hf", "hf_config", "save_converted", "load_converted", "load_any",
+__all__ = ["REGISTRY", "Family", "NOT_FAMILIES", "CONVERTED_CONFIG", "CONVERTED_PARAMS", "resolve_dtype", "CheckpointError", "convert_hf", "hf_config", "save_converted", "load_converted", "load_any",
            "flatten", "unflatten"]

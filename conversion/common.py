@@ -57,3 +57,5 @@ def reject(hf: dict[str, Any], model_type: str, checks: dict[str, tuple[Any, str
     bad = [f"{k}={hf[k]!r} ({why})" for k, (ok, why) in checks.items() if k in hf and hf[k] not in ok]
     if bad:
         raise CheckpointError(f"{model_type}: unsupported config: " + "; ".join(bad))
+
+__all__ = ["act_fn", "need", "rope", "token_ids", "reject"]

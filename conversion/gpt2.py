@@ -10,10 +10,11 @@ from jaxlens.config import ModelConfig
 from jaxlens.conversion.common import act_fn, need, reject, token_ids
 from jaxlens.conversion.io import Tensors
 
+MODEL_TYPES = ("gpt2",)
 IGNORE = (".attn.bias", ".attn.masked_bias")
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any], mt: str = MODEL_TYPES[0]) -> ModelConfig:
     reject(hf, "gpt2", {"scale_attn_by_inverse_layer_idx": ((False, None), "per-layer attention scaling")})
     d, h = need(hf, "n_embd", "gpt2"), need(hf, "n_head", "gpt2")
     return ModelConfig(
@@ -56,3 +57,5 @@ def convert(t: Tensors, cfg: ModelConfig) -> dict[str, Any]:
             },
         }
     return out
+
+__all__ = ["MODEL_TYPES", "IGNORE", "config_from_hf", "convert"]

@@ -9,10 +9,11 @@ from jaxlens.conversion.common import act_fn, need, rope, token_ids
 from jaxlens.conversion.io import Tensors
 import numpy as np
 
+MODEL_TYPES = ("gpt_neox",)
 IGNORE = (".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq")
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any], mt: str = MODEL_TYPES[0]) -> ModelConfig:
     mt = "gpt_neox"
     d, h = need(hf, "hidden_size", mt), need(hf, "num_attention_heads", mt)
     theta, partial = rope(hf, mt, default_partial=0.25)
@@ -56,3 +57,5 @@ def convert(t: Tensors, cfg: ModelConfig) -> dict[str, Any]:
             },
         }
     return out
+
+__all__ = ["MODEL_TYPES", "IGNORE", "config_from_hf", "convert"]

@@ -125,3 +125,5 @@ def cast_tree(tree: Any, dtype: Any) -> Any:
     if isinstance(tree, dict):
         return {k: cast_tree(v, dtype) for k, v in tree.items()}
     return np.asarray(tree).astype(dtype)
+
+__all__ = ["DTYPES", "CheckpointError", "read_config", "read_tensors", "Tensors", "cast_tree"]

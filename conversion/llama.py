@@ -12,6 +12,7 @@ from jaxlens.config import ModelConfig
 from jaxlens.conversion.common import act_fn, need, rope, token_ids
 from jaxlens.conversion.io import CheckpointError, Tensors
 
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 IGNORE = ("rotary_emb.inv_freq",)
 
 
@@ -89,3 +90,5 @@ def convert(t: Tensors, cfg: ModelConfig) -> dict[str, Any]:
         out[f"blocks_{l}"] = {"ln1": norm(b + "input_layernorm.weight"), "ln2": norm(b + "post_attention_layernorm.weight"),
                               "attn": attn, "mlp": mlp}
     return out
+
+__all__ = ["MODEL_TYPES", "IGNORE", "config_from_hf", "convert"]

@@ -16,6 +16,10 @@ NormType = Literal["LN", "RMS", "LNPre", "RMSPre"]  # *Pre: weightless (after fo
 PosType = Literal["standard", "rotary"]
 ActFn = Literal["gelu_new", "gelu", "gelu_pytorch_tanh", "silu", "relu", "gelu_fast"]
 ACT_FNS: tuple[str, ...] = get_args(ActFn)  # the one list; jaxlens.model.layers implements each
+AttnType = Literal["global", "local"]  # TransformerLens's `attn_types`: local = sliding window
+NormPlacement = Literal["pre", "pre_post", "post"]  # GPT-2/Llama; Gemma 2/3 (pre and post); OLMo 2 (post only)
+QKNormScope = Literal["head", "all"]  # RMSNorm over each head's d_head (Qwen3, Gemma 3) or the whole projection (OLMo 2)
+RopeType = Literal["linear", "dynamic", "yarn", "llama3", "longrope"]
 _REMOVED_FIELDS = ("tokenizer_name",)  # read nowhere; older converted configs may still carry them
 # HF `architectures[0]` per model_type, for configs written before `original_architecture` was recorded
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
@@ -23,6 +27,45 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "l
 # where the model's arrays live and what they hold: set by HookedTransformer, not architecture (not
 # compared, hashed or saved, so a moved or cast model reuses its compiled programs' cache keys)
 RUNTIME_FIELDS = ("device", "dtype", "tokenizer_prepends_bos")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """HF's `rope_scaling` / `rope_parameters` beyond plain RoPE, as plain (hashable) data.
+
+    Fields are HF's names; which ones a `rope_type` reads is HF's rule (`jaxlens.model.rope`
+    computes the frequencies). `factor` is the context extension; `original_max_position_embeddings`
+    the pre-extension context (llama3, yarn, longrope, dynamic)."""
+
+    rope_type: RopeType
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    mscale: float | None = None  # yarn (DeepSeek style)
+    mscale_all_dim: float | None = None  # yarn (DeepSeek style)
+    attention_factor: float | None = None  # yarn, longrope: scale of cos/sin
+    truncate: bool | None = None  # yarn
+    short_factor: tuple[float, ...] | None = None  # longrope
+    long_factor: tuple[float, ...] | None = None  # longrope
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in get_args(RopeType):
+            raise ValueError(f"rope_type={self.rope_type!r} must be one of {get_args(RopeType)}")
+        for f in ("short_factor", "long_factor"):  # lists (from JSON) -> tuples, so the config stays hashable
+            v = getattr(self, f)
+            if v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, f, tuple(float(x) for x in v))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RopeScaling":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RopeScaling fields {unknown}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -57,7 +100,18 @@ class ModelConfig:
     use_mlp_bias: bool = True
     tie_word_embeddings: bool = False
     embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(d_model)
-    sliding_window: int | None = None  # keys further back than this many positions are masked
+    sliding_window: int | None = None  # keys further back than this many positions are masked (local layers)
+    attn_types: tuple[AttnType, ...] | None = None  # per layer; None: every layer local iff sliding_window
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
+    rotary_base_local: float | None = None  # RoPE base of local layers (Gemma 3); None: rotary_base, scaled alike
+    attn_scores_soft_cap: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap), after scaling
+    output_logits_soft_cap: float | None = None  # Gemma 2: logits = cap * tanh(logits / cap)
+    norm_placement: NormPlacement = "pre"
+    use_qk_norm: bool = False  # RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3, OLMo 2)
+    qk_norm_scope: QKNormScope = "head"
+    num_experts: int | None = None  # mixture of experts (Mixtral, Qwen3-MoE): the MLP is routed
+    experts_per_token: int = 2
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
     default_prepend_bos: bool = True
     model_name: str = "jaxlens-model"
     bos_token_id: int | None = None
@@ -84,6 +138,21 @@ class ModelConfig:
         for name, allowed in (("normalization_type", get_args(NormType)), ("positional_embedding_type", get_args(PosType))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        if self.attn_types is not None:
+            if not isinstance(self.attn_types, tuple):
+                object.__setattr__(self, "attn_types", tuple(self.attn_types))
+            if len(self.attn_types) != self.n_layers or not set(self.attn_types) <= set(get_args(AttnType)):
+                problems.append(f"attn_types={self.attn_types} must give one of {get_args(AttnType)} per layer "
+                                f"(n_layers={self.n_layers})")
+            elif "local" in self.attn_types and self.sliding_window is None:
+                problems.append("attn_types has local layers but sliding_window is None")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        for name, allowed in (("norm_placement", get_args(NormPlacement)), ("qk_norm_scope", get_args(QKNormScope))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        if self.num_experts is not None and not 1 <= self.experts_per_token <= self.num_experts:
+            problems.append(f"experts_per_token={self.experts_per_token} must be in [1, num_experts={self.num_experts}]")
         if self.positional_embedding_type == "rotary":
             rd = self.rotary_dim
             if rd is None or rd <= 0 or rd > self.d_head or rd % 2:
@@ -101,6 +170,12 @@ class ModelConfig:
     def n_key_value_heads(self) -> int | None:
         """TransformerLens's name for `n_kv_heads` (None when not grouped)."""
         return self.n_kv_heads if self.n_kv_heads != self.n_heads else None
+
+    def is_local(self, layer: int) -> bool:
+        """Does `layer` attend through the sliding window?"""
+        if self.attn_types is None:
+            return self.sliding_window is not None
+        return self.attn_types[layer] == "local"
 
     @property
     def d_vocab_out(self) -> int:
@@ -146,3 +221,6 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+__all__ = ["NormType", "PosType", "ActFn", "ACT_FNS", "AttnType", "NormPlacement", "QKNormScope", "RopeType",
+           "RopeScaling", "ARCHITECTURES", "RUNTIME_FIELDS", "ModelConfig"]

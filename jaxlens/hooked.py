@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.cache import ActivationCache
+from jaxlens.cache.activation_cache import ActivationCache
 from jaxlens.config import ModelConfig
 from jaxlens.devices import resolve_device
-from jaxlens.forward import forward_jit, is_scanned, resolve_layer_range, stack_layers, unstack_layers
-from jaxlens.hook_points import HookPointRef, StoredHook, check_dir, compose, removable, without_name
+from jaxlens.model.forward import forward_jit, is_scanned, resolve_layer_range, stack_layers, unstack_layers
+from jaxlens.edits.hook_points import HookPointRef, StoredHook, check_dir, compose, removable, without_name
 from jaxlens.hooks import Hooks, NamesFilter, hook_names, make_hooks, resolve_names
 from jaxlens.model import Transformer
 from jaxlens.model.layers import repeat_kv
@@ -23,7 +23,7 @@ from jaxlens.tokens import check_tokens, encode, load_tokenizer, parse_input
 from jaxlens.validate import index
 
 if TYPE_CHECKING:
-    from jaxlens.factored_matrix import FactoredMatrix
+    from jaxlens.model.factored_matrix import FactoredMatrix
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
@@ -119,7 +119,7 @@ class HookedTransformer:
         `refactor_factored_attn_matrices` and `device` are TransformerLens's arguments.
         """
         from jaxlens.conversion import load_any
-        from jaxlens.processing import process_params
+        from jaxlens.model.processing import process_params
 
         cfg, params = load_any(path, dtype)
         if fold_ln or center_writing_weights or center_unembed or fold_value_biases:  # on the host, in numpy
@@ -278,7 +278,8 @@ class HookedTransformer:
                       padding_side, return_type, *, start_at_layer: int | None = None, tokens: Any = None):
         """(loss or (logits, loss), activations, {name: d loss / d activation}) in one program, with
         the stored and the call's backward hooks run in the backward pass of the loss."""
-        from jaxlens.gradients import _has_backward, _value_and_grads
+        from jaxlens.edits.gradients import value_and_grads
+        from jaxlens.edits.hook_points import has_backward_hooks
 
         start, _ = resolve_layer_range(self.cfg, start_at_layer, None)
         x, mask, targets = self._prepare(input, attention_mask, prepend_bos, padding_side, start, tokens)
@@ -286,9 +287,9 @@ class HookedTransformer:
             raise ValueError("the backward pass differentiates the loss, which needs the tokens: with start_at_layer "
                              "pass tokens=[batch pos]")
         hooks = self._compose_hooks(fwd_hooks, bwd_hooks, backward=True)
-        value, logits, acts, grads = _value_and_grads(
+        value, logits, acts, grads = value_and_grads(
             self.params, x, mask, hooks, None, None if start is None else targets, cfg=self.cfg, capture=capture,
-            grad_names=grad_names, precision=self.precision, start_at_layer=start, wrt_params=_has_backward(hooks))
+            grad_names=grad_names, precision=self.precision, start_at_layer=start, wrt_params=has_backward_hooks(hooks))
         return (value if return_type == "loss" else (logits, value)), acts, grads
 
     def _backward_runs(self, return_type: Any, loss_per_token: bool, stop_at_layer: Any, explicit: bool) -> bool:
@@ -399,7 +400,7 @@ class HookedTransformer:
 
     # --- KV cache and generation (jaxlens/kv_cache.py, jaxlens/generate.py) ------------------
     def _run_cached(self, input, attention_mask, kv_cache, hooks, prepend_bos, padding_side, return_type):
-        from jaxlens.kv_cache import check_cache, forward_cached_jit
+        from jaxlens.generation.kv_cache import check_cache, forward_cached_jit
 
         if return_type != "logits":
             raise ValueError(f"with kv_cache only return_type='logits' is supported, got {return_type!r}")
@@ -411,7 +412,7 @@ class HookedTransformer:
 
     def init_kv_cache(self, batch: int, max_len: int) -> Any:
         """An empty `KVCache` for this model (its dtype) of `batch` rows and `max_len` slots."""
-        from jaxlens.kv_cache import KVCache
+        from jaxlens.generation.kv_cache import KVCache
 
         return KVCache.init(self.cfg, batch, max_len, self.params["W_E"].dtype)
 
@@ -433,7 +434,7 @@ class HookedTransformer:
         With `names_filter` returns (output, ActivationCache over the generated steps); stored
         hooks and `fwd_hooks` act at every step.
         """
-        from jaxlens.generate import generate
+        from jaxlens.generation.generate import generate
 
         return generate(self, input, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
                         do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
@@ -651,7 +652,7 @@ class HookedTransformer:
                         fold_value_biases: bool = True) -> "HookedTransformer":
         """A new model with TransformerLens's weight processing applied (defaults as its
         `process_weights`); log-probabilities are unchanged. See `jaxlens.processing`."""
-        from jaxlens.processing import process_params
+        from jaxlens.model.processing import process_params
 
         host = jax.tree.map(np.asarray, self.params)  # processed once on the host, like from_pretrained
         params, cfg = process_params(host, self.cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
@@ -678,14 +679,14 @@ class HookedTransformer:
     def QK(self) -> "FactoredMatrix":
         """Every head's QK circuit W_Q @ W_K^T as a FactoredMatrix [n_layers n_heads d_model d_model]
         (grouped keys expanded to all heads, as TransformerLens)."""
-        from jaxlens.factored_matrix import FactoredMatrix
+        from jaxlens.model.factored_matrix import FactoredMatrix
 
         return FactoredMatrix(self.W_Q, jnp.swapaxes(self.W_K, -1, -2))
 
     @property
     def OV(self) -> "FactoredMatrix":
         """Every head's OV circuit W_V @ W_O as a FactoredMatrix [n_layers n_heads d_model d_model]."""
-        from jaxlens.factored_matrix import FactoredMatrix
+        from jaxlens.model.factored_matrix import FactoredMatrix
 
         return FactoredMatrix(self.W_V, self.W_O)
 
@@ -767,7 +768,7 @@ class HookedTransformer:
         """A new model with TransformerLens's `refactor_factored_attn_matrices` applied: W_Q/W_K even,
         W_V/W_O orthogonal factors of each head's unchanged QK and OV products (outputs unchanged).
         See `jaxlens.factored_matrix.refactor_factored_attn_matrices`."""
-        from jaxlens.factored_matrix import refactor_factored_attn_matrices
+        from jaxlens.model.factored_matrix import refactor_factored_attn_matrices
 
         params, cfg = refactor_factored_attn_matrices(self.params, self.cfg)
         return type(self)(cfg, params, self.tokenizer, precision=self.precision)
@@ -782,3 +783,6 @@ def from_pretrained(path: str | Path, dtype: Any = "float32", **kw: Any) -> Hook
 def from_pretrained_no_processing(path: str | Path, dtype: Any = "float32", **kw: Any) -> HookedTransformer:
     """Load with HF's raw weights (`HookedTransformer.from_pretrained_no_processing`)."""
     return HookedTransformer.from_pretrained_no_processing(path, dtype, **kw)
+
+__all__ = ["RETURN_TYPES", "lm_loss", "tokenizer_prepends_bos", "HookedTransformer", "from_pretrained",
+           "from_pretrained_no_processing"]

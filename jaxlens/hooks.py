@@ -411,3 +411,7 @@ def collect_intermediates(inter: Any, capture: frozenset[str]) -> dict[str, jax.
 
     walk(inter)
     return out
+
+__all__ = ["LAYER", "WILDCARD", "EVERY_HOOK", "hook_names", "block_hook_templates", "NamesFilter",
+           "resolve_names", "did_you_mean", "get_act_name", "HookPoint", "HookFn", "Hooks", "make_hooks",
+           "RunCtx", "hook_point", "collect_intermediates"]

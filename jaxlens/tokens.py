@@ -146,3 +146,5 @@ def _truncate(toks: np.ndarray, mask: np.ndarray, n_ctx: int, padding_side: str)
         toks = np.stack([np.roll(t, s) for t, s in zip(toks, shift)])
         mask = np.stack([np.roll(m, s) for m, s in zip(mask, shift)])
     return toks, mask
+
+__all__ = ["TOKENIZER_FILES", "load_tokenizer", "check_tokens", "is_text", "parse_input", "encode"]

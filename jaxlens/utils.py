@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxlens.hooked import lm_loss
 from jaxlens.hooks import get_act_name
-from jaxlens.slice import Slice, SliceInput
+from jaxlens.cache.slice import Slice, SliceInput
 
 __all__ = ["get_act_name", "test_prompt", "to_numpy", "get_corner", "get_device", "lm_cross_entropy_loss",
            "lm_accuracy", "remove_batch_dim", "Slice", "SliceInput"]
@@ -41,7 +41,7 @@ def to_numpy(tensor: Any) -> np.ndarray:
 
 def get_corner(tensor: Any, n: int = 3) -> Any:
     """The top-left n x n x ... corner of an array (of the product, for a FactoredMatrix)."""
-    from jaxlens.factored_matrix import FactoredMatrix
+    from jaxlens.model.factored_matrix import FactoredMatrix
 
     if isinstance(tensor, FactoredMatrix):
         return tensor.get_corner(n)

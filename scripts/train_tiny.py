@@ -36,14 +36,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jaxlens import data  # noqa: E402
+from jaxlens.apps import data  # noqa: E402
 from jaxlens.config import ModelConfig  # noqa: E402
-from jaxlens.export import save_hf_gpt2  # noqa: E402
-from jaxlens.forward import forward  # noqa: E402
+from jaxlens.apps.export import save_hf_gpt2  # noqa: E402
+from jaxlens.model.forward import forward  # noqa: E402
 from jaxlens.hooked import lm_loss  # noqa: E402
 from jaxlens.hooks import RunCtx  # noqa: E402
 from jaxlens.model import Transformer  # noqa: E402
-from jaxlens.probes import ioi_batch, model_induction_scores, model_ioi_scores  # noqa: E402
+from jaxlens.apps.probes import ioi_batch, model_induction_scores, model_ioi_scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL = "<|endoftext|>"

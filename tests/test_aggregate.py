@@ -15,8 +15,8 @@ from hypothesis import given, settings, strategies as st
 
 import jaxlens
 from conftest import assert_close, built
-from jaxlens import aggregate as agg
-from jaxlens.cache import ActivationCache
+from jaxlens.cache import aggregate as agg
+from jaxlens.cache.activation_cache import ActivationCache
 from test_cache_analysis import MODEL_PHASES, random_params, run_fast, small_configs
 
 
@@ -38,7 +38,7 @@ def synthetic(seed: int, batch: int = 2, pos: int = 4) -> ActivationCache:
 def halves_errors(cfg, params, toks, split):
     """max |cat(cache(first rows), cache(last rows)) - cache(all rows)| per key (and for an analysis
     of the combined cache), traced as one program."""
-    from jaxlens.forward import forward
+    from jaxlens.model.forward import forward
 
     capture = jaxlens.resolve_names(None, cfg)
     weights = jaxlens.HookedTransformer(cfg, params, None).cache_weights()
@@ -338,7 +338,7 @@ def test_default_aggregation_where_easyroutine_is_wrong():
 def test_easyroutine_preregistered_strategies(gpt2):
     """`offset` and `token_dict` are lists per batch, `mapping_index` the newest, `last_layernorm`
     concatenated field by field (here as `extract` returns it), as easyroutine registers them."""
-    from jaxlens import extraction as ex
+    from jaxlens.edits import extraction as ex
 
     toks = np.array([[0, 5, 9, 30, 2, 7], [0, 17, 250, 8, 4, 61], [0, 1, 2, 3, 4, 5]], np.int32)
     batches = []
@@ -515,7 +515,7 @@ def gpt2(hf_root):
 
 def test_stats_accumulate_a_sweep_inside_jit(gpt2):
     """A sweep step: forward and statistics update in one compiled call; only summaries stay."""
-    from jaxlens.forward import forward
+    from jaxlens.model.forward import forward
 
     name = "blocks.1.hook_resid_post"
     toks = np.array([[0, 5, 9, 30, 2, 7], [0, 17, 250, 8, 4, 61], [0, 1, 2, 3, 4, 5], [0, 9, 9, 9, 1, 1]], np.int32)

@@ -16,9 +16,9 @@ from hypothesis import Phase, given, settings, strategies as st
 
 import jaxlens
 from conftest import PROMPTS, assert_close, boot_bridge, built, padded
-from jaxlens import analysis as A
-from jaxlens.cache import ActivationCache
-from jaxlens.slice import Slice
+from jaxlens.cache import analysis as A
+from jaxlens.cache.activation_cache import ActivationCache
+from jaxlens.cache.slice import Slice
 
 TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44, 12, 3], [0, 17, 250, 8, 4, 61, 62, 63, 64, 65],
                  [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]], np.int32)  # [3 10], the padded batches' shape
@@ -266,7 +266,7 @@ def random_params(cfg, seed):
 
 def decomposition_errors(cfg, params, toks):
     """{check: max |sum of the stack - what it decomposes|} for every layer, traced as one program."""
-    from jaxlens.forward import forward
+    from jaxlens.model.forward import forward
 
     _, acts, _ = forward(params, cfg, toks, capture=jaxlens.resolve_names(None, cfg))
     model = jaxlens.HookedTransformer(cfg, params, None)

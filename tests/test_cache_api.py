@@ -17,8 +17,8 @@ import torch
 
 import jaxlens
 from conftest import assert_close, boot_bridge, built
-from jaxlens import cache as cache_mod
-from jaxlens.cache import ActivationCache, DiscardedResultWarning, LayerIndexError
+from jaxlens.cache import activation_cache as cache_mod
+from jaxlens.cache.activation_cache import ActivationCache, DiscardedResultWarning, LayerIndexError
 
 TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 17, 250, 8, 4, 61, 62, 63]], np.int32)
 

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from jaxlens.report import Report, attention_svg, esc, table
+from jaxlens.apps.report import Report, attention_svg, esc, table
 
 EVIL = '<script>alert("pwned")</script> & "quotes"'
 
@@ -18,7 +18,7 @@ EVIL = '<script>alert("pwned")</script> & "quotes"'
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     """Run the demo once (default model) with an extra prompt that holds markup."""
-    from jaxlens.demo import PROMPTS, run_demo
+    from jaxlens.apps.demo import PROMPTS, run_demo
 
     out = tmp_path_factory.mktemp("demo")
     assert run_demo(None, out, prompts=[*PROMPTS, EVIL]) == 0
@@ -73,14 +73,14 @@ def test_report_helpers_escape_and_check_shapes():
 
 
 def test_cli_demo_error_names_the_folder(tmp_path, capsys):
-    from jaxlens.cli import main
+    from jaxlens.apps.cli import main
 
     assert main(["demo", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
 
 
 def test_demo_rejects_empty_prompts(tmp_path):
-    from jaxlens.demo import run_demo
+    from jaxlens.apps.demo import run_demo
 
     with pytest.raises(ValueError, match="prompts must be"):
         run_demo(None, tmp_path, prompts=[])

@@ -175,7 +175,7 @@ def test_exploratory_patching_by_hand(exploratory):
 
 def test_exploratory_hand_loops_equal_jaxlens_patching(exploratory):
     """The notebook's hook-per-cell loops (TransformerLens's semantics) equal jaxlens's compiled grids."""
-    from jaxlens import patching
+    from jaxlens.edits import patching
 
     ex = _load("exploratory_analysis_demo.py")
     model, ioi, p = exploratory["model"], exploratory["ioi"], exploratory["patching"]

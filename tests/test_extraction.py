@@ -12,9 +12,9 @@ import torch
 
 import jaxlens
 from conftest import assert_close, built
-from jaxlens import aggregate as agg
-from jaxlens import extraction as ex
-from jaxlens import interventions as iv
+from jaxlens.cache import aggregate as agg
+from jaxlens.edits import extraction as ex
+from jaxlens.edits import interventions as iv
 from jaxlens.hooks import HookPoint
 
 TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 17, 250, 8, 3, 3, 60, 61]], np.int32)

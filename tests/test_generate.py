@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import PROMPTS, assert_close, built, padded
-from jaxlens.forward import forward_jit
-from jaxlens.generate import (Sampler, bucket, compile_count, filter_logits, generate_tokens,
+from jaxlens.model.forward import forward_jit
+from jaxlens.generation.generate import (Sampler, bucket, compile_count, filter_logits, generate_tokens,
                               sample_logits)
 from jaxlens.hooks import make_hooks
 

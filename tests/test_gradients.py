@@ -9,8 +9,8 @@ import torch
 
 import jaxlens
 from conftest import assert_close, built
-from jaxlens.forward import stack_layers
-from jaxlens.gradients import Perturb, attribution_patching, run_with_cache_and_grad
+from jaxlens.model.forward import stack_layers
+from jaxlens.edits.gradients import Perturb, attribution_patching, run_with_cache_and_grad
 
 CLEAN = np.array([[0, 5, 9, 30, 2, 7, 100], [0, 17, 250, 8, 3, 3, 60]], np.int32)
 CORRUPT = np.array([[0, 5, 9, 31, 2, 7, 100], [0, 17, 251, 8, 3, 4, 60]], np.int32)

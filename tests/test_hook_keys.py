@@ -307,7 +307,7 @@ def test_generate_follows_a_changed_global(model):
 
 
 def test_patching_metric_reading_globals_is_not_stale(model, toks):
-    from jaxlens import patching
+    from jaxlens.edits import patching
 
     clean = model.to_tokens("When Mary and John went to the store, Mary gave a drink to")
     _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("resid_pre"))
@@ -391,7 +391,7 @@ def test_storing_into_a_torch_tensor_is_a_clear_error(model, toks):
 
 
 def test_item_in_a_patching_metric_is_a_clear_error(model, toks):
-    from jaxlens import patching
+    from jaxlens.edits import patching
 
     _, clean_cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("resid_pre"))
     with pytest.raises(ValueError, match=r"patching_metric 'item_metric' cannot run inside jit.*\.item\(\)"):
@@ -450,14 +450,14 @@ def test_hook_reading_the_model_follows_its_weights(model, toks):
     (lambda iv: iv.steer(np.ones(128), positions=[20]), RESID, r"Steer.positions"),
 ])
 def test_edit_index_out_of_range_is_an_error(model, toks, make, hook, match):
-    from jaxlens import interventions as iv
+    from jaxlens.edits import interventions as iv
 
     with pytest.raises(ValueError, match=match):
         model.run_with_hooks(toks, fwd_hooks=[(hook, make(iv))])
 
 
 def test_edit_indices_in_range_and_negative_run(model, toks):
-    from jaxlens import interventions as iv
+    from jaxlens.edits import interventions as iv
 
     a = np.asarray(model.run_with_hooks(toks, fwd_hooks=[(Z, iv.ablate_heads([-1]))]))
     b = np.asarray(model.run_with_hooks(toks, fwd_hooks=[(Z, iv.ablate_heads([3]))]))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import jaxlens
-from jaxlens.forward import forward, stack_layers
+from jaxlens.model.forward import forward, stack_layers
 from jaxlens.hooks import EVERY_HOOK, RunCtx, _sown_names, block_hook_templates, hook_names
 from jaxlens.model import Transformer
 

@@ -11,8 +11,8 @@ import torch
 
 import jaxlens
 from conftest import assert_close, boot_bridge, built
-from jaxlens import interventions as iv
-from jaxlens.forward import stack_layers
+from jaxlens.edits import interventions as iv
+from jaxlens.model.forward import stack_layers
 
 TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 17, 250, 8, 3, 3, 60, 61]], np.int32)
 CLEAN = np.array([[0, 5, 9, 31, 2, 7, 100, 44], [0, 17, 251, 8, 3, 4, 60, 61]], np.int32)
@@ -322,7 +322,7 @@ def test_gqa_edits_match_transformer_lens(llama, bridge_llama):
 
 def test_vmapped_edits_equal_single_runs(gpt2):
     """A stack of edits is a pytree with a leading axis: vmap runs them all in one program."""
-    from jaxlens.forward import forward
+    from jaxlens.model.forward import forward
     from jaxlens.hooks import make_hooks
 
     m, _ = gpt2

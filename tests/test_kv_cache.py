@@ -10,8 +10,8 @@ import pytest
 
 from conftest import PROMPTS, assert_close, built, padded
 from jaxlens import HookedTransformer
-from jaxlens.forward import stack_layers
-from jaxlens.kv_cache import KVCache, check_cache, forward_cached_jit
+from jaxlens.model.forward import stack_layers
+from jaxlens.generation.kv_cache import KVCache, check_cache, forward_cached_jit
 
 EXTRA = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]  # one token per row per step after the prompt
 

@@ -76,7 +76,7 @@ def test_patterns_only_capture_uses_less_memory(paths):
     """Unrequested activations are not materialised: compiled peak memory grows only by what is asked."""
     m = jaxlens.from_pretrained(paths)
     toks, mask = jnp.asarray(np.tile(TOKS, (4, 4))[:, :32]), jnp.ones((8, 32), jnp.int32)
-    from jaxlens.forward import forward_jit
+    from jaxlens.model.forward import forward_jit
 
     def mem(capture):
         lowered = forward_jit.lower(m.params, m.cfg, toks, mask, capture=capture, precision="highest")
@@ -118,7 +118,7 @@ def test_sharded_batch_equals_single_device(paths):
     sharded = jax.device_put(toks, NamedSharding(mesh, P("batch")))
     params = jax.device_put(m.params, NamedSharding(mesh, P()))
     capture = frozenset({"blocks.1.attn.hook_pattern", "blocks.0.hook_resid_post"})
-    from jaxlens.forward import forward_jit
+    from jaxlens.model.forward import forward_jit
 
     la, ca, _ = forward_jit(m.params, m.cfg, toks, jnp.ones_like(toks), capture=capture, precision="highest")
     lb, cb, _ = forward_jit(params, m.cfg, sharded, jnp.ones_like(sharded), capture=capture, precision="highest")

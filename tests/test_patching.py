@@ -11,8 +11,8 @@ import torch
 
 import jaxlens
 from conftest import assert_close, boot_bridge, built
-from jaxlens import interventions as iv
-from jaxlens import patching
+from jaxlens.edits import interventions as iv
+from jaxlens.edits import patching
 
 CLEAN = np.array([[0, 5, 9, 30, 2, 7], [0, 17, 250, 8, 3, 3]], np.int32)
 CORRUPT = np.array([[0, 5, 9, 31, 2, 7], [0, 17, 251, 8, 3, 4]], np.int32)

@@ -13,7 +13,7 @@ import torch
 import jaxlens
 from conftest import assert_close, built
 from jaxlens.conversion import load_any
-from jaxlens.processing import process_params
+from jaxlens.model.processing import process_params
 
 FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 ALL = {f: True for f in FLAGS}
@@ -103,7 +103,7 @@ def test_properties_of_processed_weights(hf_root):
 
 
 def test_layouts_dtypes_and_jax_arrays_agree(hf_root, tmp_path):
-    from jaxlens.forward import stack_layers
+    from jaxlens.model.forward import stack_layers
 
     path = built("llama", hf_root)[0]
     cfg, raw = load_any(path, "float32")

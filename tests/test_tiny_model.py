@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import assert_close, boot_bridge
-from jaxlens import data
+from jaxlens.apps import data
 from jaxlens.assets import model_dir
-from jaxlens.export import gpt2_state_dict, save_hf_gpt2
-from jaxlens.probes import induction_scores, ioi_batch, ioi_scores, model_induction_scores, model_ioi_scores
+from jaxlens.apps.export import gpt2_state_dict, save_hf_gpt2
+from jaxlens.apps.probes import induction_scores, ioi_batch, ioi_scores, model_induction_scores, model_ioi_scores
 
 MAX_BYTES = 20 * 2**20
 
@@ -229,7 +229,7 @@ def test_export_is_the_inverse_of_conversion(tmp_path):
 def test_export_rejects_what_gpt2_cannot_hold(tmp_path):
     from hf_models import build
     from jaxlens.conversion import load_any
-    from jaxlens.forward import stack_layers
+    from jaxlens.model.forward import stack_layers
 
     cfg, params = load_any(build("gpt2", tmp_path)[0])
     with pytest.raises(ValueError, match="b_U is not zero"):

@@ -16,7 +16,7 @@ import torch
 
 import jaxlens
 from conftest import assert_close, boot_bridge, built
-from jaxlens.forward import forward_jit, stack_layers
+from jaxlens.model.forward import forward_jit, stack_layers
 from jaxlens.hooked import HookedTransformer
 
 TOKS = np.array([[0, 5, 9, 30, 2, 7, 100, 44], [0, 17, 250, 8, 4, 61, 62, 63]], np.int32)
@@ -416,7 +416,7 @@ def test_backward_hooks_match_tl(gpt2_pair):
 def test_generate_tl_arguments(llama, hf_root):
     """freq_penalty as TL defines it (logits / T - penalty * count, greedy unaffected), against
     TL's generate; without key= sampling uses key(0) and says so once."""
-    import jaxlens.generate as G
+    import jaxlens.generation.generate as G
 
     m = llama
     bridge = boot_bridge(built("llama", hf_root)[0], processed=False)

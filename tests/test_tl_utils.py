@@ -14,9 +14,9 @@ import jax.numpy as jnp
 
 import jaxlens
 from conftest import assert_close, built
-from jaxlens import head_detector as hd
+from jaxlens.cache import head_detector as hd
 from jaxlens import patching, utils
-from jaxlens.factored_matrix import FactoredMatrix
+from jaxlens.model.factored_matrix import FactoredMatrix
 from jaxlens.hooked import HookedTransformer
 
 NO_PROCESSING = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
@@ -368,7 +368,7 @@ def test_refactor_factored_attn_matrices(hf_root, gpt2):
     assert_close(new.OV.AB, model.OV.AB, "OV unchanged", **SVD_TOL)
     assert_close(new(CLEAN), model(CLEAN), "logits unchanged", **SVD_TOL)
     assert_close(new(CLEAN), tl_logits, "logits = TransformerLens's", **SVD_TOL)
-    from jaxlens.forward import stack_layers
+    from jaxlens.model.forward import stack_layers
 
     scanned = HookedTransformer(model.cfg, stack_layers(model.params, model.cfg.n_layers))
     assert_close(scanned.refactor_factored_attn_matrices().W_Q, new.W_Q, "scanned layout")
@@ -420,7 +420,7 @@ def test_detect_head_finds_the_induction_circuit(shipped, tl_detect):
     """The shipped model: layer 1's heads are induction heads and L0H3 is the previous-token head
     below them. On BOS + r + r (distinct r) the induction pattern is the probe's diagonal, so the
     "mul" score is `jaxlens.probes`' induction score times seq_len / n."""
-    from jaxlens.probes import model_induction_scores
+    from jaxlens.apps.probes import model_induction_scores
 
     model, _ = shipped
     seq_len = 50
@@ -591,4 +591,4 @@ def test_patching_layer_indices_are_checked(gpt2, layers, message):
 def test_top_level_names():
     assert jaxlens.FactoredMatrix is FactoredMatrix
     for mod in ("utils", "patching", "head_detector", "factored_matrix"):
-        assert mod in jaxlens.__all__ and getattr(jaxlens, mod).__name__ == f"jaxlens.{mod}"
+        assert mod in jaxlens.__all__ and getattr(jaxlens, mod).__name__ == jaxlens.SHORT_NAMES.get(mod, f"jaxlens.{mod}")

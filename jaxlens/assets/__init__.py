@@ -14,3 +14,5 @@ def model_dir() -> Path:
             f"the shipped model is not in {TINY}; pass --model DIR, or train it with scripts/train_tiny.py"
         )
     return TINY
+
+__all__ = ["TINY", "model_dir"]

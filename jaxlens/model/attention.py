@@ -85,3 +85,5 @@ class Attention(nn.Module):
         if cfg.use_o_bias:
             out = out + self.param("b_O", nn.initializers.zeros, (M,), dt)
         return out, kv
+
+__all__ = ["Attention"]

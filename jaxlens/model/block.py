@@ -40,3 +40,5 @@ class Block(nn.Module):
             out = mid + mlp_out
         out = hook_point(self, f"{B}.hook_resid_post", out, ctx)
         return out, new_kv
+
+__all__ = ["Block"]

@@ -63,3 +63,6 @@ def repeat_kv(x: jax.Array, n_rep: int, axis: int) -> jax.Array:
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids from a [batch pos] 0/1 mask: the count of real tokens before each one."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+__all__ = ["ACTIVATIONS", "activation", "rotary_angles", "apply_rotary", "masked_softmax", "repeat_kv",
+           "positions_from_mask"]

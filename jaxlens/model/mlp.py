@@ -47,3 +47,5 @@ class MLP(nn.Module):
         if bias:
             out = out + self.param("b_out", nn.initializers.zeros, (cfg.d_model,), dt)
         return out
+
+__all__ = ["MLP"]

@@ -38,3 +38,5 @@ class Norm(nn.Module):
         normalized = hook_point(self, f"{self.prefix}.hook_normalized", (xf / scale.astype(jnp.float32)).astype(dtype), ctx)
         out = normalized * w if w is not None else normalized
         return out + b if b is not None else out
+
+__all__ = ["Norm"]

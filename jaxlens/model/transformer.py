@@ -122,3 +122,5 @@ class Transformer(nn.Module):
         if kv is None:
             return logits, None
         return logits, KVCache(kv.keys, kv.values, full_mask, jnp.asarray(offset + q, jnp.int32))
+
+__all__ = ["Transformer"]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
-from jaxlens.hook_points import HookPointRef
+from jaxlens.edits.hook_points import HookPointRef
 from jaxlens.hooks import RunCtx
 from jaxlens.model.layers import repeat_kv
 from jaxlens.model.norms import Norm

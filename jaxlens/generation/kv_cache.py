@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxlens.config import ModelConfig
 from jaxlens.fingerprint import retry_static
-from jaxlens.forward import forward
+from jaxlens.model.forward import forward
 from jaxlens.hooks import Hooks
 from jaxlens.model.kv import KVCache
 

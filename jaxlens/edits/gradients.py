@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.fingerprint import Fn, call_metric, retry_static
-from jaxlens.cache import ActivationCache
-from jaxlens.forward import forward
+from jaxlens.cache.activation_cache import ActivationCache
+from jaxlens.model.forward import forward
 from jaxlens.hooks import HookPoint, Hooks, NamesFilter, make_hooks, resolve_names
+from jaxlens.edits.hook_points import has_backward_hooks
 
 Metric = Callable[[jax.Array], jax.Array]
 _ELEMENTWISE = ("hook_pattern", "hook_attn_scores")
@@ -53,7 +54,7 @@ def _default_metric(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> ja
 
 @retry_static
 @partial(jax.jit, static_argnames=("cfg", "capture", "grad_names", "precision", "start_at_layer", "wrt_params"))
-def _value_and_grads(params, tokens, mask, hooks, metric, targets=None, *, cfg, capture, grad_names, precision,
+def value_and_grads(params, tokens, mask, hooks, metric, targets=None, *, cfg, capture, grad_names, precision,
                      start_at_layer=None, wrt_params=False):
     """(metric, logits, activations, {name: d metric / d activation}) in one program.
 
@@ -83,13 +84,6 @@ def _value_and_grads(params, tokens, mask, hooks, metric, targets=None, *, cfg, 
     return value, logits, acts, (grads[0] if wrt_params else grads)
 
 
-def _has_backward(hooks: Hooks) -> bool:
-    """Does `hooks` hold backward hooks (`jaxlens.hook_points`)? Then the backward pass runs in full."""
-    from jaxlens.hook_points import _backward_hooks
-
-    return any(getattr(fn, "func", None) is _backward_hooks for _, fn in hooks.entries)
-
-
 def run_with_cache_and_grad(model: Any, input: Any, metric: Metric | None = None, names_filter: NamesFilter = None,
                             attention_mask: Any = None, *, grad_filter: NamesFilter = "same", fwd_hooks: Any = None,
                             prepend_bos: bool | None = None, padding_side: str = "right"
@@ -111,10 +105,10 @@ def run_with_cache_and_grad(model: Any, input: Any, metric: Metric | None = None
     toks, mask = model._inputs(input, attention_mask, prepend_bos, padding_side)
     compose = getattr(model, "_compose_hooks", None)  # a HookedTransformer's stored hooks apply first
     hooks = compose(fwd_hooks, (), backward=True) if compose else make_hooks(fwd_hooks, cfg)
-    value, _, acts, grads = _value_and_grads(model.params, toks, mask, hooks,
+    value, _, acts, grads = value_and_grads(model.params, toks, mask, hooks,
                                              None if metric is None else Fn(metric), cfg=cfg,
                                              capture=capture, grad_names=grad_names,
-                                             precision=model.precision, wrt_params=_has_backward(hooks))
+                                             precision=model.precision, wrt_params=has_backward_hooks(hooks))
     weights = model.cache_weights()
     return value, ActivationCache(acts, cfg, True, weights), ActivationCache(grads, cfg, True, weights)
 
@@ -152,4 +146,4 @@ def attribution_patching(model: Any, clean_input: Any, corrupted_input: Any, met
     return ActivationCache(scores, model.cfg, True, model.cache_weights())
 
 
-__all__ = ["Perturb", "run_with_cache_and_grad", "attribution_patching"]
+__all__ = ["Perturb", "run_with_cache_and_grad", "attribution_patching", "value_and_grads"]

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.fingerprint import Fn, call_metric, retry_static
-from jaxlens.forward import forward, is_scanned, unstack_layers
+from jaxlens.model.forward import forward, is_scanned, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
-from jaxlens.interventions import Replace, _register
+from jaxlens.edits.interventions import Replace, register_edit
 from jaxlens.tokens import check_tokens
 from jaxlens.validate import indices
 
@@ -58,7 +58,7 @@ class IndexPatch:
         return jnp.where(mask, self.values.astype(x.dtype), x)
 
 
-_register(IndexPatch)
+register_edit(IndexPatch)
 
 
 def _axis_layout(activation_name: str, index_axis_names: Sequence[str], cfg: Any, seq_len: int

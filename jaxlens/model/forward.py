@@ -159,3 +159,5 @@ def unstack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
     for l in range(n_layers):
         out[f"blocks_{l}"] = jax.tree.map(lambda x, l=l: x[l], params["blocks"]["block"])
     return out
+
+__all__ = ["is_scanned", "resolve_layer_range", "forward", "forward_jit", "stack_layers", "unstack_layers"]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.forward import is_scanned
+from jaxlens.model.forward import is_scanned
 
 
 def _check_gpt2(cfg: ModelConfig, params: dict[str, Any]) -> None:
@@ -90,3 +90,5 @@ def save_hf_gpt2(path: str | Path, cfg: ModelConfig, params: dict[str, Any], tok
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
+
+__all__ = ["gpt2_state_dict", "gpt2_config", "save_hf_gpt2"]

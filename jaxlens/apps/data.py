@@ -290,3 +290,9 @@ def write_prompts(path: str | Path, seed: int, n: int = 300) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts(seed, n)))
     return path
+
+__all__ = ["NAMES", "PLACES", "OBJECTS", "NOUNS", "ADJECTIVES", "WORDS", "NUMBER_WORDS", "BRACKETS",
+           "INTROS", "ACTIONS", "TEMPLATES", "HELDOUT_TEMPLATES", "TRAIN_TEMPLATES", "DOC_KINDS",
+           "DOC_WEIGHTS", "IOIExample", "ioi_example", "ioi_examples", "story", "repeated_words", "counting",
+           "alphabet", "brackets", "document", "corpus", "random_repeat_rows", "repeated_tokens",
+           "pack_rows", "single_rows", "prompts", "write_prompts"]

@@ -149,3 +149,5 @@ class Report:
         tmp.write_text(self.render(), encoding="utf-8")
         tmp.replace(path)
         return path
+
+__all__ = ["esc", "show_token", "table", "png", "attention_svg", "attention_grid", "Report"]

@@ -162,3 +162,5 @@ class Slice:
 
     def __repr__(self) -> str:
         return f"Slice: {self.value} Mode: {self.mode} "
+
+__all__ = ["SliceInput", "wrap_negative", "Slice"]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx
-from jaxlens.slice import Slice
+from jaxlens.cache.slice import Slice
 
 MODES = ("all", "mlp", "attn")
 
@@ -371,3 +371,12 @@ get_full_resid_decomposition_jit = jax.jit(get_full_resid_decomposition,
                                            static_argnames=("layer", "mlp_input", "expand_neurons", "apply_ln"))
 logit_attrs_jit = jax.jit(logit_attrs, static_argnames=("has_batch_dim", "single", "incorrect_single"))
 compute_head_results_jit = jax.jit(compute_head_results)
+
+__all__ = ["MODES", "resolve_layer", "uses_centering", "scale_key", "check_mlp_input", "accumulated_plan",
+           "decompose_plan", "head_keys", "head_labels", "neuron_labels", "remainder_key",
+           "residual_like_key", "ln_final", "apply_ln_to_stack", "accumulated_resid", "decompose_resid",
+           "head_results", "stack_head_results", "get_neuron_results", "stack_neuron_results",
+           "accumulated_bias", "get_full_resid_decomposition", "full_decomposition_labels", "logit_attrs",
+           "compute_head_results", "apply_ln_to_stack_jit", "accumulated_resid_jit", "decompose_resid_jit",
+           "stack_head_results_jit", "get_neuron_results_jit", "stack_neuron_results_jit",
+           "get_full_resid_decomposition_jit", "logit_attrs_jit", "compute_head_results_jit"]

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.aggregate import PATTERN_METHODS, RunningStats, group_pattern, normalize_groups, update_stats
+from jaxlens.cache.aggregate import PATTERN_METHODS, RunningStats, group_pattern, normalize_groups, update_stats
 from jaxlens.config import ModelConfig
-from jaxlens.forward import forward
+from jaxlens.model.forward import forward
 from jaxlens.hooks import did_you_mean
 from jaxlens.model.layers import repeat_kv
 from jaxlens.model.views import block_param
@@ -181,7 +181,7 @@ def embedding_with_grad(model: Any, input: Any, metric: Callable[[Array], Array]
                         avg: bool = False, attention_mask: Any = None) -> tuple[Array, Array]:
     """(embedding output `hook_embed`, ∂metric/∂embedding), each [batch tokens d_model] at the
     token groups (all positions when None). easyroutine's `input_embedding_hook(keep_gradient=True)`."""
-    from jaxlens.gradients import run_with_cache_and_grad
+    from jaxlens.edits.gradients import run_with_cache_and_grad
 
     _, cache, grads = run_with_cache_and_grad(model, input, metric, "hook_embed", attention_mask)
     emb, g = cache["hook_embed"], grads["hook_embed"]

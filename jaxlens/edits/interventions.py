@@ -28,14 +28,14 @@ import numpy as np
 
 from jaxlens.hooks import HookPoint
 from jaxlens.model.layers import masked_softmax
-from jaxlens.slice import wrap_negative
+from jaxlens.cache.slice import wrap_negative
 
 Array = jax.Array
 _PATTERN_HOOKS = ("hook_pattern", "hook_attn_scores")
 _HEAD_VECTOR_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result")
 
 
-def _register(cls: type) -> type:
+def register_edit(cls: type) -> type:
     """Register a frozen dataclass as a pytree: fields in `_static` are static, the rest leaves."""
     static = tuple(getattr(cls, "_static", ()))
     fields = [f.name for f in dataclasses.fields(cls)]
@@ -396,8 +396,8 @@ def stack_edits(edits: Sequence[Any]) -> Any:
 
 
 for _cls in (ResidEdit, HeadEdit, AttnMatEdit, KeepSelfAttnAblation, Steer, Replace):
-    _register(_cls)
+    register_edit(_cls)
 
-__all__ = ["ResidEdit", "HeadEdit", "AttnMatEdit", "KeepSelfAttnAblation", "Steer", "Replace", "index_mask",
+__all__ = ["register_edit", "ResidEdit", "HeadEdit", "AttnMatEdit", "KeepSelfAttnAblation", "Steer", "Replace", "index_mask",
            "intervention_resid", "ablate_heads", "patch_heads", "intervention_attn_mat", "ablate_keep_self_attn",
            "steer", "mean_ablation", "stack_edits"]

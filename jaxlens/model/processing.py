@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.forward import is_scanned, stack_layers, unstack_layers
+from jaxlens.model.forward import is_scanned, stack_layers, unstack_layers
 
 
 def _is_ln(cfg: ModelConfig) -> bool:
@@ -154,3 +154,5 @@ def _fold_value_biases(blk: dict[str, Any], cfg: ModelConfig, dtypes: dict[str, 
     dtypes["blocks"]["block"]["attn"].setdefault("b_O", dtypes["blocks"]["block"]["attn"]["W_O"])
     attn["b_V"] = xp.zeros_like(attn["b_V"])
     return {"use_o_bias": True}
+
+__all__ = ["process_params"]

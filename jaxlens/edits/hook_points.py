@@ -178,4 +178,10 @@ def _layer_of(name: str) -> int | None:
     return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
 
 
-__all__ = ["StoredHook", "HookPointRef", "compose", "backward_entry", "check_dir"]
+
+def has_backward_hooks(hooks: Any) -> bool:
+    """Does `hooks` hold backward hooks? Then the backward pass runs in full (also wrt params)."""
+    return any(getattr(fn, "func", None) is _backward_hooks for _, fn in hooks.entries)
+
+
+__all__ = ["has_backward_hooks", "StoredHook", "HookPointRef", "compose", "backward_entry", "check_dir"]

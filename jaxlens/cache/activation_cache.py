@@ -30,13 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens import aggregate as agg
-from jaxlens import analysis as A
+from jaxlens.cache import aggregate as agg
+from jaxlens.cache import analysis as A
 from jaxlens.devices import resolve_device
 from jaxlens.fingerprint import Identity
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import did_you_mean, get_act_name
-from jaxlens.slice import Slice, SliceInput
+from jaxlens.cache.slice import Slice, SliceInput
 from jaxlens.validate import index
 
 log = logging.getLogger(__name__)
@@ -628,3 +628,5 @@ class ActivationCache:
 
     def memory_tree(self, grouped: bool = True, print_tree: bool = False) -> dict[str, str]:
         return agg.memory_tree(self, grouped, print_tree)
+
+__all__ = ["DiscardedResultWarning", "LayerIndexError", "ActivationCache"]

@@ -68,7 +68,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from jaxlens.demo import run_demo
+    from jaxlens.apps.demo import run_demo
 
     return run_demo(model=a.model, out=Path(a.out))
 
@@ -108,3 +108,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+__all__ = ["default_model", "cmd_convert", "cmd_run", "cmd_demo", "build_parser", "main"]

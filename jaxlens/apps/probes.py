@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.data import IOIExample
-from jaxlens.forward import forward_jit
+from jaxlens.apps.data import IOIExample
+from jaxlens.model.forward import forward_jit
 from jaxlens.hooks import resolve_names
 
 
@@ -85,3 +85,5 @@ def model_ioi_scores(params: dict[str, Any], cfg: ModelConfig, batch: dict[str, 
                                precision=precision)
     final = np.asarray(logits)[np.arange(len(batch["last"])), batch["last"]]
     return ioi_scores(final, batch["io"], batch["s"])
+
+__all__ = ["induction_scores", "model_induction_scores", "ioi_batch", "ioi_scores", "model_ioi_scores"]

@@ -28,7 +28,7 @@ import numpy as np
 from jaxlens.fingerprint import retry_static
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import Hooks
-from jaxlens.kv_cache import KVCache, check_cache, forward_cached
+from jaxlens.generation.kv_cache import KVCache, check_cache, forward_cached
 from jaxlens.tokens import check_tokens
 
 
@@ -403,7 +403,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     `GenerateOutput.acts`), as an `ActivationCache` whose position axis runs over the steps.
     fwd_hooks: TransformerLens-style hooks applied at every step (prefill included).
     """
-    from jaxlens.cache import ActivationCache
+    from jaxlens.cache.activation_cache import ActivationCache
     from jaxlens.hooks import make_hooks, resolve_names
     from jaxlens.tokens import is_text, parse_input
 
@@ -451,3 +451,6 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
 
     acts = out.acts if unused == 0 else {n: trim(n, a) for n, a in out.acts.items()}
     return result, ActivationCache(acts, model.cfg, True, model.cache_weights())
+
+__all__ = ["filter_logits", "Sampler", "sample_logits", "token_counts", "GenerateOutput", "compile_count",
+           "bucket", "generate_tokens", "RETURN_TYPES", "generate"]

@@ -18,9 +18,9 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from jaxlens import data
-from jaxlens.probes import induction_scores, ioi_batch, ioi_scores
-from jaxlens.report import Report, attention_grid, esc, png, show_token, table
+from jaxlens.apps import data
+from jaxlens.apps.probes import induction_scores, ioi_batch, ioi_scores
+from jaxlens.apps.report import Report, attention_grid, esc, png, show_token, table
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"  # both IOI prompts: held-out templates
 PROMPTS = (
@@ -157,7 +157,7 @@ def stage_dla(d: _Demo) -> None:
     lnf = d.m.params.get("ln_final", {})
     if "w" in lnf:  # loaded with from_pretrained_no_processing
         b_U = b_U + np.asarray(lnf.get("b", np.zeros(u.shape[0]))) @ u
-        from jaxlens.cache import ActivationCache
+        from jaxlens.cache.activation_cache import ActivationCache
 
         cache = ActivationCache(cache.to_dict(), d.m.cfg, True, {**cache.weights, "W_U": lnf["w"][:, None] * d.m.W_U})
     resid, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
@@ -316,3 +316,7 @@ def run_demo(model: str | Path | None, out: Path, prompts: Sequence[str] | None 
     files = sorted(p.name for p in out.iterdir() if re.search(r"\.(html|json|txt|png)$", p.name))
     print(f"\nwrote {out}/: {', '.join(files)}")
     return 0
+
+__all__ = ["IOI_PROMPT", "PROMPTS", "GEN_PROMPTS", "SEED", "MAX_PATTERN_TOKENS", "stage_predictions",
+           "stage_ioi_accuracy", "stage_logit_lens", "stage_dla", "stage_induction", "stage_generation",
+           "stage_patterns", "STAGES", "run_demo"]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.forward import is_scanned
+from jaxlens.model.forward import is_scanned
 
 __all__ = ["FactoredMatrix", "refactor_factored_attn_matrices"]
 
@@ -356,7 +356,7 @@ def refactor_factored_attn_matrices(params: dict[str, Any], cfg: ModelConfig) ->
                          "stored; not supported")
     if cfg.d_head > cfg.d_model:
         raise ValueError(f"refactor_factored_attn_matrices needs d_head <= d_model, got {cfg.d_head} > {cfg.d_model}")
-    from jaxlens.forward import stack_layers, unstack_layers
+    from jaxlens.model.forward import stack_layers, unstack_layers
 
     scanned = is_scanned(params)
     stacked = params if scanned else stack_layers(params, cfg.n_layers)
