@@ -4,8 +4,10 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PLVENV := .venv-patternlens
+PLSTAMP := $(PLVENV)/.installed
 
-.PHONY: test demo bench clean chromium lint
+.PHONY: test demo bench clean chromium lint patternlens-venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,8 +15,20 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plots,train]"
 	touch $(STAMP)
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium $(PLSTAMP)
 	$(VPY) -m pytest tests -n 2 --dist loadfile
+
+# pattern_lens 0.6 (the sweep's reference) needs transformer-lens<3, transformers<5 and numpy<2, which
+# conflict with .venv: it gets its own venv, used by tests/test_sweep.py through subprocesses.
+# datasets<4 / pyarrow<18: newer pyarrow wheels need numpy>=2.
+$(PLSTAMP):
+	$(PY) -m venv $(PLVENV)
+	$(PLVENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PLVENV)/bin/python -m pip install -q --disable-pip-version-check pattern-lens==0.6.0 "transformer-lens<3" \
+	  "transformers<5" "numpy<2" "datasets<4" "pyarrow<18"
+	touch $(PLSTAMP)
+
+patternlens-venv: $(PLSTAMP)
 
 # The report's browser test needs Chromium: install it where we can (root with apt), else it skips.
 chromium:

@@ -8,18 +8,27 @@ cfg)` and `IGNORE` (tensor names that are not weights). Adding a family is addin
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import json
+import os
 import pkgutil
+import secrets
+import shutil
+import sys
+import time
 import warnings
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.conversion.io import DTYPES, CheckpointError, Tensors, cast_tree, read_config, read_tensors
+from jaxlens.conversion.io import (DTYPES, CheckpointError, Tensors, cast_tree, check_weights, inside, is_float,
+                                   read_config, read_json, read_tensors)
 
 CONVERTED_CONFIG = "jaxlens_config.json"
 CONVERTED_PARAMS = "params.safetensors"
@@ -31,7 +40,7 @@ class Family(NamedTuple):
     ignore: tuple[str, ...]
 
 
-NOT_FAMILIES = ("common", "io")  # helper modules of this package
+NOT_FAMILIES = ("common", "io", "keys")  # helper modules of this package
 
 
 def _registry() -> dict[str, Family]:
@@ -40,7 +49,7 @@ def _registry() -> dict[str, Family]:
         if info.name in NOT_FAMILIES:
             continue
         mod = importlib.import_module(f"{__name__}.{info.name}")
-        for mt in mod.MODEL_TYPES:
+        for mt in getattr(mod, "MODEL_TYPES", ()):  # helper modules declare none
             if mt in out:
                 raise RuntimeError(f"model_type {mt!r} is claimed by two conversion modules")
             out[mt] = Family(partial(mod.config_from_hf, mt=mt), mod.convert, mod.IGNORE)
@@ -51,32 +60,83 @@ REGISTRY: dict[str, Family] = _registry()
 
 
 def resolve_dtype(dtype: Any) -> Any:
+    """The numpy scalar type for a `dtype` argument (None: float32); only floating dtypes are weights."""
     if dtype is None:
         return np.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         return DTYPES[dtype]
-    return np.dtype(dtype).type if not hasattr(dtype, "dtype") else dtype
+    try:
+        dt = np.dtype(getattr(dtype, "dtype", dtype) if not isinstance(dtype, type) else dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype {dtype!r} is not a dtype; pass one of {sorted(DTYPES)}") from e
+    if not is_float(dt):
+        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype: weights are loaded as one of "
+                         f"{sorted(DTYPES)}")
+    return dt.type
+
+
+# HF config.json fields that are integers wherever they appear (checked before a family reads them,
+# so "12" gives an error naming the field rather than a reshape error deep in the converter)
+HF_INT_FIELDS = ("n_embd", "n_layer", "n_head", "n_positions", "n_ctx", "n_inner", "hidden_size",
+                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                 "vocab_size", "max_position_embeddings", "head_dim", "sliding_window")
+HF_HEAD_FIELDS = ("n_head", "num_attention_heads")
+
+
+def check_hf_fields(hf: dict[str, Any], file: Path) -> None:
+    """CheckpointError naming `file` and the field for an integer field holding another type or <= 0."""
+    for k in HF_INT_FIELDS:
+        v = hf.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise CheckpointError(f"{file}: field {k!r} is {v!r} ({type(v).__name__}) but must be an integer; "
+                                  "fix config.json")
+        if v <= 0 and k != "sliding_window":
+            raise CheckpointError(f"{file}: field {k!r} is {v} but must be a positive integer; fix config.json")
 
 
 def hf_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from a HF folder's config.json (no weights read)."""
+    """ModelConfig from a HF folder's config.json (no weights read).
+
+    Every problem with the file is a CheckpointError naming config.json and, where it can be told,
+    the field: the family modules read fields directly, so their TypeError/ValueError/KeyError are
+    turned into one here, at the boundary."""
+    file = Path(path) / "config.json"
     hf = read_config(Path(path))
     mt = hf.get("model_type")
-    if mt not in REGISTRY:
+    if not isinstance(mt, str) or mt not in REGISTRY:
         raise CheckpointError(
-            f"model_type {mt!r} in {Path(path) / 'config.json'} is not supported; supported: {sorted(REGISTRY)}"
+            f"model_type {mt!r} in {file} is not supported; supported: {sorted(REGISTRY)}"
         )
-    cfg = REGISTRY[mt].config_from_hf(hf)
+    check_hf_fields(hf, file)
+    try:
+        cfg = REGISTRY[mt].config_from_hf(hf)
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{file}: field {e.args[0]!r}, which {mt} models need, is missing; re-save the model "
+                              "with save_pretrained") from e
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{file}: {e}; fix config.json or re-save the model with save_pretrained") from e
+    if hf.get("head_dim") is None and cfg.n_heads * cfg.d_head != cfg.d_model:
+        field = next((k for k in HF_HEAD_FIELDS if k in hf), "the head count")
+        raise CheckpointError(f"{file}: {field}={cfg.n_heads} does not divide the hidden size {cfg.d_model}; "
+                              "fix config.json (or give head_dim)")
     name = hf.get("_name_or_path") or Path(path).name
     arch = (hf.get("architectures") or [None])[0]  # None: ModelConfig fills in the family's usual class
-    return cfg.replace(model_name=str(name), original_architecture=arch)
+    return cfg.replace(model_name=str(name), original_architecture=arch if isinstance(arch, str) else None)
 
 
-def convert_hf(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
-    """Read a HF checkpoint folder and return (cfg, params) with params as numpy arrays."""
+def convert_hf(path: str | Path, dtype: Any = None, *, allow_nonfinite: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read a HF checkpoint folder and return (cfg, params) with params as numpy arrays.
+
+    The weights must be floating point and finite (unless `allow_nonfinite`), and the tree must be
+    the one the model builds for the config (`check_params`)."""
     path = Path(path)
+    dt = resolve_dtype(dtype)
     cfg = hf_config(path)
     fam = REGISTRY[cfg.model_type]
     t = Tensors(read_tensors(path), dtype, source=str(path))
@@ -85,7 +145,10 @@ def convert_hf(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[s
     if left:
         warnings.warn(f"{path}: {len(left)} tensors were not used by the {cfg.model_type} converter: {left[:8]}",
                       stacklevel=2)
-    return cfg, cast_tree(params, resolve_dtype(dtype))
+    check_weights(flatten(params), str(path), allow_nonfinite)
+    params = cast_tree(params, dt)
+    check_params(params, cfg, str(path))
+    return cfg, params
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -110,43 +173,306 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_converted(path: str | Path, cfg: ModelConfig, params: dict[str, Any]) -> Path:
-    """Write `jaxlens_config.json` + `params.safetensors`; loadable without torch or transformers."""
-    from safetensors.numpy import save_file
+MANIFEST = "jaxlens_manifest.json"
+PAUSE_ENV = "JAXLENS_TEST_PAUSE_AT"
+WRITE_STEPS = ("params", "tokenizer", "manifest", "swap")
 
+
+def _pause(step: str) -> None:
+    """Test-only hook: with JAXLENS_TEST_PAUSE_AT=<step> (one of WRITE_STEPS) the writer prints
+    `jaxlens-pause: <step>` on stderr and sleeps, so a test can kill -9 it exactly there."""
+    if os.environ.get(PAUSE_ENV) == step:
+        print(f"jaxlens-pause: {step}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def _params_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"a/b/c": (shape, dtype name)} for every leaf of a params tree (arrays or ShapeDtypeStructs)."""
+    import jax
+
+    out = {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+        out[name] = (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def expected_params(cfg: ModelConfig, dtype: str, scanned: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The params tree the model builds for `cfg` (names -> (shape, dtype)), read off the model
+    itself: `jax.eval_shape` of `Transformer(cfg).init`, so no array is allocated and every
+    feature the model has is included without a hand-written list."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlens.hooks import RunCtx
+    from jaxlens.model import Transformer
+
+    def init() -> Any:
+        toks = jnp.zeros((1, 2), jnp.int32)
+        module = Transformer(cfg, scan_layers=scanned, dtype=jnp.dtype(dtype))
+        return module.init(jax.random.PRNGKey(0), toks, jnp.ones_like(toks), RunCtx())["params"]
+
+    return _params_shapes(jax.eval_shape(init))
+
+
+def check_params(params: dict[str, Any], cfg: ModelConfig, source: str) -> None:
+    """CheckpointError naming the first mismatching parameters unless `params` has exactly the names,
+    shapes and dtypes the model builds for `cfg` (a half-written folder, or params beside another
+    model's config, would otherwise load and fail later or drop layers silently)."""
+    from jaxlens.model.forward import is_scanned
+
+    got = _params_shapes(params)
+    first = got.get("W_E", next(iter(got.values()), ((), "float32")))
+    want = expected_params(cfg, first[1], bool(is_scanned(params)))
+    missing = [n for n in want if n not in got]
+    extra = [n for n in got if n not in want]
+    wrong = [f"{n} {got[n][1]}{list(got[n][0])} (config: {want[n][1]}{list(want[n][0])})"
+             for n in want if n in got and got[n] != want[n]]
+    if missing or extra or wrong:
+        parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", extra), ("mismatched", wrong)) if names]
+        raise CheckpointError(f"{source}: the parameters do not fit its config ({cfg.model_type}, {cfg.n_layers} "
+                              f"layers, d_model {cfg.d_model}): {'; '.join(parts)}. The folder is half-written or "
+                              "from another model; convert again")
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> Path:
+    """Write `jaxlens_manifest.json` (every file's name, size and sha256), after fsyncing each file.
+    Written last, it marks a complete output; `verify_manifest` checks it on load."""
+    folder = Path(folder)
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            _fsync(f)
+            files[f.relative_to(folder).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    out = folder / MANIFEST
+    out.write_text(json.dumps({"format": "jaxlens-manifest", "version": 1, "files": files}, indent=1))
+    _fsync(out)
+    return out
+
+
+def verify_manifest(folder: Path) -> bool:
+    """True if `folder` has a manifest and every file in it is present with its size and hash;
+    False if it has none (written before manifests existed); CheckpointError otherwise."""
+    folder = Path(folder)
+    m = folder / MANIFEST
+    if not m.is_file():
+        return False
+    files = read_json(m, "the folder is damaged; convert again").get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise CheckpointError(f"{m} has no valid 'files' table; the folder is damaged: convert again")
+    for name in (CONVERTED_CONFIG, CONVERTED_PARAMS):
+        if name not in files:
+            raise CheckpointError(f"{m} does not list {name}; the folder is damaged: convert again")
+    for name, info in files.items():
+        f = inside(folder, name, m)
+        if not f.is_file():
+            raise CheckpointError(f"{f} is listed in {m} but missing: the folder is incomplete; convert again")
+        size = f.stat().st_size
+        if size != info.get("size"):
+            raise CheckpointError(f"{f} has {size} bytes but {m.name} says {info.get('size')}: it was truncated or "
+                                  "changed after conversion; convert again")
+        if _sha256(f) != info.get("sha256"):
+            raise CheckpointError(f"{f} does not match its sha256 in {m.name}: it was changed or corrupted after "
+                                  "conversion; convert again")
+    return True
+
+
+def check_destination(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an output path that cannot take a converted folder: a file, a non-empty folder (unless
+    `overwrite`), or a non-empty folder that is not a jaxlens converted folder (never replaced)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(params).items()}
-    tmp = path / (CONVERTED_PARAMS + ".tmp")
-    save_file(flat, str(tmp), metadata={"format": "jaxlens"})
-    tmp.replace(path / CONVERTED_PARAMS)
-    (path / CONVERTED_CONFIG).write_text(cfg.to_json())
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"output {path} exists and is a file, not a folder; choose a new folder path")
+    if path.is_dir() and any(path.iterdir()):
+        if not ((path / CONVERTED_CONFIG).exists() or (path / MANIFEST).exists()):
+            raise CheckpointError(f"output folder {path} is not empty and is not a jaxlens converted folder; "
+                                  "refusing to replace it: choose a new path")
+        if not overwrite:
+            raise CheckpointError(f"output folder {path} already holds a converted model; pass overwrite=True "
+                                  "(jaxlens convert --overwrite) to replace it, or choose a new path")
     return path
 
 
-def load_converted(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
+@contextmanager
+def write_lock(path: Path) -> Iterator[Path]:
+    """Exclusive right to write `path`: an flock on `.<name>.jaxlens-lock` beside it, refused at once
+    (CheckpointError) while another process holds it. The kernel drops the lock when its holder
+    dies, so a kill -9 never leaves a stale lock; the file is removed when the lock is released."""
+    import fcntl
+
+    lock = path.parent / f".{path.name}.jaxlens-lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(f"another process is writing {path} now (it holds {lock}); wait for it to "
+                                  "finish, or write to another folder") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:  # else its previous holder removed the file after we opened it: take the new one
+            break
+        os.close(fd)
+    try:
+        yield lock
+    finally:
+        os.unlink(lock)  # before unlocking, so a process that opened this file sees it is stale
+        os.close(fd)
+
+
+def _scratch(path: Path, kind: str) -> list[Path]:
+    prefix = f".{path.name}.{kind}-"
+    return [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+
+
+def _remove_stale(path: Path) -> None:
+    """Temporary and replaced folders of writes to `path` that died (called under its lock)."""
+    for p in _scratch(path, "tmp") + _scratch(path, "old"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _new_scratch(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`, moving an existing output aside first and deleting it
+    after: at every instant `path` is the old output, the new one, or absent."""
+    old = None
+    if path.is_dir():
+        if any(path.iterdir()):
+            old = _new_scratch(path, "old")
+            os.rename(path, old)
+        else:
+            path.rmdir()
+    _pause("swap")
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.rename(old, path)
+        raise
+    _fsync(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_converted(path: str | Path, cfg: ModelConfig, params: dict[str, Any], *, tokenizer: Any = None,
+                   overwrite: bool = False) -> Path:
+    """Write `jaxlens_config.json` + `params.safetensors` (+ the tokenizer) atomically; loadable
+    without torch or transformers.
+
+    Everything is written and fsynced into a fresh temporary folder beside `path`, a manifest
+    (names, sizes, sha256) last, then the folder is renamed into place; an existing converted
+    folder is replaced only with `overwrite`. A lock refuses a second writer of the same path; a
+    failed write removes its temporary folder, and the next write removes those of killed ones.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(params).items()}
+    check_weights(flat, "the params to save", allow_nonfinite=True)
+    check_params(unflatten(flat), cfg, "the params to save")  # never write a folder that would not load
+    check_destination(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with write_lock(path):
+        check_destination(path, overwrite)  # again: another writer may have finished meanwhile
+        _remove_stale(path)
+        tmp = _new_scratch(path, "tmp")
+        tmp.mkdir()
+        try:
+            save_file(flat, str(tmp / CONVERTED_PARAMS), metadata={"format": "jaxlens"})
+            _pause("params")
+            (tmp / CONVERTED_CONFIG).write_text(cfg.to_json())
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            _pause("tokenizer")
+            write_manifest(tmp)
+            _pause("manifest")
+            _fsync(tmp)
+            _swap(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path
+
+
+def read_converted_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a converted folder; CheckpointError naming the file and the problem."""
+    f = Path(path) / CONVERTED_CONFIG
+    d = read_json(f, "the folder is damaged; convert again")
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{f}: {e}; the file is damaged or was edited: convert again") from e
+
+
+_WARNED_NO_MANIFEST: set[str] = set()
+
+
+def load_converted(path: str | Path, dtype: Any = None, *,
+                   allow_nonfinite: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+    """(cfg, params) of a jaxlens converted folder, checked: the manifest (every file complete),
+    the config, the weights (floating point, finite unless `allow_nonfinite`) and the params tree
+    against the config's (`check_params`)."""
     from safetensors.numpy import load_file
 
     path = Path(path)
-    cfg = ModelConfig.from_dict(json.loads((path / CONVERTED_CONFIG).read_text()))
+    dt = None if dtype is None else resolve_dtype(dtype)
+    if not verify_manifest(path) and str(path) not in _WARNED_NO_MANIFEST:
+        _WARNED_NO_MANIFEST.add(str(path))
+        warnings.warn(f"{path} has no {MANIFEST} (written by an older jaxlens), so it cannot be checked for "
+                      "completeness; convert it again to add one", stacklevel=2)
+    cfg = read_converted_config(path)
     f = path / CONVERTED_PARAMS
     try:
         flat = load_file(str(f))
     except Exception as e:
         raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or corrupt, convert again") from e
+    check_weights(flat, str(f), allow_nonfinite)
     params = unflatten(flat)
-    return cfg, params if dtype is None else cast_tree(params, resolve_dtype(dtype))
+    check_params(params, cfg, str(path))
+    return cfg, params if dt is None else cast_tree(params, dt)
 
 
-def load_any(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
-    """A jaxlens converted folder or a HF checkpoint folder."""
+def load_any(path: str | Path, dtype: Any = None, *,
+             allow_nonfinite: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+    """A jaxlens converted folder or a HF checkpoint folder (see `load_converted`, `convert_hf`)."""
     path = Path(path)
+    resolve_dtype(dtype)  # a bad dtype fails before anything is read
     if not path.exists():
         raise CheckpointError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is a file; pass the folder that holds config.json "
+                              f"(HuggingFace) or {CONVERTED_CONFIG} (jaxlens)")
     if (path / CONVERTED_CONFIG).is_file():
-        return load_converted(path, dtype)
-    return convert_hf(path, dtype)
+        return load_converted(path, dtype, allow_nonfinite=allow_nonfinite)
+    return convert_hf(path, dtype, allow_nonfinite=allow_nonfinite)
 
 
-__all__ = ["REGISTRY", "Family", "NOT_FAMILIES", "CONVERTED_CONFIG", "CONVERTED_PARAMS", "resolve_dtype", "CheckpointError", "convert_hf", "hf_config", "save_converted", "load_converted", "load_any",
-           "flatten", "unflatten"]
+__all__ = ["REGISTRY", "Family", "NOT_FAMILIES", "CONVERTED_CONFIG", "CONVERTED_PARAMS", "MANIFEST", "PAUSE_ENV",
+           "WRITE_STEPS", "HF_INT_FIELDS", "resolve_dtype", "CheckpointError", "check_hf_fields", "convert_hf",
+           "hf_config", "expected_params", "check_params", "write_manifest", "verify_manifest", "check_destination",
+           "write_lock", "save_converted", "read_converted_config", "load_converted", "load_any", "flatten",
+           "unflatten"]

@@ -7,15 +7,21 @@ from typing import Any
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.conversion.common import act_fn, need, reject, token_ids
+from jaxlens.conversion.common import act_fn, need, token_ids
 from jaxlens.conversion.io import Tensors
+from jaxlens.conversion.keys import check_keys, refuse_if
 
 MODEL_TYPES = ("gpt2",)
 IGNORE = (".attn.bias", ".attn.masked_bias")
+USED = frozenset({"n_embd", "n_head", "n_layer", "n_inner", "vocab_size", "n_positions", "activation_function",
+                  "layer_norm_epsilon", "scale_attn_weights", "tie_word_embeddings",
+                  "reorder_and_upcast_attn"})  # upcasting: float32 here anyway
+REFUSED = {"scale_attn_by_inverse_layer_idx": refuse_if(bool, "per-layer attention scaling"),
+           "add_cross_attention": refuse_if(bool, "an encoder-decoder cross-attention block")}
 
 
 def config_from_hf(hf: dict[str, Any], mt: str = MODEL_TYPES[0]) -> ModelConfig:
-    reject(hf, "gpt2", {"scale_attn_by_inverse_layer_idx": ((False, None), "per-layer attention scaling")})
+    check_keys(hf, "gpt2", USED, REFUSED, irrelevant={"n_ctx"})  # n_ctx: an old alias HF no longer reads
     d, h = need(hf, "n_embd", "gpt2"), need(hf, "n_head", "gpt2")
     return ModelConfig(
         model_type="gpt2", d_model=d, n_layers=need(hf, "n_layer", "gpt2"), n_heads=h, d_head=d // h,
@@ -58,4 +64,4 @@ def convert(t: Tensors, cfg: ModelConfig) -> dict[str, Any]:
         }
     return out
 
-__all__ = ["MODEL_TYPES", "IGNORE", "config_from_hf", "convert"]
+__all__ = ["MODEL_TYPES", "IGNORE", "USED", "REFUSED", "config_from_hf", "convert"]

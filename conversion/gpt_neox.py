@@ -7,23 +7,28 @@ from typing import Any
 from jaxlens.config import ModelConfig
 from jaxlens.conversion.common import act_fn, need, rope, token_ids
 from jaxlens.conversion.io import Tensors
+from jaxlens.conversion.keys import check_keys
 import numpy as np
 
 MODEL_TYPES = ("gpt_neox",)
 IGNORE = (".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq")
+USED = frozenset({"hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                  "max_position_embeddings", "hidden_act", "layer_norm_eps", "attention_bias", "use_parallel_residual",
+                  "tie_word_embeddings", "rotary_pct", "rotary_emb_base", "is_decoder"})
 
 
 def config_from_hf(hf: dict[str, Any], mt: str = MODEL_TYPES[0]) -> ModelConfig:
     mt = "gpt_neox"
+    check_keys(hf, mt, USED)
     d, h = need(hf, "hidden_size", mt), need(hf, "num_attention_heads", mt)
-    theta, partial = rope(hf, mt, default_partial=0.25)
+    rotary = rope(hf, mt, default_partial=0.25)
     bias = hf.get("attention_bias", True)
     return ModelConfig(
         model_type=mt, d_model=d, n_layers=need(hf, "num_hidden_layers", mt), n_heads=h, d_head=d // h,
         d_mlp=need(hf, "intermediate_size", mt), d_vocab=need(hf, "vocab_size", mt),
         n_ctx=need(hf, "max_position_embeddings", mt), act_fn=act_fn(hf.get("hidden_act", "gelu"), mt),
         normalization_type="LN", eps=hf.get("layer_norm_eps", 1e-5), positional_embedding_type="rotary",
-        rotary_dim=int((d // h) * partial), rotary_base=theta,
+        **rotary.config_kwargs(d // h),
         parallel_attn_mlp=hf.get("use_parallel_residual", True), use_qkv_bias=bias, use_o_bias=bias,
         tie_word_embeddings=hf.get("tie_word_embeddings", False), **token_ids(hf),
     )
@@ -58,4 +63,4 @@ def convert(t: Tensors, cfg: ModelConfig) -> dict[str, Any]:
         }
     return out
 
-__all__ = ["MODEL_TYPES", "IGNORE", "config_from_hf", "convert"]
+__all__ = ["MODEL_TYPES", "IGNORE", "USED", "config_from_hf", "convert"]

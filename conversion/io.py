@@ -16,14 +16,31 @@ class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be converted; the message says what and how to fix."""
 
 
+def read_json(file: Path, fix: str) -> dict[str, Any]:
+    """A JSON object from `file`; every failure (unreadable, not UTF-8, bad JSON, not an object) is a
+    CheckpointError naming the file, what is wrong and `fix`."""
+    file = Path(file)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not UTF-8 text (byte {e.start}): {fix}") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror or e}; check the path and its permissions") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}): {fix}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object of fields: {fix}")
+    return data
+
+
 def read_config(path: Path) -> dict[str, Any]:
+    """The fields of a HF folder's config.json (CheckpointError naming the file if it is absent or bad)."""
     f = Path(path) / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{path} has no config.json: pass a HuggingFace model folder (save_pretrained output) or a jaxlens converted folder")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON ({e}); re-save the model with save_pretrained") from e
+    return read_json(f, "re-save the model with save_pretrained")
 
 
 def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
@@ -58,18 +75,29 @@ def _load_bin(file: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def inside(folder: Path, name: str, listed_in: Path) -> Path:
+    """`folder / name`, refused unless it stays inside `folder` (an index naming `../x` or `/etc/passwd`
+    must not read files from elsewhere)."""
+    root = Path(folder).resolve()
+    f = (root / name).resolve()
+    if Path(name).is_absolute() or not f.is_relative_to(root):
+        raise CheckpointError(f"{listed_in} names shard {name!r}, which is outside {folder}; shard names must be "
+                              "file names inside the checkpoint folder (the index is corrupt or malicious)")
+    return f
+
+
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint folder: model.safetensors, a sharded index, or .bin files."""
     path = Path(path)
     idx = path / "model.safetensors.index.json"
     if idx.is_file():
-        try:
-            weight_map = json.loads(idx.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{idx} is not a valid safetensors index ({e})") from e
+        weight_map = read_json(idx, "re-save the model with save_pretrained").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{idx} is not a valid safetensors index: it needs a 'weight_map' object of "
+                                  "tensor name -> shard file name")
         out: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
-            f = path / shard
+            f = inside(path, shard, idx)
             if not f.is_file():
                 raise CheckpointError(f"{idx} names shard {shard!r}, which is missing from {path}")
             out.update(_load_safetensors(f))
@@ -114,6 +142,9 @@ class Tensors:
                 f"tensor {name!r} in {self.source} has shape {tuple(a.shape)} but config.json implies {shape}; "
                 "the weights and config.json disagree"
             )
+        if not is_float(a.dtype):
+            raise CheckpointError(f"tensor {name!r} in {self.source} has dtype {a.dtype}, but weights must be floating "
+                                  "point; the file is corrupt or is not a model checkpoint")
         self._used.add(name)
         return np.asarray(a).astype(np.float32) if a.dtype != np.float32 else np.asarray(a)
 
@@ -121,9 +152,32 @@ class Tensors:
         return sorted(k for k in self._t if k not in self._used and not any(s in k for s in ignore))
 
 
+def is_float(dtype: Any) -> bool:
+    """A floating-point dtype, bfloat16 included (numpy's own `issubdtype` does not know ml_dtypes')."""
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) in (np.dtype(ml_dtypes.bfloat16),)
+
+
+def check_weights(flat: dict[str, Any], source: str, allow_nonfinite: bool = False) -> None:
+    """Every weight floating point and (unless `allow_nonfinite`) free of NaN/inf; CheckpointError naming
+    the first bad tensor. An int or bool weight cast to float would run and give nonsense."""
+    for name, a in flat.items():
+        a = np.asarray(a)
+        if not is_float(a.dtype):
+            raise CheckpointError(f"weight {name!r} in {source} has dtype {a.dtype}, but weights must be floating "
+                                  "point; the folder is corrupt or from another program: convert again")
+        if not allow_nonfinite:
+            bad = ~np.isfinite(a)
+            if bad.any():
+                where = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise CheckpointError(f"weight {name!r} in {source} holds {int(bad.sum())} NaN/inf value(s) (first "
+                                      f"at {where}, {a[where]}); the checkpoint is broken. Pass allow_nonfinite=True "
+                                      "(--allow-nonfinite) to load it anyway")
+
+
 def cast_tree(tree: Any, dtype: Any) -> Any:
     if isinstance(tree, dict):
         return {k: cast_tree(v, dtype) for k, v in tree.items()}
     return np.asarray(tree).astype(dtype)
 
-__all__ = ["DTYPES", "CheckpointError", "read_config", "read_tensors", "Tensors", "cast_tree"]
+__all__ = ["DTYPES", "CheckpointError", "read_json", "read_config", "inside", "read_tensors", "Tensors",
+           "is_float", "check_weights", "cast_tree"]

@@ -35,7 +35,8 @@ class RopeScaling:
 
     Fields are HF's names; which ones a `rope_type` reads is HF's rule (`jaxlens.model.rope`
     computes the frequencies). `factor` is the context extension; `original_max_position_embeddings`
-    the pre-extension context (llama3, yarn, longrope, dynamic)."""
+    the pre-extension context (llama3, yarn, longrope; for dynamic, HF's max_position_embeddings,
+    which its scaling is relative to, so `n_ctx` can be raised independently)."""
 
     rope_type: RopeType
     factor: float = 1.0
@@ -151,6 +152,8 @@ class ModelConfig:
         for name, allowed in (("norm_placement", get_args(NormPlacement)), ("qk_norm_scope", get_args(QKNormScope))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        if self.parallel_attn_mlp and self.norm_placement != "pre":
+            problems.append(f"parallel_attn_mlp needs norm_placement='pre', not {self.norm_placement!r}")
         if self.num_experts is not None and not 1 <= self.experts_per_token <= self.num_experts:
             problems.append(f"experts_per_token={self.experts_per_token} must be in [1, num_experts={self.num_experts}]")
         if self.positional_embedding_type == "rotary":

@@ -13,14 +13,15 @@ import numpy as np
 from jaxlens.cache.activation_cache import ActivationCache
 from jaxlens.config import ModelConfig
 from jaxlens.devices import resolve_device
+from jaxlens.distributed import batch_multiple, batch_sharding, make_mesh, pad_batch, place, shard_params
 from jaxlens.model.forward import forward_jit, is_scanned, resolve_layer_range, stack_layers, unstack_layers
 from jaxlens.edits.hook_points import HookPointRef, StoredHook, check_dir, compose, removable, without_name
 from jaxlens.hooks import Hooks, NamesFilter, hook_names, make_hooks, resolve_names
 from jaxlens.model import Transformer
 from jaxlens.model.layers import repeat_kv
 from jaxlens.model.views import BlocksView, EmbedView, NormView, PosEmbedView, UnembedView
-from jaxlens.tokens import check_tokens, encode, load_tokenizer, parse_input
-from jaxlens.validate import index
+from jaxlens.tokens import check_tokens, encode, load_tokenizer, parse_input, warn_empty_rows
+from jaxlens.validate import check_precision, index
 
 if TYPE_CHECKING:
     from jaxlens.model.factored_matrix import FactoredMatrix
@@ -72,7 +73,13 @@ class HookedTransformer:
     """
 
     def __init__(self, cfg: ModelConfig, params: dict[str, Any], tokenizer: Any = None, *,
-                 precision: str | None = "highest", device: Any = None):
+                 precision: str | None = "highest", device: Any = None, mesh: Any = None):
+        check_precision(precision)
+        if mesh is not None and device is not None:
+            raise ValueError("pass device= or mesh=, not both: a mesh places the parameters itself")
+        self.mesh = None if mesh is None else make_mesh(mesh)
+        if self.mesh is not None:  # parameters sharded over the mesh (jaxlens.distributed)
+            params = shard_params(params, cfg, self.mesh)
         self.params = params if device is None else jax.device_put(params, resolve_device(device))
         self.tokenizer = tokenizer
         self.precision = precision
@@ -106,7 +113,7 @@ class HookedTransformer:
                         precision: str | None = "highest", tokenizer: Any = None, fold_ln: bool = True,
                         center_writing_weights: bool = True, center_unembed: bool = True,
                         fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-                        device: Any = None) -> "HookedTransformer":
+                        device: Any = None, allow_nonfinite: bool = False, mesh: Any = None) -> "HookedTransformer":
         """Load a checkpoint with TransformerLens's default weight processing, as its
         `HookedTransformer.from_pretrained` and TL 4's `enable_compatibility_mode()` do: fold_ln,
         center_writing_weights, center_unembed and fold_value_biases (see `jaxlens.processing`).
@@ -117,21 +124,26 @@ class HookedTransformer:
         are in TransformerLens's processed basis, not HF's: use `from_pretrained_no_processing` (or
         pass the flags as False) to compare with HF PyTorch or an unprocessed TL bridge.
         `refactor_factored_attn_matrices` and `device` are TransformerLens's arguments.
+        `allow_nonfinite` loads weights holding NaN/inf (an error by default). `mesh` (a
+        `jax.sharding.Mesh` or a spec such as "data=2,model=4", "fsdp=8") shards the parameters
+        over devices and splits batches over its data axes (`jaxlens.distributed`).
         """
         from jaxlens.conversion import load_any
         from jaxlens.model.processing import process_params
 
-        cfg, params = load_any(path, dtype)
+        check_precision(precision)  # before the (slow) load
+        cfg, params = load_any(path, dtype, allow_nonfinite=allow_nonfinite)
         if fold_ln or center_writing_weights or center_unembed or fold_value_biases:  # on the host, in numpy
             params, cfg = process_params(params, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                          center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-        params = jax.tree.map(jnp.asarray, params)
+        if mesh is None:  # else the host arrays go straight into their shards
+            params = jax.tree.map(jnp.asarray, params)
         if scan_layers and not is_scanned(params):
-            params = stack_layers(params, cfg.n_layers)
+            params = stack_layers(params, cfg.n_layers, np if mesh is not None else jnp)
         if not scan_layers and is_scanned(params):
             params = unstack_layers(params, cfg.n_layers)
         tok = tokenizer if tokenizer is not None else load_tokenizer(path)
-        model = cls(cfg, params, tok, precision=precision, device=device)
+        model = cls(cfg, params, tok, precision=precision, device=device, mesh=mesh)
         return model.refactor_factored_attn_matrices() if refactor_factored_attn_matrices else model
 
     @classmethod
@@ -227,6 +239,7 @@ class HookedTransformer:
                 raise ValueError("tokens= is for start_at_layer runs (the input is then a residual); here the "
                                  "input itself is the tokens")
             toks, mask = self._inputs(input, attention_mask, prepend_bos, padding_side)
+            warn_empty_rows(mask)
             return toks, mask, toks
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
             raise ValueError("with start_at_layer the input is the residual stream [batch pos d_model] entering that "
@@ -245,7 +258,17 @@ class HookedTransformer:
                 raise ValueError(f"tokens {targets.shape} must match the residual stream's [batch pos] {shape}")
             targets = jnp.asarray(targets)
         _, mask = check_tokens(np.zeros(shape, np.int32), self.cfg, attention_mask)  # the mask's own checks
+        warn_empty_rows(mask)
         return resid, jnp.asarray(mask), targets
+
+    def _on_mesh(self, *arrays: jax.Array) -> tuple[tuple[jax.Array, ...], int | None]:
+        """Arrays with a leading batch axis placed on the mesh's batch axes; a batch the axes do
+        not divide is padded (masked-out rows) and the real size returned to slice outputs with."""
+        mult = batch_multiple(self.mesh)
+        b = int(arrays[0].shape[0])
+        padded = [pad_batch(np.asarray(a), mult)[0] for a in arrays]
+        placed = tuple(place(a, batch_sharding(self.mesh, a.ndim)) for a in padded)
+        return placed, (b if b % mult else None)
 
     def _output(self, logits: jax.Array, targets: jax.Array | None, mask: jax.Array, return_type: str | None,
                 per_token: bool) -> Any:
@@ -267,9 +290,14 @@ class HookedTransformer:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         start, stop = resolve_layer_range(self.cfg, start_at_layer, stop_at_layer)
         x, mask, targets = self._prepare(input, attention_mask, prepend_bos, padding_side, start, tokens)
+        real = None
+        if self.mesh is not None:  # the batch split over the mesh, padded to a multiple of its batch axes
+            (x, mask), real = self._on_mesh(x, mask)
         out, acts, _ = forward_jit(self.params, self.cfg, x, mask, hooks, capture=capture, precision=self.precision,
                                    return_logits=return_type is not None or stop is not None,
                                    start_at_layer=start, stop_at_layer=stop)
+        if real is not None:  # the padding rows dropped from every output
+            out, acts, mask = jax.tree.map(lambda a: a[:real], (out, acts, mask))
         if stop is not None:  # TransformerLens returns the residual stream whatever the return_type
             return out, acts
         return self._output(out, targets, mask, return_type, loss_per_token), acts
@@ -664,15 +692,15 @@ class HookedTransformer:
 
         return hook_names(self.cfg, include_result)
 
-    def save(self, path: str | Path) -> Path:
-        """Save as a jaxlens converted folder (+ tokenizer), loadable without torch/transformers."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Save as a jaxlens converted folder (+ tokenizer), loadable without torch/transformers;
+        written atomically (`jaxlens.conversion.save_converted`), replacing an existing converted
+        folder only with `overwrite`."""
         from jaxlens.conversion import save_converted
 
         params = unstack_layers(self.params, self.cfg.n_layers) if self.scan_layers else self.params
-        out = save_converted(path, self.cfg, jax.tree.map(np.asarray, params))
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(out))
-        return out
+        return save_converted(path, self.cfg, jax.tree.map(np.asarray, params), tokenizer=self.tokenizer,
+                              overwrite=overwrite)
 
     # --- TransformerLens analysis helpers (factored matrices, directions) --------------------
     @property

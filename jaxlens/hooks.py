@@ -131,7 +131,14 @@ def resolve_names(names_filter: NamesFilter, cfg: ModelConfig) -> frozenset[str]
             raise ValueError("names_filter callable matched no hook of this model; see jaxlens.hooks.hook_names(cfg)")
         return chosen
     else:
+        if isinstance(names_filter, (bytes, bytearray)) or not isinstance(names_filter, Iterable):
+            raise TypeError(f"names_filter must be None, a hook name, a list of names, a re.Pattern or a callable "
+                            f"name -> bool; got {type(names_filter).__name__} {names_filter!r}")
         wanted = list(names_filter)
+        odd = [n for n in wanted if not isinstance(n, str)]
+        if odd:
+            raise TypeError(f"names_filter lists must hold hook names (strings); got {odd[0]!r} "
+                            f"({type(odd[0]).__name__})")
         if not wanted:
             raise ValueError("names_filter is an empty list: name at least one hook, or pass None for all")
     known = set(every)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 from pathlib import Path
@@ -22,7 +23,40 @@ def load_tokenizer(path: str | Path) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    from jaxlens.conversion.io import CheckpointError
+
+    for f in TOKENIZER_FILES:  # a damaged JSON file: name it (transformers' own error does not)
+        if f.endswith(".json") and (path / f).is_file():
+            try:
+                json.loads((path / f).read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"tokenizer file {path / f} is not valid UTF-8 JSON ({e}); re-save the "
+                                      "tokenizer with save_pretrained, or pass tokenizer=...") from e
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many kinds; all mean the saved tokenizer is unusable
+        present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+        raise CheckpointError(f"cannot load the tokenizer saved in {path} (files {present}): {type(e).__name__}: "
+                              f"{e}; re-save it with save_pretrained, or pass tokenizer=...") from e
+
+
+def host_array(x: Any, name: str) -> np.ndarray:
+    """`x` as a numpy array for the host-side checks, with the fix named when it cannot be one:
+    a traced value (these entry points run on the host: under jit/vmap call `jaxlens.forward` or
+    `jaxlens.forward_jit`, which take traced tokens) or a ragged list (pad it: `model.to_tokens`
+    pads text, or pad token lists yourself and pass an attention_mask)."""
+    import jax
+
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"{name} is a traced value (inside jax.jit / vmap / grad): HookedTransformer methods check "
+                        "their inputs on the host and cannot be traced; under a transformation call "
+                        "jaxlens.forward(params, cfg, tokens, mask, ...) or jaxlens.forward_jit instead")
+    try:
+        return np.asarray(x)
+    except ValueError as e:
+        raise ValueError(f"{name} is a ragged list (rows of different lengths) and cannot be a [batch pos] array: "
+                         "pad the rows to one length and pass an attention_mask (0 = padding), or give text to "
+                         "model.to_tokens, which pads for you") from e
 
 
 def check_tokens(tokens: Any, cfg: ModelConfig, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +65,9 @@ def check_tokens(tokens: Any, cfg: ModelConfig, attention_mask: Any = None) -> t
     Raises ValueError naming the problem: empty input, wrong rank, non-integer ids, ids
     outside [0, d_vocab), sequences longer than n_ctx, a mask of another shape.
     """
-    t = np.asarray(tokens)
+    t = host_array(tokens, "tokens")
+    if t.dtype == object:
+        raise ValueError(f"tokens must be integer ids, got {type(tokens).__name__} holding non-numbers")
     if t.ndim == 1:
         t = t[None]
     if t.ndim != 2:
@@ -52,7 +88,7 @@ def check_tokens(tokens: Any, cfg: ModelConfig, attention_mask: Any = None) -> t
     if attention_mask is None:
         m = np.ones(t.shape, np.int32)
     else:
-        m = np.asarray(attention_mask)
+        m = host_array(attention_mask, "attention_mask")
         if m.ndim == 1:
             m = m[None]
         if m.shape != t.shape:
@@ -61,6 +97,16 @@ def check_tokens(tokens: Any, cfg: ModelConfig, attention_mask: Any = None) -> t
             raise ValueError("attention_mask must hold only 0 and 1")
         m = m.astype(np.int32)
     return t.astype(np.int32), m
+
+
+def warn_empty_rows(mask: Any) -> None:
+    """Warn if a run's attention_mask has rows of all 0 (no real token: zero attention patterns and
+    meaningless outputs). Not part of `check_tokens`: a KV-cache chunk of left padding is such a row."""
+    m = np.asarray(mask)
+    empty = np.flatnonzero(m.reshape(-1, m.shape[-1]).sum(axis=1) == 0) if m.size else np.array([], int)
+    if empty.size:
+        warnings.warn(f"attention_mask row(s) {empty[:8].tolist()} are all 0: those rows have no real token, so "
+                      "their attention patterns are all zero and their outputs mean nothing", stacklevel=4)
 
 
 def is_text(input: Any) -> bool:
@@ -147,4 +193,4 @@ def _truncate(toks: np.ndarray, mask: np.ndarray, n_ctx: int, padding_side: str)
         mask = np.stack([np.roll(m, s) for m, s in zip(mask, shift)])
     return toks, mask
 
-__all__ = ["TOKENIZER_FILES", "load_tokenizer", "check_tokens", "is_text", "parse_input", "encode"]
+__all__ = ["TOKENIZER_FILES", "load_tokenizer", "host_array", "check_tokens", "warn_empty_rows", "is_text", "parse_input", "encode"]

@@ -77,9 +77,9 @@ def test_missing_folder_and_config(tmp_path):
 def test_unsupported_rope_scaling(hf_root, tmp_path):
     d = copy(built("llama", hf_root)[0], tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    cfg["rope_parameters"] = {"rope_type": "mrope", "factor": 4.0, "rope_theta": 10000.0}
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="rope scaling type 'yarn' is not supported"):
+    with pytest.raises(CheckpointError, match="rope_type 'mrope' is not supported"):
         jaxlens.from_pretrained(d)
 
 

@@ -28,15 +28,29 @@ TOKS = np.array([[1, 5, 2, 7, 3], [4, 4, 0, 1, 2]], np.int32)
 RESULT = "attn.hook_result"
 
 
+MOE = ["mlp.hook_pre", "mlp.gate.hook_out", "mlp.hook_expert_weights", "mlp.hook_expert_indices",
+       "mlp.hook_expert_outputs", "mlp.hook_post"]
+
+
 def spec_names(cfg: jaxlens.ModelConfig) -> list[str]:
     """TransformerLens's hook names for this config, in forward order, written out by hand
-    (the docs' list in ARCHITECTURE.md): the model must sow exactly these."""
-    attn = ["q", "k", "v"] + (["rot_q", "rot_k"] if not cfg.has_pos_embed else []) + ["attn_scores", "pattern", "z",
-                                                                                     "result"]
-    block = (["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized"] + [f"attn.hook_{a}" for a in attn]
+    (the docs' list in ARCHITECTURE.md, and TransformerLens 4.3's bridge for q/k norms and
+    post-norms): the model must sow exactly these."""
+    qk = [f"attn.{x}" for w in "qk" for x in (f"{w}_norm.hook_scale", f"{w}_norm.hook_normalized", f"hook_{w}_normed")]
+    attn = (["attn.hook_q", "attn.hook_k", "attn.hook_v"] + (qk if cfg.use_qk_norm else [])
+            + (["attn.hook_rot_q", "attn.hook_rot_k"] if not cfg.has_pos_embed else [])
+            + [f"attn.hook_{a}" for a in ("attn_scores", "pattern", "z", "result")])
+    pre, post = cfg.norm_placement != "post", cfg.norm_placement != "pre"
+
+    def norm(name, on):
+        return [f"{name}.hook_scale", f"{name}.hook_normalized"] if on else []
+
+    block = (["hook_resid_pre"] + norm("ln1", pre) + attn + norm("ln1_post", post)
              + ["hook_attn_out"] + ([] if cfg.parallel_attn_mlp else ["hook_resid_mid"])
-             + ["ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre"]
-             + (["mlp.hook_pre_linear"] if cfg.gated_mlp else []) + ["mlp.hook_post", "hook_mlp_out", "hook_resid_post"])
+             + norm("ln2", pre) + (MOE if cfg.num_experts else ["mlp.hook_pre"]
+                                   + (["mlp.hook_pre_linear"] if cfg.gated_mlp else []) + ["mlp.hook_post"])
+             + norm("ln2_post", post)
+             + ["hook_mlp_out", "hook_resid_post"])
     return (["hook_embed"] + (["hook_pos_embed"] if cfg.has_pos_embed else [])
             + [f"blocks.{l}.{n}" for l in range(cfg.n_layers) for n in block]
             + ["ln_final.hook_scale", "ln_final.hook_normalized"])
@@ -105,7 +119,13 @@ def random_config(seed: int, **fields) -> jaxlens.ModelConfig:
              d_model=pick(8, 16), n_layers=pick(1, 2, 3), n_heads=heads, d_head=d_head, d_mlp=pick(8, 12),
              n_kv_heads=pick(None, heads // 2), use_qkv_bias=pick(False, True), use_o_bias=pick(False, True),
              use_mlp_bias=pick(False, True), tie_word_embeddings=pick(False, True), sliding_window=pick(None, 3))
+    f.update(norm_placement=pick("pre", "pre_post", "post"), use_qk_norm=pick(False, True), qk_norm_scope=pick("head", "all"), attn_scores_soft_cap=pick(None, 2.0),
+             output_logits_soft_cap=pick(None, 5.0))
     f.update(fields)
+    if f["parallel_attn_mlp"]:
+        f["norm_placement"] = "pre"  # parallel blocks have pre-norms only
+    if f["sliding_window"] is not None and f.get("attn_types") is None:
+        f["attn_types"] = tuple(pick("local", "global") for _ in range(f["n_layers"]))
     f["act_fn"] = "silu" if f["gated_mlp"] else pick("gelu_new", "relu")
     f["rotary_dim"] = pick(d_head, d_head // 2) if f["positional_embedding_type"] == "rotary" else None
     return jaxlens.ModelConfig(model_type="random", d_vocab=50, n_ctx=16, **f)

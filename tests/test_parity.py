@@ -9,6 +9,14 @@ import torch
 from conftest import PROMPTS, assert_close, boot_bridge, padded
 
 
+def head_first(name, cfg):
+    """Per-head q/k-norm hooks are [batch head pos ...] (TransformerLens 4.3's layout)."""
+    return cfg.qk_norm_scope == "head" and any(t in name for t in ("q_norm.", "k_norm.", "_normed"))
+
+
+FLAT = ("mlp.gate.hook_out", "mlp.hook_expert_weights", "mlp.hook_expert_indices", "mlp.hook_expert_outputs")
+
+
 def hf_run(model, toks, mask):
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
@@ -45,10 +53,16 @@ def test_padded_rows_equal_prompt_alone(jl_model, side):
         off = n - len(p) if side == "left" else 0
         sl = slice(off, off + len(p))
         for name, a in alone.items():
-            b = np.asarray(batch[name])[i]
-            a = np.asarray(a)[0]
+            if name.endswith(FLAT):  # [tokens ...] with tokens = batch*pos (TransformerLens's MoE routing hooks)
+                b = np.asarray(batch[name]).reshape(toks.shape + np.shape(a)[1:])[i]
+                a = np.asarray(a)
+            else:
+                b = np.asarray(batch[name])[i]
+                a = np.asarray(a)[0]
             if name.endswith(("hook_attn_scores", "hook_pattern")):
                 b = b[:, sl, sl]
+            elif head_first(name, jl_model.cfg):
+                b = b[:, sl]
             else:
                 b = b[sl]
             assert_close(b, a, f"{name} row {i}")
@@ -67,7 +81,8 @@ def test_every_hook_matches_transformer_lens(hf_model, jl_model):
     # Bridge-only aliases (hook_in/out, rotary cos/sin, hook_hidden_states, hook_unembed) are not
     # TransformerLens HookedTransformer hook points; every classic name must be present.
     classic = [k for k in ref.keys() if not k.endswith(("hook_in", "hook_out", "hook_cos", "hook_sin",
-                                                         "hook_hidden_states", "hook_unembed"))]
+                                                         "hook_hidden_states", "hook_unembed",
+                                                         "gate.hook_expert_weights", "gate.hook_expert_indices"))]
     missing = sorted(set(classic) - ours)
     assert not missing, f"hooks TransformerLens has and jaxlens lacks: {missing}"
     assert len(shared) >= 20

@@ -37,6 +37,8 @@ def ours_stacked(params, cfg, sub, name):
 def compare_weights(params, cfg, bridge, label):
     checked = 0
     for sub, names in WEIGHTS.items():
+        if sub == "mlp" and cfg.num_experts:
+            continue  # the bridge has no MoE W_in/W_out; tests/test_moe.py compares the experts with its HF tensors
         for n in names:
             ours = ours_stacked(params, cfg, sub, n)
             try:
@@ -56,7 +58,7 @@ def compare_weights(params, cfg, bridge, label):
     assert_close(params["W_E"], bridge.W_E.detach().numpy(), f"{label} W_E")
     if cfg.has_pos_embed:
         assert_close(params["W_pos"], bridge.W_pos.detach().numpy(), f"{label} W_pos")
-    assert checked >= 6
+    assert checked >= (4 if cfg.num_experts else 6)
 
 
 def test_all_processing_matches_transformer_lens(family, hf_model):
@@ -64,8 +66,13 @@ def test_all_processing_matches_transformer_lens(family, hf_model):
     cfg, raw = load_any(path, "float32")
     params, new = process_params(raw, cfg, **ALL)
     compare_weights(params, new, boot(path, ALL), f"{family} all")
+    if cfg.norm_placement == "post":  # OLMo 2: no norm before a sublayer, nothing folded (TransformerLens alike)
+        assert new.normalization_type == cfg.normalization_type and "ln_final" in params
+        return
     assert new.normalization_type == {"LN": "LNPre", "RMS": "RMSPre"}[cfg.normalization_type]
     assert "ln_final" not in params and "ln1" not in params["blocks_0"] and "ln2" not in params["blocks_0"]
+    if cfg.norm_placement == "pre_post":  # post-norms keep their weights
+        assert "ln1_post" in params["blocks_0"] and "ln2_post" in params["blocks_0"]
     assert not new.tie_word_embeddings and "W_U" in params
     if "b_V" in raw["blocks_0"]["attn"]:
         assert new.use_o_bias and not np.abs(ours_stacked(params, new, "attn", "b_V")).max() > 0

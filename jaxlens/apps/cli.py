@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -25,12 +26,45 @@ def default_model() -> Path:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     import jaxlens
+    from jaxlens.conversion import check_destination
 
-    m = jaxlens.from_pretrained_no_processing(a.src, dtype=a.dtype)  # saved as HF has it; processed on load
-    out = m.save(a.dst)
+    check_destination(a.dst, a.overwrite)  # before the (slow) conversion; checked again under the lock
+    m = jaxlens.from_pretrained_no_processing(a.src, dtype=a.dtype,  # saved as HF has it; processed on load
+                                              allow_nonfinite=a.allow_nonfinite)
+    out = m.save(a.dst, overwrite=a.overwrite)
     n = sum(x.size for x in __import__("jax").tree.leaves(m.params))
     print(f"converted {a.src} ({m.cfg.model_type}, {m.cfg.n_layers} layers, {n:,} parameters, {a.dtype}) -> {out}")
     return 0
+
+
+MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; bigger ids would overflow the int32 tokens
+
+
+def token_ids(text: str) -> list[int]:
+    """`--tokens 0,5,9` -> [0, 5, 9]; anything else is an argparse error naming the bad item."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids, e.g. --tokens 0,5,9")
+    ids = []
+    for t in items:
+        try:
+            ids.append(int(t))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{t!r} is not a token id (a non-negative integer)") from None
+        if not 0 <= ids[-1] <= MAX_TOKEN_ID:
+            raise argparse.ArgumentTypeError(f"token id {t} is outside any vocabulary (0..{MAX_TOKEN_ID})")
+    return ids
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -39,9 +73,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     import jaxlens
 
     path = Path(a.model) if a.model else default_model()
-    m = jaxlens.from_pretrained(path, dtype=a.dtype)
-    if a.tokens:
-        toks = np.array([[int(t) for t in a.tokens.split(",")]], np.int32)
+    m = jaxlens.from_pretrained(path, dtype=a.dtype, allow_nonfinite=a.allow_nonfinite)
+    if a.tokens is not None:
+        toks = np.array([a.tokens], np.int64)  # checked against the vocabulary by run_with_cache
         text_toks = None
     else:
         toks = np.asarray(m.to_tokens(a.prompt))
@@ -80,33 +114,53 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--overwrite", action="store_true", help="replace dst if it already holds a converted model")
+    c.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/inf (else an error)")
     c.set_defaults(fn=cmd_convert)
     r = sub.add_parser("run", help="run a prompt: top-k next tokens and a table of cached activations")
     r.add_argument("--model", default=None, help="HF or jaxlens folder (default: the shipped model)")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--prompt", default="When Mary and John went to the store, John gave a drink to")
-    g.add_argument("--tokens", default=None, help="comma-separated token ids instead of a prompt")
-    r.add_argument("--top-k", type=int, default=5)
+    g.add_argument("--tokens", default=None, type=token_ids, help="comma-separated token ids instead of a prompt")
+    r.add_argument("--top-k", type=positive_int, default=5)
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (else an error)")
     r.add_argument("--names-filter", default=None, help="one hook name to cache (default: all)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="find circuits in the shipped model; writes a report folder")
     d.add_argument("--model", default=None)
     d.add_argument("--out", default="demo_out")
     d.set_defaults(fn=cmd_demo)
+    __import__("jaxlens.sweep.cli", fromlist=["add_parser"]).add_parser(sub)  # `jaxlens patterns`
     return p
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError a user can act on (full disk, permissions, a path that is not there)."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device{where}; nothing was kept: free some space or write elsewhere"
+    return f"{e.strerror or e}{where}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; a user error (bad input, a bad or unreadable path, a full disk) prints
+    `jaxlens: error: ...` on stderr and returns 2, without a traceback."""
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:  # CheckpointError and every argument check
         print(f"jaxlens: error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        print(f"jaxlens: error: {os_error_message(e)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("jaxlens: interrupted", file=sys.stderr)
+        return 130
+    return 2
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["default_model", "cmd_convert", "cmd_run", "cmd_demo", "build_parser", "main"]
+__all__ = ["default_model", "cmd_convert", "MAX_TOKEN_ID", "token_ids", "positive_int", "cmd_run", "cmd_demo",
+           "build_parser", "os_error_message", "main"]

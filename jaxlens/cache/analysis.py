@@ -51,7 +51,12 @@ def scale_key(cfg: ModelConfig, layer: int, mlp_input: bool) -> str:
     """The cached norm scale read by `apply_ln_to_stack` for the input to `layer`."""
     if layer == cfg.n_layers:
         return "ln_final.hook_scale"
-    return f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
+    n = 2 if mlp_input else 1
+    if cfg.norm_placement == "post":  # as TransformerLens 4.3, which raises here too
+        raise KeyError(f"layer {layer} has no ln{n} ({'pre-MLP' if mlp_input else 'pre-attention'} norm): this model "
+                       f"normalises sublayer outputs (ln{n}_post) instead, so a mid-layer cached-scale norm is "
+                       "undefined; use apply_ln=False, or apply the norm at the final layer (layer=None)")
+    return f"blocks.{layer}.ln{n}.hook_scale"
 
 
 def check_mlp_input(cfg: ModelConfig, layer: int, what: str) -> None:
@@ -244,9 +249,20 @@ def stack_head_results(cache: Any, pos_slice: Slice = Slice(), *, layer: int, in
     return comps
 
 
+def check_neuron_basis(cfg: ModelConfig, what: str, fix: str = "decompose by layer instead (decompose_resid, "
+                       "hook_mlp_out) or read blocks.{l}.mlp.hook_expert_outputs") -> None:
+    """Neuron analyses need one MLP neuron basis per layer; a mixture-of-experts MLP has none (its
+    hook_post is the routed sum, [batch pos d_model]). TransformerLens 4.3 cannot expand MoE neurons
+    either (its MoE bridge has no W_out), so this is an error naming the fix."""
+    if cfg.num_experts:
+        raise ValueError(f"{what}: a mixture-of-experts MLP (num_experts={cfg.num_experts}) has no single neuron "
+                         f"basis to expand; {fix}")
+
+
 def get_neuron_results(cache: Any, neuron_slice: Slice = Slice(), pos_slice: Slice = Slice(), *,
                        layer: int) -> jax.Array:
     """[*bp neurons d_model]: each neuron's write (post activation times its W_out row)."""
+    check_neuron_basis(cache.cfg, "get_neuron_results")
     acts = neuron_slice.apply(pos_slice.apply(cache[f"blocks.{layer}.mlp.hook_post"], -2), -1)
     W_out = neuron_slice.apply(cache.weights["W_out"][layer], 0)
     return acts[..., None] * W_out
@@ -254,6 +270,7 @@ def get_neuron_results(cache: Any, neuron_slice: Slice = Slice(), pos_slice: Sli
 
 def _all_neuron_results(cache: Any, pos_slice: Slice, neuron_slice: Slice, layer: int) -> jax.Array:
     """[(layer neuron) *bp d_model] for every layer < `layer` in one broadcast."""
+    check_neuron_basis(cache.cfg, "stack_neuron_results")
     post = _stack([neuron_slice.apply(pos_slice.apply(cache[f"blocks.{l}.mlp.hook_post"], -2), -1)
                    for l in range(layer)])  # [L *bp N]
     W_out = neuron_slice.apply(cache.weights["W_out"][:layer], 1)  # [L N m]
@@ -295,6 +312,8 @@ def get_full_resid_decomposition(cache: Any, pos_slice: Slice = Slice(), *, laye
     comps = [heads]
     if layer > 0:
         if expand_neurons:
+            check_neuron_basis(cache.cfg, "get_full_resid_decomposition(expand_neurons=True)",
+                               "pass expand_neurons=False (one component per layer's MLP output)")
             comps.append(stack_neuron_results(cache, pos_slice, layer=layer))
         else:
             comps.append(decompose_resid(cache, pos_slice, layer=layer, mlp_input=mlp_input, mode="mlp",
@@ -375,7 +394,7 @@ compute_head_results_jit = jax.jit(compute_head_results)
 __all__ = ["MODES", "resolve_layer", "uses_centering", "scale_key", "check_mlp_input", "accumulated_plan",
            "decompose_plan", "head_keys", "head_labels", "neuron_labels", "remainder_key",
            "residual_like_key", "ln_final", "apply_ln_to_stack", "accumulated_resid", "decompose_resid",
-           "head_results", "stack_head_results", "get_neuron_results", "stack_neuron_results",
+           "head_results", "stack_head_results", "check_neuron_basis", "get_neuron_results", "stack_neuron_results",
            "accumulated_bias", "get_full_resid_decomposition", "full_decomposition_labels", "logit_attrs",
            "compute_head_results", "apply_ln_to_stack_jit", "accumulated_resid_jit", "decompose_resid_jit",
            "stack_head_results_jit", "get_neuron_results_jit", "stack_neuron_results_jit",

@@ -67,7 +67,8 @@ def value_and_grads(params, tokens, mask, hooks, metric, targets=None, *, cfg, c
     run = partial(forward, cfg=cfg, precision=precision, start_at_layer=start_at_layer)
     shapes = jax.eval_shape(lambda: run(params, tokens=tokens, attention_mask=mask, capture=grad_names,
                                         hooks=hooks)[1])
-    deltas = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
+    # integer hooks (MoE expert indices) have no gradient, as in torch
+    deltas = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items() if jnp.issubdtype(s.dtype, jnp.inexact)}
     scored = tokens if targets is None else targets
 
     def f(deltas, params):

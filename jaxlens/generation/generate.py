@@ -30,6 +30,7 @@ from jaxlens.config import ModelConfig
 from jaxlens.hooks import Hooks
 from jaxlens.generation.kv_cache import KVCache, check_cache, forward_cached
 from jaxlens.tokens import check_tokens
+from jaxlens.validate import check_key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +266,18 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
     _check_args(max_new_tokens, temperature, top_k, top_p)
     if not np.isfinite(float(freq_penalty)) or float(freq_penalty) < 0:
         raise ValueError(f"freq_penalty must be a finite number >= 0 (0: no penalty), got {freq_penalty!r}")
+    if key is not None:
+        check_key(key)
     toks, mask = check_tokens(tokens, cfg, attention_mask)
     batch, p = toks.shape
+    if p + max_new_tokens > cfg.n_ctx:  # one rule for every positional scheme, as run_with_cache's
+        raise ValueError(f"prompt of {p} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+                         f"n_ctx={cfg.n_ctx} (the output must fit it, as run_with_cache requires); lower "
+                         "max_new_tokens or shorten the prompt")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer))
+                                or not 1 <= max_len <= cfg.n_ctx):
+        raise ValueError(f"max_len={max_len!r} must be an int in 1..n_ctx={cfg.n_ctx}: a longer cache can never be "
+                         "filled within the model's context")
     empty = np.flatnonzero(mask.sum(axis=1) == 0)
     if empty.size:
         raise ValueError(f"prompt row(s) {empty.tolist()} have no real tokens (attention_mask all 0); "
@@ -284,7 +295,6 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
                                                           else (eos[0] if eos else 0))
     if not 0 <= int(pad) < cfg.d_vocab:
         raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {cfg.d_vocab})")
-    longest = int(mask.sum(axis=1).max())
 
     if kv_cache is not None:
         if max_len is not None:
@@ -299,9 +309,6 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
         cache_len = kv_cache.max_len
         cached = int(kv_cache.length)
     else:
-        if cfg.has_pos_embed and longest + max_new_tokens > cfg.n_ctx:
-            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                             f"context n_ctx={cfg.n_ctx}; lower max_new_tokens or shorten the prompt")
         b_pad, p_pad, n_buf = batch, p, max_new_tokens
         if bucket_shapes:
             b_pad, p_pad, n_buf = bucket(batch), bucket(p, 8), bucket(max_new_tokens, 8)

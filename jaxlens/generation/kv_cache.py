@@ -45,9 +45,9 @@ def check_cache(cache: KVCache, cfg: ModelConfig, batch: int, n_new: int) -> Non
     if length + n_new > cache.max_len:
         raise ValueError(f"KVCache overflow: {length} slots used + {n_new} new tokens > max_len={cache.max_len}; "
                          f"build the cache with KVCache.init(cfg, batch, max_len>={length + n_new})")
-    if cfg.has_pos_embed and longest + n_new > cfg.n_ctx:
-        raise ValueError(f"{longest} cached + {n_new} new tokens exceed the model's context n_ctx={cfg.n_ctx} "
-                         "(learned positions stop there); shorten the prompt or the continuation")
+    if longest + n_new > cfg.n_ctx:  # every positional scheme: the same rule as run_with_cache and generate
+        raise ValueError(f"{longest} cached + {n_new} new tokens exceed the model's context n_ctx={cfg.n_ctx}; "
+                         "shorten the prompt or the continuation")
 
 
 def forward_cached(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, attention_mask: jax.Array | None,

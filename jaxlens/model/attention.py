@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.kv import LayerKV
-from jaxlens.model.layers import apply_rotary, masked_softmax, repeat_kv
+from jaxlens.model.layers import KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, repeat_kv, soft_cap
+from jaxlens.model.norms import Norm
 
 _init = nn.initializers.normal(0.02)
 P = "blocks.{l}.attn"
@@ -61,6 +62,8 @@ class Attention(nn.Module):
         q = hook_point(self, f"{P}.hook_q", q, ctx)
         k = hook_point(self, f"{P}.hook_k", k, ctx)
         v = hook_point(self, f"{P}.hook_v", v, ctx)
+        if cfg.use_qk_norm:
+            q, k = self._qk_norm("q", q, ctx), self._qk_norm("k", k, ctx)
         if rotary is not None:
             cos, sin = rotary
             q = hook_point(self, f"{P}.hook_rot_q", apply_rotary(q, cos, sin, cfg.rotary_dim), ctx)
@@ -71,10 +74,17 @@ class Attention(nn.Module):
         qh = q.transpose(0, 2, 1, 3)
         kh = repeat_kv(k.transpose(0, 2, 1, 3), H // K, axis=1)
         vh = repeat_kv(v.transpose(0, 2, 1, 3), H // K, axis=1)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh) / jnp.asarray(cfg.scale, dt)
-        scores = hook_point(self, f"{P}.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf), ctx)
-        pattern = hook_point(self, f"{P}.hook_pattern", masked_softmax(scores, allowed).astype(dt), ctx)
-        z = jnp.einsum("bhqk,bhkd->bqhd", pattern, vh)
+        long = qh.shape[2] >= KEY_BLOCK and kh.shape[2] >= 2 * KEY_BLOCK  # (a decode step's row is small anyway)
+        if long and not (ctx.wants(f"{P}.hook_attn_scores") or ctx.wants(f"{P}.hook_pattern")):
+            # long sequences and nobody reads or edits the scores: never materialise [batch head query key]
+            z = blocked_attention(qh, kh, vh, allowed, cfg.scale, cfg.attn_scores_soft_cap)
+        else:
+            scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh) / jnp.asarray(cfg.scale, dt)
+            if cfg.attn_scores_soft_cap is not None:  # Gemma 2: after scaling, before the mask
+                scores = soft_cap(scores, cfg.attn_scores_soft_cap)
+            scores = hook_point(self, f"{P}.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf), ctx)
+            pattern = hook_point(self, f"{P}.hook_pattern", masked_softmax(scores, allowed).astype(dt), ctx)
+            z = jnp.einsum("bhqk,bhkd->bqhd", pattern, vh)
         z = hook_point(self, f"{P}.hook_z", z, ctx)
         if ctx.wants(f"{P}.hook_result"):
             result = hook_point(self, f"{P}.hook_result", jnp.einsum("bqhd,hdm->bqhm", z, W_O), ctx)
@@ -85,5 +95,17 @@ class Attention(nn.Module):
         if cfg.use_o_bias:
             out = out + self.param("b_O", nn.initializers.zeros, (M,), dt)
         return out, kv
+
+    def _qk_norm(self, which: str, x: jax.Array, ctx: RunCtx) -> jax.Array:
+        """RMSNorm of queries or keys x [batch pos head d_head] before RoPE, hooked as TransformerLens
+        4.3 does: per head (Qwen3, Gemma 3) in [batch head pos ...] layout, or over the whole
+        projection (OLMo 2) in [batch pos head*d_head] layout."""
+        b, p, h, d = x.shape
+        if self.cfg.qk_norm_scope == "head":
+            y = Norm(self.cfg, f"{P}.{which}_norm", d, foldable=False, name=f"{which}_norm")(x.transpose(0, 2, 1, 3), ctx)
+            y = hook_point(self, f"{P}.hook_{which}_normed", y, ctx)
+            return y.transpose(0, 2, 1, 3)
+        y = Norm(self.cfg, f"{P}.{which}_norm", h * d, foldable=False, name=f"{which}_norm")(x.reshape(b, p, h * d), ctx)
+        return hook_point(self, f"{P}.hook_{which}_normed", y, ctx).reshape(b, p, h, d)
 
 __all__ = ["Attention"]

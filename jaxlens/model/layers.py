@@ -1,4 +1,5 @@
-"""Shared numerics: activations, rotary embedding, masked softmax, grouped-query heads. Pure functions."""
+"""Shared numerics: activations, applying the rotary embedding (its angles: jaxlens.model.rope),
+masked softmax, grouped-query heads. Pure functions."""
 
 from __future__ import annotations
 
@@ -26,14 +27,6 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     return ACTIVATIONS[name](x)
 
 
-def rotary_angles(positions: jax.Array, rotary_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [batch pos rotary_dim] for integer positions [batch pos] (HF layout)."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b p rd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) -> jax.Array:
     """Rotate the first `rotary_dim` dims of x [batch pos head d_head] (rotate-half convention)."""
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
@@ -42,6 +35,12 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) 
     c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     out = rot * c + rotated_half * s
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap): Gemma 2's soft-capping of attention scores and final logits."""
+    c = jnp.asarray(cap, x.dtype)
+    return c * jnp.tanh(x / c)
 
 
 def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -54,6 +53,52 @@ def masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
     return e / jnp.where(denom == 0, 1.0, denom)
 
 
+KEY_BLOCK = 512  # keys per step of the blocked attention
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
+                      cap: float | None = None, block: int = KEY_BLOCK) -> jax.Array:
+    """softmax(mask(cap(q k^T / scale))) v without the [batch head query key] score matrix.
+
+    q [b h q d], k/v [b h k d] (kv heads already repeated), allowed [b 1|h q k]. A scan over key
+    blocks keeps a running max, normaliser and weighted sum (flash attention's online softmax),
+    so temporary memory is [b h q block] instead of [b h q k]. Scores, exponentials and sums in
+    float32, as `masked_softmax`; a fully masked row gives zeros. Returns z [b q h d]."""
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    nb = -(-n_k // block)
+    pad = nb * block - n_k
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        allowed = jnp.pad(allowed, ((0, 0), (0, 0), (0, 0), (0, pad)))  # padded keys are never allowed
+    kb = k.reshape(b, h, nb, block, d).transpose(2, 0, 1, 3, 4)
+    vb = v.reshape(b, h, nb, block, d).transpose(2, 0, 1, 3, 4)
+    ab = allowed.reshape(*allowed.shape[:3], nb, block).transpose(3, 0, 1, 2, 4)
+    qf = q.astype(jnp.float32)
+
+    def step(carry, xs):
+        m, l, acc = carry
+        kk, vv, aa = xs
+        s = jnp.einsum("bhqd,bhkd->bhqk", qf, kk.astype(jnp.float32)) / scale
+        if cap is not None:
+            s = soft_cap(s, cap)
+        s = jnp.where(aa, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(aa, jnp.exp(s - m_safe[..., None]), 0.0)
+        corr = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+        l = l * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p, vv.astype(jnp.float32))
+        return (m_new, l, acc), None
+
+    init = (jnp.full((b, h, n_q), -jnp.inf, jnp.float32), jnp.zeros((b, h, n_q), jnp.float32),
+            jnp.zeros((b, h, n_q, d), jnp.float32))
+    (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, ab))
+    z = acc / jnp.where(l == 0, 1.0, l)[..., None]
+    return z.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
 def repeat_kv(x: jax.Array, n_rep: int, axis: int) -> jax.Array:
     """Grouped-query attention: repeat each kv head `n_rep` times along the head `axis`, so that
     query head h reads kv head h // n_rep (TransformerLens's and HF's order)."""
@@ -64,5 +109,5 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids from a [batch pos] 0/1 mask: the count of real tokens before each one."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
-__all__ = ["ACTIVATIONS", "activation", "rotary_angles", "apply_rotary", "masked_softmax", "repeat_kv",
+__all__ = ["ACTIVATIONS", "activation", "apply_rotary", "soft_cap", "KEY_BLOCK", "blocked_attention", "masked_softmax", "repeat_kv",
            "positions_from_mask"]

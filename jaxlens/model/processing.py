@@ -7,11 +7,13 @@ direct logit attribution) are read in. Each step follows TransformerLens 4.x
 
 1. `fold_ln`: norm weights (and LN biases) move into the weights that read the norm's output
    (W_Q/W_K/W_V, W_in/W_gate, W_U); for LN the reading weights are then centred over d_model.
-   Norms become weightless: `normalization_type` "LN" -> "LNPre", "RMS" -> "RMSPre".
+   Those norms become weightless: `normalization_type` "LN" -> "LNPre", "RMS" -> "RMSPre".
+   Post-norms (Gemma 2/3) and q/k norms keep their weights (nothing reads them linearly); a
+   model with post-norms only (OLMo 2) is not folded, as TransformerLens does not fold it.
 2. `center_writing_weights` (LN models only, as TransformerLens): W_E, W_pos, W_O, b_O, W_out,
    b_out lose their mean over d_model, so the residual stream has zero mean.
 3. `center_unembed`: W_U and b_U lose their mean over the vocabulary; logits move by a constant
-   per position, log-softmax is unchanged.
+   per position, log-softmax is unchanged. Skipped with a final logit soft-cap (as TransformerLens).
 4. `fold_value_biases`: b_O += sum_h b_V[h] W_O[h] and b_V = 0 (grouped heads repeated), then
    b_O is re-centred on LN models.
 
@@ -24,6 +26,7 @@ arrays with jax.numpy (so `process_params` can also run under `jit`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -48,6 +51,12 @@ def process_params(params: dict[str, Any], cfg: ModelConfig, *, fold_ln: bool = 
     """
     if fold_ln and cfg.normalization_type in ("LNPre", "RMSPre"):
         fold_ln = False  # already folded: a second pass would be a no-op in TransformerLens too
+    if fold_ln and cfg.norm_placement == "post":  # no norm reads the residual before a sublayer (OLMo 2)
+        warnings.warn(f"{cfg.model_type}: fold_ln skipped: the model has norms after its sublayers only, which no "
+                      "weight reads linearly (TransformerLens skips it too)", stacklevel=2)
+        fold_ln = False
+    if center_unembed and cfg.output_logits_soft_cap is not None:
+        center_unembed = False  # tanh is not shift-invariant; TransformerLens disables it as well
     xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)) else jnp
     scanned = is_scanned(params)
     stacked = params if scanned else stack_layers(params, cfg.n_layers, xp)
@@ -101,8 +110,16 @@ def _fold_ln(p: dict[str, Any], blk: dict[str, Any], cfg: ModelConfig, dtypes: d
             dt_attn.setdefault(b, dt_attn[w])
         W = W * ln1["w"][:, None, :, None]
         attn[w] = W - W.mean(2, keepdims=True) if ln else W
+    if cfg.num_experts:  # MoE: ln2 scales every reader of the block input, as TransformerLens 4.3's
+        # _fold_layer_norms_into_batched_experts: the router W_router [L, d_model, E], W_in / W_gate [L, E, d_model, d_mlp]
+        if ln:
+            raise ValueError("fold_ln of a LayerNorm mixture-of-experts model is not supported (TransformerLens 4.3 "
+                             "does not fold a norm with a bias into experts either); pass fold_ln=False")
+        mlp["W_router"] = mlp["W_router"] * ln2["w"][:, :, None]
+        for w in ("W_in", "W_gate"):
+            mlp[w] = mlp[w] * ln2["w"][:, None, :, None]
     # MLP: W_in / W_gate [L, d_model, d_mlp]; TransformerLens centres W_in only
-    for w, b in (("W_in", "b_in"), ("W_gate", "b_gate")):
+    for w, b in (() if cfg.num_experts else (("W_in", "b_in"), ("W_gate", "b_gate"))):
         if w not in mlp:
             continue
         W = mlp[w]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -12,7 +12,8 @@ from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.block import Block
 from jaxlens.model.kv import KVCache, LayerKV
-from jaxlens.model.layers import positions_from_mask, rotary_angles
+from jaxlens.model.layers import positions_from_mask, soft_cap
+from jaxlens.model.rope import rotary_angles
 from jaxlens.model.norms import Norm
 
 _init = nn.initializers.normal(0.02)
@@ -25,10 +26,32 @@ class _ScanBody(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, xs, allowed, rotary, ctx: RunCtx, index):
-        layer, kv = xs
+    def __call__(self, x, xs, kinds, ctx: RunCtx, index):
+        layer, is_local, kv = xs
         layer_kv = None if kv is None else LayerKV(*kv, index)
+        allowed, rotary = kinds.pick(is_local)
         return Block(self.cfg, name="block")(x, allowed, rotary, ctx.at_layer(layer), layer_kv)
+
+
+class LayerKinds(NamedTuple):
+    """What attention sees in a global and in a local (sliding-window) layer: the allowed mask
+    [batch 1 query key] and the rotary (cos, sin) or None. A model with one kind holds the same
+    arrays twice (nothing computed twice)."""
+
+    allowed_global: jax.Array
+    allowed_local: jax.Array
+    rotary_global: Any
+    rotary_local: Any
+
+    def pick(self, is_local: bool | jax.Array) -> tuple[jax.Array, Any]:
+        """This layer's (allowed, rotary): by a Python bool (unrolled) or a traced one (scanned)."""
+        if isinstance(is_local, bool):
+            return (self.allowed_local, self.rotary_local) if is_local else (self.allowed_global, self.rotary_global)
+        allowed = self.allowed_global if self.allowed_local is self.allowed_global else \
+            jnp.where(is_local, self.allowed_local, self.allowed_global)
+        rotary = self.rotary_global if self.rotary_local is self.rotary_global else \
+            jax.tree.map(lambda a, b: jnp.where(is_local, a, b), self.rotary_local, self.rotary_global)
+        return allowed, rotary
 
 
 class Transformer(nn.Module):
@@ -74,11 +97,18 @@ class Transformer(nn.Module):
         q_idx = offset + jnp.arange(q)
         k_idx = jnp.arange(k_len)[None, :]
         causal = k_idx <= q_idx[:, None]  # [q k]
-        if cfg.sliding_window is not None:  # HF: a key is visible while q - k < window
-            causal = causal & (k_idx > q_idx[:, None] - cfg.sliding_window)
         allowed = causal[None, None] & (full_mask[:, None, None, :] > 0)  # [b 1 q k]
+        local_layers = [cfg.is_local(l) for l in range(first, last)]
+        allowed_local = allowed
+        if any(local_layers):  # HF: a key is visible while q - k < window (positions, so padding cannot shift it)
+            k_pos = positions_from_mask(full_mask)
+            allowed_local = allowed & ((positions[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window)[:, None]
 
-        rotary = None if cfg.has_pos_embed else rotary_angles(positions, cfg.rotary_dim, cfg.rotary_base)
+        rotary = None if cfg.has_pos_embed else rotary_angles(positions, cfg)
+        rotary_local = rotary  # Gemma 3: local layers rotate with their own (plain) base
+        if rotary is not None and cfg.rotary_base_local is not None and any(local_layers):
+            rotary_local = rotary_angles(positions, cfg, local=True)
+        kinds = LayerKinds(allowed, allowed_local, rotary, rotary_local)
         if self.start_at_layer is None:
             embed = W_E[tokens]
             if cfg.embed_scale is not None:
@@ -95,18 +125,19 @@ class Transformer(nn.Module):
                 _ScanBody,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=last - first,
             )
             kv_xs = None if kv is None else (kv.keys, kv.values)
-            x, new = scan(cfg, name="blocks")(x, (jnp.arange(first, last), kv_xs), allowed, rotary, ctx, offset)
+            xs = (jnp.arange(first, last), jnp.asarray(local_layers), kv_xs)
+            x, new = scan(cfg, name="blocks")(x, xs, kinds, ctx, offset)
             if kv is not None:  # the scan stacked the per-layer buffers back: [layer batch max_len ...]
                 kv = KVCache(new.keys, new.values, kv.mask, kv.length)
         elif not self.scan_layers:
             # every layer writes into the stacked buffers (no per-layer slices re-stacked: a decode
             # step would copy the whole cache twice)
             for l in range(first, last):
-                x, layer_kv = Block(cfg, name=f"blocks_{l}")(x, allowed, rotary, ctx.at_layer(l),
+                x, layer_kv = Block(cfg, name=f"blocks_{l}")(x, *kinds.pick(cfg.is_local(l)), ctx.at_layer(l),
                                                              None if kv is None else kv.at_layer(l))
                 if layer_kv is not None:
                     kv = KVCache(layer_kv.keys, layer_kv.values, kv.mask, kv.length)
@@ -119,8 +150,10 @@ class Transformer(nn.Module):
         else:
             logits = x @ self.param("W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype)
         logits = logits + self.param("b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
+        if cfg.output_logits_soft_cap is not None:  # Gemma 2: after the unembedding (TL's hook_unembed is before)
+            logits = soft_cap(logits, cfg.output_logits_soft_cap)
         if kv is None:
             return logits, None
         return logits, KVCache(kv.keys, kv.values, full_mask, jnp.asarray(offset + q, jnp.int32))
 
-__all__ = ["Transformer"]
+__all__ = ["Transformer", "LayerKinds"]
