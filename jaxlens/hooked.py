@@ -439,9 +439,13 @@ class HookedTransformer:
         return logits, new_cache
 
     def init_kv_cache(self, batch: int, max_len: int) -> Any:
-        """An empty `KVCache` for this model (its dtype) of `batch` rows and `max_len` slots."""
+        """An empty `KVCache` for this model (its dtype) of `batch` rows and `max_len` slots, bounded
+        by the context: slots past n_ctx could never hold a token (positions past it are refused)."""
         from jaxlens.generation.kv_cache import KVCache
 
+        if isinstance(max_len, int) and max_len > self.cfg.n_ctx:
+            raise ValueError(f"init_kv_cache: max_len={max_len} exceeds the model's context n_ctx={self.cfg.n_ctx}; "
+                             f"use max_len <= {self.cfg.n_ctx}")
         return KVCache.init(self.cfg, batch, max_len, self.params["W_E"].dtype)
 
     def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,

@@ -15,7 +15,7 @@ from jaxlens.distributed import make_mesh, param_spec, parse_mesh_spec
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 simulated devices (set by conftest)")
 
-FAMILIES = ("gpt2", "llama", "gemma2", "qwen3")  # LN + learned positions; GQA (2 kv heads < model=4); post-norms; q/k norm
+FAMILIES = ("gpt2", "qwen3")  # LN + learned positions + tied; GQA (2 kv heads < model=4) + q/k norm + rotary
 MESHES = ("data=2,model=4", "fsdp=8")
 
 

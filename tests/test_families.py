@@ -56,10 +56,11 @@ def test_each_feature_changes_the_output(models, family, feature):
     assert diff > 1e-3, f"{family}: switching off {feature} changes logits by only {diff}"
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_scanned_layers_of_mixed_kinds_equal_unrolled(hf_root, family):
-    """Local and global layers in one nn.scan: the layer's kind is a scanned boolean that selects
-    its mask and rotary angles (both computed once, outside the scan)."""
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3", "olmo2", "phi3", "qwen3_moe"])
+def test_scanned_layers_equal_unrolled(hf_root, family):
+    """scan_layers=True gives the unrolled numbers. Local and global layers (Gemma 2/3) share one
+    nn.scan: the layer's kind is a scanned boolean that selects its mask and rotary angles (both
+    computed once, outside the scan)."""
     path = built(family, hf_root)[0]
     a = jaxlens.from_pretrained_no_processing(path)
     b = jaxlens.from_pretrained_no_processing(path, scan_layers=True)

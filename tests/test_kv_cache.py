@@ -104,7 +104,7 @@ def test_cache_is_a_pytree_and_keeps_dtype(gpt2):
 
 def filled(model, batch, max_len, used):
     """A cache whose first `used` slots hold real tokens (no model run needed)."""
-    c = model.init_kv_cache(batch, max_len)
+    c = KVCache.init(model.cfg, batch, max_len)  # (model.init_kv_cache is bounded by n_ctx)
     return KVCache(c.keys, c.values, c.mask.at[:, :used].set(1), jnp.int32(used))
 
 
@@ -121,8 +121,11 @@ def test_overflow_under_jit_gives_nan_not_a_silent_wrap(gpt2):
     assert np.isnan(np.asarray(step(filled(gpt2, 1, 3, 2), toks))).all()  # 2 + 2 > 3
 
 
-def test_learned_positions_past_n_ctx_are_an_error(gpt2):
+def test_positions_past_n_ctx_are_an_error(gpt2):
+    """The cache is bounded by the context, and a cache that cannot take the new tokens is refused."""
     n = gpt2.cfg.n_ctx
+    with pytest.raises(ValueError, match=rf"max_len={n + 4} exceeds the model's context n_ctx={n}"):
+        gpt2.init_kv_cache(1, n + 4)
     with pytest.raises(ValueError, match="exceed the model's context n_ctx"):
         gpt2(np.zeros((1, 2), np.int32), kv_cache=filled(gpt2, 1, n + 4, n - 1))
 
