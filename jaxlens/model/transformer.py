@@ -24,12 +24,13 @@ class _ScanBody(nn.Module):
     values [batch max_len kv_head d_head], or None). Returns the layer's updated `LayerKV`."""
 
     cfg: ModelConfig
+    kind: bool | None = None  # every scanned layer local (True) or global (False); None: mixed, read from xs
 
     @nn.compact
     def __call__(self, x, xs, kinds, ctx: RunCtx, index):
         layer, is_local, kv = xs
         layer_kv = None if kv is None else LayerKV(*kv, index)
-        allowed, rotary = kinds.pick(is_local)
+        allowed, rotary = kinds.pick(is_local if self.kind is None else self.kind)
         return Block(self.cfg, name="block")(x, allowed, rotary, ctx.at_layer(layer), layer_kv)
 
 
@@ -44,13 +45,12 @@ class LayerKinds(NamedTuple):
     rotary_local: Any
 
     def pick(self, is_local: bool | jax.Array) -> tuple[jax.Array, Any]:
-        """This layer's (allowed, rotary): by a Python bool (unrolled) or a traced one (scanned)."""
+        """This layer's (allowed, rotary): by a Python bool (unrolled, or a scan of one kind) or a
+        traced one (a scan over local and global layers)."""
         if isinstance(is_local, bool):
             return (self.allowed_local, self.rotary_local) if is_local else (self.allowed_global, self.rotary_global)
-        allowed = self.allowed_global if self.allowed_local is self.allowed_global else \
-            jnp.where(is_local, self.allowed_local, self.allowed_global)
-        rotary = self.rotary_global if self.rotary_local is self.rotary_global else \
-            jax.tree.map(lambda a, b: jnp.where(is_local, a, b), self.rotary_local, self.rotary_global)
+        allowed = jnp.where(is_local, self.allowed_local, self.allowed_global)
+        rotary = jax.tree.map(lambda a, b: jnp.where(is_local, a, b), self.rotary_local, self.rotary_global)
         return allowed, rotary
 
 
@@ -130,7 +130,8 @@ class Transformer(nn.Module):
             )
             kv_xs = None if kv is None else (kv.keys, kv.values)
             xs = (jnp.arange(first, last), jnp.asarray(local_layers), kv_xs)
-            x, new = scan(cfg, name="blocks")(x, xs, kinds, ctx, offset)
+            kind = local_layers[0] if len(set(local_layers)) == 1 else None  # one kind: chosen statically
+            x, new = scan(cfg, kind, name="blocks")(x, xs, kinds, ctx, offset)
             if kv is not None:  # the scan stacked the per-layer buffers back: [layer batch max_len ...]
                 kv = KVCache(new.keys, new.values, kv.mask, kv.length)
         elif not self.scan_layers:
