@@ -20,7 +20,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-import jax.experimental.multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -156,10 +155,8 @@ def param_shardings(params: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
 def place(x: Any, sharding: NamedSharding) -> jax.Array:
     """A global array with `sharding` from a host array every process holds: each device gets
     only its slice (`jax.make_array_from_callback`, so it also works across hosts)."""
-    if isinstance(x, jax.Array):
-        if x.is_fully_addressable:
-            return jax.device_put(x, sharding)
-        x = np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+    if isinstance(x, jax.Array):  # already on devices: JAX moves the slices
+        return jax.device_put(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
