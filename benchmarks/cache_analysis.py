@@ -16,8 +16,10 @@
 
     .venv/bin/python benchmarks/cache_analysis.py [--rounds 5] [--caches 256] [--no-tl]
 
-Prints medians (seconds) and ratios; the first call of each jaxlens program includes compilation
-and is reported separately.
+Prints the machine, medians (seconds) and ratios; the first call of each jaxlens program includes
+compilation and is reported separately. A ratio is withheld ("noisy") when other processes took
+more than ~10% of the cores while its section ran (`common.Quiet`); torch runs at its best
+(`common.torch_best`: threads = cores, `inference_mode`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import jaxlens  # noqa: E402
-from common import fmt_table, gpt2_small_dir, interleaved, median  # noqa: E402
+from common import Quiet, fmt_table, gpt2_small_dir, headline, interleaved, machine_report, median, torch_best  # noqa: E402,E501
 from jaxlens.cache import aggregate as agg  # noqa: E402
 from jaxlens.cache import analysis as A  # noqa: E402
 from jaxlens.cache.slice import Slice  # noqa: E402
@@ -56,7 +58,7 @@ def timed_first(fn):
     return out, time.perf_counter() - t0
 
 
-def dla() -> list[list[str]]:
+def dla() -> tuple[list[list[str]], list[str]]:
     path = gpt2_small_dir()
     B, T = args.batch, args.seq
     rng = np.random.default_rng(0)
@@ -88,7 +90,7 @@ def dla() -> list[list[str]]:
     temp = lambda f, *a, **k: f.lower(*a, **k).compile().memory_analysis().temp_size_in_bytes / 1e9  # noqa: E731
     print(f"compiled temporary memory: one jit {temp(fused_fn, cache, answers):.2f} GB; the two methods "
           f"{temp(A.get_full_resid_decomposition_jit, cache, Slice(-1), layer=12, expand_neurons=True):.2f} GB "
-          "+ the 0.91 GB stack they hand over")
+          f"+ the {n_comp * B * 768 * 4 / 1e9:.2f} GB stack they hand over")
     fns = {"jaxlens (2 method calls)": ours_methods, "jaxlens (one jit)": ours_fused}
     if not args.no_tl:
         from transformer_lens.model_bridge import TransformerBridge
@@ -96,30 +98,35 @@ def dla() -> list[list[str]]:
         bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
         bridge.enable_compatibility_mode(no_processing=True)
         toks_t, ans_t = torch.tensor(toks, dtype=torch.long), torch.tensor(answers, dtype=torch.long)
-        with torch.no_grad():
+        with torch_best():
             _, ref = bridge.run_with_cache(toks_t)
 
         def tl():
-            with torch.no_grad():
+            with torch_best():
                 stack = ref.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1)
                 return ref.logit_attrs(stack, ans_t, pos_slice=-1)
 
         ref_out = tl()
-        _, ref_labels = ref.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1, return_labels=True)
+        with torch_best():  # the cache holds inference tensors: read it under inference_mode too
+            _, ref_labels = ref.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1, return_labels=True)
         assert ref_labels == labels, "labels differ from TransformerLens"
         # sums over 768 terms of a random model's large activations: compare at float32 resolution
         scale = float(np.abs(ref_out.numpy()).max())
         np.testing.assert_allclose(np.asarray(ours), ref_out.numpy(), rtol=1e-3, atol=1e-4 * scale)
         print("jaxlens == TransformerLens (labels identical; values within float32 rounding)")
         fns = {"TransformerLens": tl, **fns}
-    times = interleaved(fns, rounds=args.rounds, warmup=0 if args.no_tl else 1)
+    with Quiet() as q:
+        times = interleaved(fns, rounds=args.rounds, warmup=0 if args.no_tl else 1)
     base = median(times["TransformerLens"]) if "TransformerLens" in times else None
     rows = []
     for k, ts in times.items():
         first = {"jaxlens (2 method calls)": first_methods, "jaxlens (one jit)": first_fused}.get(k)
-        ratio = f"{base / median(ts):.2f}x" if base else "-"
+        ratio = "-" if not base else "noisy" if q.noisy else f"{base / median(ts):.2f}x"
         rows.append([k, f"{median(ts):.3f}", f"{first:.2f}" if first else "-", ratio])
-    return rows
+    lines = [q.summary()]
+    if base:
+        lines.append(headline("DLA, jaxlens (one jit) vs TransformerLens", base / median(times["jaxlens (one jit)"]), q))
+    return rows, lines
 
 
 def make_caches(n: int):
@@ -145,7 +152,7 @@ def easyroutine_pairwise(torch_caches):
     return acc
 
 
-def combination() -> list[list[str]]:
+def combination() -> tuple[list[list[str]], list[str]]:
     caches, torch_caches = make_caches(args.caches)
     total = sum(agg.nbytes(c.to_dict()) for c in caches)
     print(f"combining {args.caches} caches of {agg.human(total / args.caches)} ({agg.human(total)} in all)")
@@ -160,24 +167,32 @@ def combination() -> list[list[str]]:
     ref = easyroutine_pairwise(torch_caches[:8])
     for k in ref:
         np.testing.assert_array_equal(np.asarray(out[k])[: ref[k].shape[0]], ref[k].numpy())
-    times = interleaved({"jaxlens deferred combine": deferred}, rounds=args.rounds, warmup=0)
-    pair = interleaved({"easyroutine-style pairwise torch.cat": lambda: easyroutine_pairwise(torch_caches)},
-                       rounds=args.pairwise_rounds, warmup=0)
+    torch_best()  # threads = cores for the baseline's torch.cat
+    with Quiet() as q:
+        times = interleaved({"jaxlens deferred combine": deferred}, rounds=args.rounds, warmup=0)
+        pair = interleaved({"easyroutine-style pairwise torch.cat": lambda: easyroutine_pairwise(torch_caches)},
+                           rounds=args.pairwise_rounds, warmup=0)
     base = median(pair["easyroutine-style pairwise torch.cat"])
-    return [["easyroutine-style pairwise torch.cat", f"{base:.3f}", "-", "1.00x"],
-            ["jaxlens deferred combine", f"{median(times['jaxlens deferred combine']):.3f}", f"{first:.2f}",
-             f"{base / median(times['jaxlens deferred combine']):.1f}x"]]
+    ours = median(times["jaxlens deferred combine"])
+    rows = [["easyroutine-style pairwise torch.cat", f"{base:.3f}", "-", "1.00x"],
+            ["jaxlens deferred combine", f"{ours:.3f}", f"{first:.2f}", "noisy" if q.noisy else f"{base / ours:.1f}x"]]
+    return rows, [q.summary(), headline("combine, jaxlens deferred vs easyroutine-style pairwise cat", base / ours, q)]
 
 
 def main() -> None:
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); rounds={args.rounds}")
+    torch_best()
+    print(machine_report())
+    print(f"rounds={args.rounds}")
     header = ["", "median s", "first call s (compile)", "speed-up vs baseline"]
     print("\n1. get_full_resid_decomposition(expand_neurons=True, pos_slice=-1) + logit_attrs, "
           f"GPT-2-small shape, batch {args.batch} x {args.seq}")
-    print(fmt_table(dla(), header))
+    rows, lines = dla()
+    print(fmt_table(rows, header))
+    print("\n".join(lines))
     print(f"\n2. combining {args.caches} batch caches")
-    print(fmt_table(combination(), header))
+    rows, lines = combination()
+    print(fmt_table(rows, header))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 Random weights (12x768, vocab 50257), 16-token prompts, 32 and 128 new tokens, batch 1 and 8,
 EOS off so every run makes exactly max_new_tokens. Per configuration the runners are interleaved
-(jaxlens f32, jaxlens bf16, TransformerLens `generate(use_past_kv_cache=True)`, HF `generate`),
-each row is a median, and jaxlens's first call, minus its median, is reported as compile time.
+(jaxlens f32, jaxlens bf16, TransformerLens `generate(use_past_kv_cache=True)`, HF `generate`,
+and HF `generate` on the same model `.to(torch.bfloat16)`), each row is a median, and jaxlens's
+first call, minus its median, is reported as compile time. bf16 is compared like with like: the
+jaxlens bf16 row's "vs HF" column is against HF bf16. torch runs under `inference_mode` with
+one intra-op thread per core (`common.torch_best`). The machine and the load are printed, and
+the other processes' share of the cores during the timed runs (`common.Quiet`).
 
 The physical bound for batch 1: a decode step reads every weight once (the blocks, and the tied
 embedding as unembedding), so steps/s <= read bandwidth / weight bytes. The bandwidth is probed
@@ -13,7 +17,7 @@ from its prefill: the time for n new tokens minus the time for n/2 + 1, which ru
 compiled program (the step count is a traced loop bound).
 
     .venv/bin/python benchmarks/generate.py [--rounds 1] [--jl-reps 3] [--new 32 128] [--batch 1 8]
-                                            [--bf16-batch 1] [--no-tl] [--no-hf]
+                                            [--bf16-batch 1] [--no-tl] [--no-hf] [--n-layer 12]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -31,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import jaxlens  # noqa: E402
-from common import fmt_table, gpt2_small_dir, median  # noqa: E402
+from common import Quiet, fmt_table, gpt2_small_dir, machine_report, median, torch_best  # noqa: E402
 from jaxlens.generation.generate import generate_tokens  # noqa: E402
 
 PROMPT = 16
@@ -83,18 +88,23 @@ def main() -> None:
                     help="batch sizes that also get a bf16-weights row (give none to skip bf16)")
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
     ap.add_argument("--no-hf", action="store_true", help="skip HF generate")
+    ap.add_argument("--n-layer", type=int, default=12, help="fewer layers: a smoke test of the script, not a figure")
     args = ap.parse_args()
 
-    path = gpt2_small_dir()
+    path = gpt2_small_dir(n_layer=args.n_layer)
     models = {"jaxlens f32": jaxlens.from_pretrained_no_processing(path, precision=None)}
     if args.bf16_batch:
         models["jaxlens bf16"] = jaxlens.from_pretrained_no_processing(path, "bfloat16", precision=None)
-    hf = bridge = None
+    hf = hf16 = bridge = None
     if not args.no_hf:
+        import copy
+
         import transformers
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
         hf.generation_config.eos_token_id = None  # always generate max_new_tokens
+        if args.bf16_batch:  # like with like for the jaxlens bf16 row: the same weights in torch bf16
+            hf16 = copy.deepcopy(hf).to(torch.bfloat16)
     if not args.no_tl:
         from transformer_lens.model_bridge import TransformerBridge
 
@@ -104,7 +114,8 @@ def main() -> None:
     bandwidth = Bandwidth()
     for _ in range(3):
         bandwidth()
-    rows, notes, decode = [], [], {}
+    rows, notes, decode, quiets = [], [], {}, []
+    print(machine_report(), flush=True)
     load0 = os.getloadavg()[0]
     t_start = time.perf_counter()
     for batch in args.batch:
@@ -127,18 +138,21 @@ def main() -> None:
                     fns[f"{name} ({half} new)"] = jl(model, f"{name} half", half)
             if bridge is not None:
                 def tl(n=n_new, outs=outs, toks_t=toks_t):
-                    with torch.no_grad():
+                    with torch_best():
                         outs["TransformerLens"] = bridge.generate(toks_t, max_new_tokens=n, stop_at_eos=False,
                                                                   do_sample=False, use_past_kv_cache=True,
                                                                   verbose=False, return_type="tokens").numpy()
                 fns["TransformerLens"] = tl
             if hf is not None:
-                def hf_gen(n=n_new, outs=outs, toks_t=toks_t):
-                    with torch.no_grad():
-                        outs["HF"] = hf.generate(toks_t, attention_mask=torch.ones_like(toks_t), do_sample=False,
-                                                 max_new_tokens=n, min_new_tokens=n, pad_token_id=0).numpy()
+                def hf_gen(n=n_new, outs=outs, toks_t=toks_t, model=hf, name="HF"):
+                    with torch_best():
+                        outs[name] = model.generate(toks_t, attention_mask=torch.ones_like(toks_t), do_sample=False,
+                                                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0).numpy()
                 fns["HF"] = hf_gen
                 hf_gen(2)  # warm up torch
+                if hf16 is not None and batch in args.bf16_batch:
+                    fns["HF bf16"] = partial(hf_gen, model=hf16, name="HF bf16")
+                    fns["HF bf16"](2)
             if bridge is not None:
                 tl(2)
 
@@ -149,7 +163,9 @@ def main() -> None:
                     fns[name]()
                     first[name] = time.perf_counter() - t0
             reps = {k: args.jl_reps for k in fns if k.startswith("jaxlens")}
-            times = timed_rounds(fns, args.rounds, reps, bandwidth)
+            with Quiet() as quiet:
+                times = timed_rounds(fns, args.rounds, reps, bandwidth)
+            quiets.append(quiet)
             med = {k: median(v) for k, v in times.items()}
             if "HF" in outs:
                 same = (outs["jaxlens f32"] == outs["HF"]).mean()
@@ -165,8 +181,9 @@ def main() -> None:
                 if name.startswith("jaxlens"):
                     if bridge is not None:
                         row[6] = f"{med['TransformerLens'] / med[name]:.2f}x"
+                    hf_name = "HF bf16" if name == "jaxlens bf16" and "HF bf16" in med else "HF"
                     if hf is not None:
-                        row[7] = f"{med['HF'] / med[name]:.2f}x"
+                        row[7] = f"{med[hf_name] / med[name]:.2f}x" + (" (bf16)" if hf_name == "HF bf16" else "")
                 rows.append(row)
                 print(" | ".join(map(str, row)), flush=True)
 
@@ -190,6 +207,11 @@ def main() -> None:
                       f"end to end (with prefill) {e2e:.1f} tokens/s = {e2e / bound:.0%}")
     for n in notes:
         print(n)
+    noisy = [q for q in quiets if q.noisy]
+    print(f"{len(noisy)} of {len(quiets)} timed sections noisy" + (
+        " (other processes shared the cores: rerun on a quiet machine before quoting any figure)" if noisy else ""))
+    for q in quiets:
+        print("  " + q.summary())
 
 
 if __name__ == "__main__":

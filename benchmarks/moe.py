@@ -2,8 +2,10 @@
 (`sorted_experts`, several tile sizes) and `jax.lax.ragged_dot` (`ragged_experts`) against the naive
 every-expert-on-every-token computation (`dense_experts`), and HF PyTorch's MixtralSparseMoeBlock.
 
-Random weights and tokens, f32, each jitted and timed interleaved in one process; prints ms per call,
-the ratio to dense, and the load average before and after (benchmarks need a quiet machine).
+Random weights and tokens, f32, each jitted and timed interleaved in one process; prints the machine,
+ms per call and the ratio to dense, or "noisy" instead of the ratios when other processes took more
+than ~10% of the cores meanwhile (`common.Quiet`; benchmarks need a quiet machine). torch runs at
+its best (`common.torch_best`: threads = cores, `inference_mode`).
 On CPU, XLA lowers ragged_dot densely (masked), so "ragged" there costs about as much as "dense";
 on GPU/TPU it is a grouped-matmul kernel.
 
@@ -22,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import fmt_table, interleaved, median  # noqa: E402
+from common import Quiet, fmt_table, headline, interleaved, machine_report, median, torch_best  # noqa: E402
 from jaxlens.model.moe import dense_experts, ragged_experts, route, sorted_experts, tile_rows  # noqa: E402
 
 
@@ -39,7 +41,6 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.tokens, a.d_model, a.d_mlp, a.experts, a.k, a.rounds = 64, 32, 112, 8, 2, 2
-    print(f"load average before: {os.getloadavg()}")
     T, D, F, E, k = a.tokens, a.d_model, a.d_mlp, a.experts, a.k
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(T, D)).astype(np.float32))
@@ -80,18 +81,26 @@ def main() -> None:
         xt = torch.tensor(np.asarray(x))[None]
 
         def hf() -> object:
-            with torch.no_grad():
+            with torch_best():
                 return blk(xt)
 
         np.testing.assert_allclose(hf()[0].numpy(), ref, rtol=2e-3, atol=2e-3, err_msg="HF")
         calls["HF PyTorch MixtralSparseMoeBlock"] = hf
-    times = interleaved(calls, rounds=a.rounds)
+    print(machine_report())
+    with Quiet() as q:
+        times = interleaved(calls, rounds=a.rounds)
     dense = median(times["dense (every expert, every token)"])
-    rows = [[n, f"{median(t) * 1e3:.2f}", f"{dense / median(t):.2f}x"] for n, t in times.items()]
+    rows = [[n, f"{median(t) * 1e3:.2f}", "noisy" if q.noisy else f"{dense / median(t):.2f}x"]
+            for n, t in times.items()]
     print(f"MoE layer: tokens={T} d_model={D} d_mlp={F} experts={E} k={k} f32, backend={jax.default_backend()}, "
           f"{a.rounds} rounds (median)")
     print(fmt_table(rows, ["dispatch", "ms / call", "speed-up vs dense"]))
-    print(f"load average after: {os.getloadavg()}")
+    print(q.summary())
+    best = min((n for n in times if n.startswith("sorted")), key=lambda n: median(times[n]))
+    print(headline(f"best sorted dispatch ({best}) vs dense", dense / median(times[best]), q))
+    if "HF PyTorch MixtralSparseMoeBlock" in times:
+        hf_t = median(times["HF PyTorch MixtralSparseMoeBlock"])
+        print(headline(f"best sorted dispatch ({best}) vs HF PyTorch", hf_t / median(times[best]), q))
 
 
 if __name__ == "__main__":

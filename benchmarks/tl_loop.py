@@ -9,10 +9,12 @@ returned stale results.
 
 TransformerLens runs a `TransformerBridge` of the same checkpoint in compatibility mode (its
 processed weights, as `HookedTransformer.from_pretrained`), under `torch.inference_mode`, with
-torch's threads = cores. Run on a quiet machine: the load average is printed before and after,
-and the ratio is withheld ("noisy") when other processes took more than ~10% of the cores.
+torch's threads = cores (`common.torch_best`). Run on a quiet machine: the machine and the load
+are printed, and the ratio is withheld ("noisy") when other processes took more than ~10% of the
+cores (`common.Quiet`).
 
     .venv/bin/python benchmarks/tl_loop.py [--rounds 3]
+    .venv/bin/python benchmarks/tl_loop.py --isolate [--isolate-runs 2]   # each side in its own process
 """
 
 from __future__ import annotations
@@ -20,30 +22,18 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
+import sys
 import time
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+from common import (Quiet, add_isolate_args, emit_side, headline, machine_report, median, merge_times,  # noqa: E402
+                    run_isolated, torch_best)
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 HEAD = 0  # read by the head-ablation hooks as a global, as in TransformerLens's demos
-
-
-def machine() -> str:
-    import jax
-    import torch
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return (f"{cpu}, {os.cpu_count()} cores; python {platform.python_version()}, jax {jax.__version__}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-
-
-def loadavg() -> str:
-    return open("/proc/loadavg").read().split()[0]
 
 
 def jaxlens_side():
@@ -92,12 +82,12 @@ def tl_side():
 
     from jaxlens.assets import model_dir
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch_best()  # threads = cores
     bridge = TransformerBridge.boot_transformers(str(model_dir()), device="cpu", dtype=torch.float32)
     bridge.enable_compatibility_mode()
     clean, corrupt = bridge.to_tokens(CLEAN), bridge.to_tokens(CORRUPT)
     mary, john = bridge.to_single_token(" Mary"), bridge.to_single_token(" John")
-    with torch.inference_mode():
+    with torch_best():
         _, cache = bridge.run_with_cache(clean, names_filter=lambda n: n.endswith("resid_pre"))
 
     def patch(resid, hook, pos, name):  # the bridge's hook.name is an alias (blocks.0.hook_in)
@@ -110,7 +100,7 @@ def tl_side():
 
     def patching_loop():
         out = np.zeros((bridge.cfg.n_layers, clean.shape[1]))
-        with torch.inference_mode():
+        with torch_best():
             for layer in range(bridge.cfg.n_layers):
                 for pos in range(clean.shape[1]):
                     name = f"blocks.{layer}.hook_resid_pre"
@@ -122,7 +112,7 @@ def tl_side():
     def ablation_loop():
         global HEAD
         out = []
-        with torch.inference_mode():
+        with torch_best():
             for layer in range(bridge.cfg.n_layers):
                 for HEAD in range(bridge.cfg.n_heads):
                     loss = bridge.run_with_hooks(clean, return_type="loss",
@@ -133,43 +123,72 @@ def tl_side():
     return patching_loop, ablation_loop
 
 
-def timed(fn, rounds: int) -> tuple[float, float, object]:
-    """(median wall seconds, share of the cores this process used, last result)."""
-    walls, cpus, out = [], [], None
-    for _ in range(rounds):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return float(np.median(walls)), float(np.median(cpus) / np.median(walls)), out
+LOOPS = ("patching loop (partial per call)", "head-ablation loop (global head)")
+SIDES = ("jaxlens", "tl")
+
+
+def setup(side: str) -> tuple[list, float]:
+    """A side's two loops, and the wall time of its first patching loop (jaxlens: compiling
+    one program per layer; TransformerLens: its first hooked runs)."""
+    fns = jaxlens_side() if side == "jaxlens" else tl_side()
+    t0 = time.perf_counter()
+    fns[0]()
+    return fns, time.perf_counter() - t0
+
+
+def measure(sides: dict[str, list], rounds: int) -> tuple[dict, dict, Quiet]:
+    """Each loop: every side warmed, then `rounds` rounds alternating the sides; seconds of each
+    round per side and loop, and each side's last results (for the cross-check)."""
+    times = {s: {n: [] for n in LOOPS} for s in sides}
+    outs: dict[str, dict] = {s: {} for s in sides}
+    with Quiet() as q:
+        for i, name in enumerate(LOOPS):
+            for fns in sides.values():
+                fns[i]()  # warm
+            for _ in range(rounds):
+                for s, fns in sides.items():
+                    t0 = time.perf_counter()
+                    out = fns[i]()
+                    times[s][name].append(time.perf_counter() - t0)
+                    outs[s][name] = np.asarray(out).tolist()
+    return times, outs, q
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    add_isolate_args(ap, SIDES)
     args = ap.parse_args()
-    print("machine:", machine())
-    print("load average before:", loadavg())
-    jl_patch, jl_ablate = jaxlens_side()
-    tl_patch, tl_ablate = tl_side()
-    t0 = time.perf_counter()
-    first = jl_patch()
-    print(f"jaxlens first patching loop (compiles {len(first)} layer programs): {time.perf_counter() - t0:.2f} s")
-    rows = []
-    for name, jl_fn, tl_fn in (("patching loop (partial per call)", jl_patch, tl_patch),
-                               ("head-ablation loop (global head)", jl_ablate, tl_ablate)):
-        jl_fn(), tl_fn()  # warm
-        jl_t, jl_busy, jl_out = timed(jl_fn, args.rounds)
-        tl_t, tl_busy, tl_out = timed(tl_fn, args.rounds)
-        diff = float(np.abs(np.asarray(jl_out) - np.asarray(tl_out)).max())
-        rows.append((name, jl_t, tl_t, diff))
-        print(f"{name}: jaxlens {jl_t:.3f} s, TransformerLens {tl_t:.3f} s, max |diff| {diff:.1e}")
-    load = float(loadavg())
-    quiet = load <= (os.cpu_count() or 1) + 0.25  # the benchmark alone keeps the cores busy, no more
-    print("load average after:", loadavg())
-    for name, jl_t, tl_t, _ in rows:
-        ratio = f"{jl_t / tl_t:.2f}x TransformerLens's time" if quiet else "noisy (machine not quiet)"
-        print(f"  {name}: jaxlens / TransformerLens = {ratio}")
+    if args.side:
+        fns, first = setup(args.side)
+        times, outs, q = measure({args.side: fns}, args.rounds)
+        return emit_side({"times": times[args.side], "out": outs[args.side], "first_s": first,
+                          "quiet": q.as_dict(), "machine": machine_report()})
+    print(machine_report())
+    if args.isolate:
+        with Quiet() as q:
+            res = run_isolated(__file__, SIDES, sys.argv[1:], runs=args.isolate_runs)
+        jl, tl = merge_times(res["jaxlens"]), merge_times(res["tl"])
+        outs = {s: res[s][-1]["out"] for s in SIDES}
+        first = res["jaxlens"][0]["first_s"]
+        noisy = q.noisy or any(r["quiet"]["noisy"] for rs in res.values() for r in rs)
+        how = f"--isolate: {args.isolate_runs} processes per side, alternating, {args.rounds} rounds each"
+    else:
+        (jl_fns, first), (tl_fns, _) = setup("jaxlens"), setup("tl")
+        print(machine_report().splitlines()[2])  # the thread counts, now that torch and jax are loaded
+        times, outs, q = measure({"jaxlens": jl_fns, "tl": tl_fns}, args.rounds)
+        jl, tl = ({k: median(v) for k, v in times[s].items()} for s in SIDES)
+        noisy = q.noisy
+        how = f"one process, {args.rounds} rounds alternating (median)"
+    print(f"jaxlens first patching loop (compiles one program per layer): {first:.2f} s")
+    print(f"\n{how}")
+    for name in LOOPS:
+        diff = float(np.abs(np.asarray(outs["jaxlens"][name]) - np.asarray(outs["tl"][name])).max())
+        print(f"{name}: jaxlens {jl[name]:.3f} s, TransformerLens {tl[name]:.3f} s, max |diff| {diff:.1e}")
+    print(q.summary())
+    for name in LOOPS:
+        print("  " + headline(f"{name}: jaxlens / TransformerLens time", jl[name] / tl[name],
+                              q if q.noisy else noisy, unit="x TransformerLens's time"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 A registry keyed by HF `model_type`, assembled from the family modules of this package: each
 declares `MODEL_TYPES` (the HF `model_type`s it reads), `config_from_hf(hf, mt)`, `convert(tensors,
 cfg)` and `IGNORE` (tensor names that are not weights). Adding a family is adding its file. A converted model is saved as `jaxlens_config.json` plus
-`params.safetensors` (the flat Flax tree), which loads with neither torch nor transformers.
+`params.safetensors` (the flat Flax tree), which loads with neither torch nor transformers, or
+with `params.orbax/` instead (an Orbax checkpoint, sharded: `jaxlens.checkpoint`).
+
+`lazy=True` (what `from_pretrained(..., mesh=...)` uses) converts without reading: the leaves
+are `conversion.io.LazyArray`s that read, convert, check and cast only the block a device asks for.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.conversion.io import (DTYPES, CheckpointError, Tensors, cast_tree, check_weights, inside, is_float,
-                                   read_config, read_json, read_tensors)
+from jaxlens.conversion.io import (DTYPES, CheckpointError, LazyArray, Tensors, cast_tree, check_weights, checked,
+                                   inside, is_float, lazy_safetensors, read_config, read_json, read_tensors)
 
 CONVERTED_CONFIG = "jaxlens_config.json"
 CONVERTED_PARAMS = "params.safetensors"
+ORBAX_PARAMS = "params.orbax"  # the Orbax format's parameters (a folder), instead of CONVERTED_PARAMS
 
 
 class Family(NamedTuple):
@@ -130,25 +135,38 @@ def hf_config(path: str | Path) -> ModelConfig:
     return cfg.replace(model_name=str(name), original_architecture=arch if isinstance(arch, str) else None)
 
 
-def convert_hf(path: str | Path, dtype: Any = None, *, allow_nonfinite: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+def convert_hf(path: str | Path, dtype: Any = None, *, allow_nonfinite: bool = False,
+               lazy: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
     """Read a HF checkpoint folder and return (cfg, params) with params as numpy arrays.
 
     The weights must be floating point and finite (unless `allow_nonfinite`), and the tree must be
-    the one the model builds for the config (`check_params`)."""
+    the one the model builds for the config (`check_params`). `lazy`: the leaves are `LazyArray`s
+    (conversion included) that read, check and cast only the block a device asks for, so placing
+    them one at a time (`jaxlens.distributed.place`) never holds the whole model on the host."""
     path = Path(path)
     dt = resolve_dtype(dtype)
     cfg = hf_config(path)
     fam = REGISTRY[cfg.model_type]
-    t = Tensors(read_tensors(path), dtype, source=str(path))
+    t = Tensors(read_tensors(path, lazy=lazy), dtype, source=str(path))
     params = fam.convert(t, cfg)
     left = t.leftovers(fam.ignore + (("lm_head.weight",) if cfg.tie_word_embeddings else ()))
     if left:
         warnings.warn(f"{path}: {len(left)} tensors were not used by the {cfg.model_type} converter: {left[:8]}",
                       stacklevel=2)
-    check_weights(flatten(params), str(path), allow_nonfinite)
+    params = check_tree(params, str(path), allow_nonfinite)
     params = cast_tree(params, dt)
     check_params(params, cfg, str(path))
     return cfg, params
+
+
+def check_tree(params: dict[str, Any], source: str, allow_nonfinite: bool = False) -> dict[str, Any]:
+    """`check_weights` on every leaf: at once for numpy leaves; for `LazyArray` leaves the dtype now and
+    the values on each read (`conversion.io.checked`). Returns the (checked) tree."""
+    flat = flatten(params)
+    if not any(isinstance(v, LazyArray) for v in flat.values()):
+        check_weights(flat, source, allow_nonfinite)
+        return params
+    return unflatten({k: checked(v, k, source, allow_nonfinite) for k, v in flat.items()})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -178,7 +196,7 @@ PAUSE_ENV = "JAXLENS_TEST_PAUSE_AT"
 WRITE_STEPS = ("params", "tokenizer", "manifest", "swap")
 
 
-def _pause(step: str) -> None:
+def crash_point(step: str) -> None:
     """Test-only hook: with JAXLENS_TEST_PAUSE_AT=<step> (one of WRITE_STEPS) the writer prints
     `jaxlens-pause: <step>` on stderr and sleeps, so a test can kill -9 it exactly there."""
     if os.environ.get(PAUSE_ENV) == step:
@@ -245,7 +263,7 @@ def _sha256(file: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -260,11 +278,11 @@ def write_manifest(folder: Path) -> Path:
     files = {}
     for f in sorted(folder.rglob("*")):
         if f.is_file() and f.name != MANIFEST:
-            _fsync(f)
+            fsync_path(f)
             files[f.relative_to(folder).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
     out = folder / MANIFEST
     out.write_text(json.dumps({"format": "jaxlens-manifest", "version": 1, "files": files}, indent=1))
-    _fsync(out)
+    fsync_path(out)
     return out
 
 
@@ -278,9 +296,12 @@ def verify_manifest(folder: Path) -> bool:
     files = read_json(m, "the folder is damaged; convert again").get("files")
     if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         raise CheckpointError(f"{m} has no valid 'files' table; the folder is damaged: convert again")
-    for name in (CONVERTED_CONFIG, CONVERTED_PARAMS):
+    orbax = is_orbax(folder)
+    for name in (CONVERTED_CONFIG, *(() if orbax else (CONVERTED_PARAMS,))):
         if name not in files:
             raise CheckpointError(f"{m} does not list {name}; the folder is damaged: convert again")
+    if orbax and not any(n.startswith(ORBAX_PARAMS + "/") for n in files):
+        raise CheckpointError(f"{m} lists no file of {ORBAX_PARAMS}; the folder is damaged: convert again")
     for name, info in files.items():
         f = inside(folder, name, m)
         if not f.is_file():
@@ -346,34 +367,34 @@ def _scratch(path: Path, kind: str) -> list[Path]:
     return [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
 
 
-def _remove_stale(path: Path) -> None:
+def remove_stale(path: Path) -> None:
     """Temporary and replaced folders of writes to `path` that died (called under its lock)."""
     for p in _scratch(path, "tmp") + _scratch(path, "old"):
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _new_scratch(path: Path, kind: str) -> Path:
+def new_scratch(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _swap(tmp: Path, path: Path) -> None:
+def swap_into_place(tmp: Path, path: Path) -> None:
     """Rename the finished `tmp` to `path`, moving an existing output aside first and deleting it
     after: at every instant `path` is the old output, the new one, or absent."""
     old = None
     if path.is_dir():
         if any(path.iterdir()):
-            old = _new_scratch(path, "old")
+            old = new_scratch(path, "old")
             os.rename(path, old)
         else:
             path.rmdir()
-    _pause("swap")
+    crash_point("swap")
     try:
         os.rename(tmp, path)
     except BaseException:
         if old is not None and not path.exists():
             os.rename(old, path)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -398,20 +419,20 @@ def save_converted(path: str | Path, cfg: ModelConfig, params: dict[str, Any], *
     path.parent.mkdir(parents=True, exist_ok=True)
     with write_lock(path):
         check_destination(path, overwrite)  # again: another writer may have finished meanwhile
-        _remove_stale(path)
-        tmp = _new_scratch(path, "tmp")
+        remove_stale(path)
+        tmp = new_scratch(path, "tmp")
         tmp.mkdir()
         try:
             save_file(flat, str(tmp / CONVERTED_PARAMS), metadata={"format": "jaxlens"})
-            _pause("params")
+            crash_point("params")
             (tmp / CONVERTED_CONFIG).write_text(cfg.to_json())
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-            _pause("tokenizer")
+            crash_point("tokenizer")
             write_manifest(tmp)
-            _pause("manifest")
-            _fsync(tmp)
-            _swap(tmp, path)
+            crash_point("manifest")
+            fsync_path(tmp)
+            swap_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -431,14 +452,18 @@ def read_converted_config(path: str | Path) -> ModelConfig:
 _WARNED_NO_MANIFEST: set[str] = set()
 
 
-def load_converted(path: str | Path, dtype: Any = None, *,
-                   allow_nonfinite: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+def load_converted(path: str | Path, dtype: Any = None, *, allow_nonfinite: bool = False,
+                   lazy: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
     """(cfg, params) of a jaxlens converted folder, checked: the manifest (every file complete),
     the config, the weights (floating point, finite unless `allow_nonfinite`) and the params tree
-    against the config's (`check_params`)."""
+    against the config's (`check_params`). `lazy`: `LazyArray` leaves (see `convert_hf`)."""
     from safetensors.numpy import load_file
 
     path = Path(path)
+    if is_orbax(path):
+        from jaxlens.checkpoint import load_orbax
+
+        return load_orbax(path, dtype, allow_nonfinite=allow_nonfinite)
     dt = None if dtype is None else resolve_dtype(dtype)
     if not verify_manifest(path) and str(path) not in _WARNED_NO_MANIFEST:
         _WARNED_NO_MANIFEST.add(str(path))
@@ -446,19 +471,29 @@ def load_converted(path: str | Path, dtype: Any = None, *,
                       "completeness; convert it again to add one", stacklevel=2)
     cfg = read_converted_config(path)
     f = path / CONVERTED_PARAMS
-    try:
-        flat = load_file(str(f))
-    except Exception as e:
-        raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or corrupt, convert again") from e
-    check_weights(flat, str(f), allow_nonfinite)
-    params = unflatten(flat)
+    if lazy:
+        params = check_tree(unflatten(lazy_safetensors(f)), str(f), allow_nonfinite)
+    else:
+        try:
+            flat = load_file(str(f))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or corrupt, convert again") from e
+        check_weights(flat, str(f), allow_nonfinite)
+        params = unflatten(flat)
     check_params(params, cfg, str(path))
     return cfg, params if dt is None else cast_tree(params, dt)
 
 
-def load_any(path: str | Path, dtype: Any = None, *,
-             allow_nonfinite: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
-    """A jaxlens converted folder or a HF checkpoint folder (see `load_converted`, `convert_hf`)."""
+def is_orbax(path: str | Path) -> bool:
+    """A jaxlens converted folder whose parameters are an Orbax checkpoint (`jaxlens.checkpoint`)."""
+    return (Path(path) / ORBAX_PARAMS).is_dir()
+
+
+def load_any(path: str | Path, dtype: Any = None, *, allow_nonfinite: bool = False,
+             lazy: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+    """A jaxlens converted folder or a HF checkpoint folder (see `load_converted`, `convert_hf`).
+
+    `lazy`: `LazyArray` leaves read a block at a time (safetensors only; .bin is read whole)."""
     path = Path(path)
     resolve_dtype(dtype)  # a bad dtype fails before anything is read
     if not path.exists():
@@ -467,12 +502,13 @@ def load_any(path: str | Path, dtype: Any = None, *,
         raise CheckpointError(f"model path {path} is a file; pass the folder that holds config.json "
                               f"(HuggingFace) or {CONVERTED_CONFIG} (jaxlens)")
     if (path / CONVERTED_CONFIG).is_file():
-        return load_converted(path, dtype, allow_nonfinite=allow_nonfinite)
-    return convert_hf(path, dtype, allow_nonfinite=allow_nonfinite)
+        return load_converted(path, dtype, allow_nonfinite=allow_nonfinite, lazy=lazy)
+    return convert_hf(path, dtype, allow_nonfinite=allow_nonfinite, lazy=lazy)
 
 
-__all__ = ["REGISTRY", "Family", "NOT_FAMILIES", "CONVERTED_CONFIG", "CONVERTED_PARAMS", "MANIFEST", "PAUSE_ENV",
+__all__ = ["REGISTRY", "Family", "NOT_FAMILIES", "CONVERTED_CONFIG", "CONVERTED_PARAMS", "ORBAX_PARAMS", "MANIFEST", "PAUSE_ENV",
            "WRITE_STEPS", "HF_INT_FIELDS", "resolve_dtype", "CheckpointError", "check_hf_fields", "convert_hf",
            "hf_config", "expected_params", "check_params", "write_manifest", "verify_manifest", "check_destination",
-           "write_lock", "save_converted", "read_converted_config", "load_converted", "load_any", "flatten",
-           "unflatten"]
+           "write_lock", "save_converted", "read_converted_config", "load_converted", "load_any", "flatten", "check_tree",
+           "is_orbax",
+           "unflatten", "crash_point", "fsync_path", "remove_stale", "new_scratch", "swap_into_place"]

@@ -17,7 +17,8 @@ forward is compiled by GSPMD, and every result is the single-device result.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -152,18 +153,57 @@ def param_shardings(params: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _index_key(idx: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(s.indices(d)[:2] for s, d in zip(idx, shape))
+
+
 def place(x: Any, sharding: NamedSharding) -> jax.Array:
-    """A global array with `sharding` from a host array every process holds: each device gets
-    only its slice (`jax.make_array_from_callback`, so it also works across hosts)."""
+    """A global array with `sharding` from a host array every process holds, or from a lazy one
+    (anything with `shape`, `dtype` and `read(index)`, such as `jaxlens.conversion.io.LazyArray`):
+    each device gets only its slice (`jax.make_array_from_callback`, so it also works across
+    hosts). A lazy array is read once per distinct slice this process's devices hold, so the host
+    holds at most this one array's slices, never the rest of the model."""
     if isinstance(x, jax.Array):  # already on devices: JAX moves the slices
         return jax.device_put(x, sharding)
+    if hasattr(x, "read") and hasattr(x, "shape"):
+        shape = tuple(x.shape)
+        blocks: dict[Any, np.ndarray] = {}
+        for idx in sharding.addressable_devices_indices_map(shape).values():
+            key = _index_key(idx, shape)
+            if key not in blocks:
+                blocks[key] = np.asarray(x.read(tuple(slice(a, b) for a, b in key)))
+        return jax.make_array_from_callback(shape, sharding, lambda idx: blocks[_index_key(idx, shape)])
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def shard_params(params: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
-    """Place every parameter on the mesh with its sharding (each device gets only its slice)."""
+    """Place every parameter on the mesh with its sharding (each device gets only its slice); one
+    leaf at a time, so lazy leaves are read one by one."""
     return jax.tree.map(place, params, param_shardings(params, cfg, mesh))
+
+
+def transform_sharded(fn: Callable[[Any], tuple[Any, ModelConfig]], params: Any,
+                      mesh: Mesh) -> tuple[Any, ModelConfig]:
+    """`fn(params) -> (new params, new cfg)` run on the mesh: one jit-compiled program whose outputs
+    are placed by the parameter rules (`param_shardings` for the new cfg) and whose inputs are
+    donated, so a sharded model is transformed (weight processing, layer stacking) without being
+    gathered on one device or on the host. Matmuls inside run at float32 precision, as the host
+    path computes them."""
+    box: list[ModelConfig] = []
+
+    def arrays(p: Any) -> Any:
+        out, cfg = fn(p)
+        box[:] = [cfg]
+        return out
+
+    with jax.default_matmul_precision("float32"):
+        shapes = jax.eval_shape(arrays, params)
+        cfg = box[0]
+        with warnings.catch_warnings():  # a buffer XLA cannot reuse is simply not reused
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            out = jax.jit(arrays, out_shardings=param_shardings(shapes, cfg, mesh), donate_argnums=0)(params)
+    return out, cfg
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -192,4 +232,5 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 __all__ = ["AXES", "BATCH_AXES", "parse_mesh_spec", "make_mesh", "axis_size", "batch_multiple", "check_fits",
-           "param_spec", "param_shardings", "place", "shard_params", "batch_sharding", "pad_batch", "initialize"]
+           "param_spec", "param_shardings", "place", "shard_params", "transform_sharded", "batch_sharding", "pad_batch",
+           "initialize"]

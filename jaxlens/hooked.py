@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from jaxlens.model.factored_matrix import FactoredMatrix
 
 RETURN_TYPES = ("logits", "loss", "both", None)
+SAVE_FORMATS = ("safetensors", "orbax")
 
 
 def lm_loss(logits: jax.Array, tokens: jax.Array, attention_mask: jax.Array | None = None,
@@ -126,22 +127,29 @@ class HookedTransformer:
         `refactor_factored_attn_matrices` and `device` are TransformerLens's arguments.
         `allow_nonfinite` loads weights holding NaN/inf (an error by default). `mesh` (a
         `jax.sharding.Mesh` or a spec such as "data=2,model=4", "fsdp=8") shards the parameters
-        over devices and splits batches over its data axes (`jaxlens.distributed`).
+        over devices and splits batches over its data axes (`jaxlens.distributed`); each parameter
+        is then read straight into its shards (safetensors lazily, Orbax folders restored into the
+        shardings) and processed on the mesh, so the model is never whole in host memory.
         """
         from jaxlens.conversion import load_any
         from jaxlens.model.processing import process_params
 
         check_precision(precision)  # before the (slow) load
-        cfg, params = load_any(path, dtype, allow_nonfinite=allow_nonfinite)
-        if fold_ln or center_writing_weights or center_unembed or fold_value_biases:  # on the host, in numpy
-            params, cfg = process_params(params, cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                         center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-        if mesh is None:  # else the host arrays go straight into their shards
+        if mesh is not None and device is not None:
+            raise ValueError("pass device= or mesh=, not both: a mesh places the parameters itself")
+        flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                     fold_value_biases=fold_value_biases)
+        if mesh is not None:  # straight into the shards: read lazily, processed on the mesh
+            cfg, params = _load_sharded(path, dtype, allow_nonfinite, make_mesh(mesh), scan_layers, flags)
+        else:
+            cfg, params = load_any(path, dtype, allow_nonfinite=allow_nonfinite)
+            if any(flags.values()):  # on the host, in numpy
+                params, cfg = process_params(params, cfg, **flags)
             params = jax.tree.map(jnp.asarray, params)
-        if scan_layers and not is_scanned(params):
-            params = stack_layers(params, cfg.n_layers, np if mesh is not None else jnp)
-        if not scan_layers and is_scanned(params):
-            params = unstack_layers(params, cfg.n_layers)
+            if scan_layers and not is_scanned(params):
+                params = stack_layers(params, cfg.n_layers, jnp)
+            if not scan_layers and is_scanned(params):
+                params = unstack_layers(params, cfg.n_layers)
         tok = tokenizer if tokenizer is not None else load_tokenizer(path)
         model = cls(cfg, params, tok, precision=precision, device=device, mesh=mesh)
         return model.refactor_factored_attn_matrices() if refactor_factored_attn_matrices else model
@@ -696,13 +704,25 @@ class HookedTransformer:
 
         return hook_names(self.cfg, include_result)
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False, format: str = "safetensors") -> Path:
         """Save as a jaxlens converted folder (+ tokenizer), loadable without torch/transformers;
-        written atomically (`jaxlens.conversion.save_converted`), replacing an existing converted
-        folder only with `overwrite`."""
+        written atomically, replacing an existing converted folder only with `overwrite`.
+
+        `format`: "safetensors" (one file, gathered on the host: small models;
+        `jaxlens.conversion.save_converted`) or "orbax" (sharded, each host writes the shards it
+        holds, restored into any mesh: `jaxlens.checkpoint.save_orbax`). `from_pretrained` reads both."""
+        if format not in SAVE_FORMATS:
+            raise ValueError(f"format {format!r} is not one of {SAVE_FORMATS}")
+        params = unstack_layers(self.params, self.cfg.n_layers) if self.scan_layers else self.params
+        if format == "orbax":
+            from jaxlens.checkpoint import save_orbax
+
+            return save_orbax(path, self.cfg, params, tokenizer=self.tokenizer, overwrite=overwrite)
         from jaxlens.conversion import save_converted
 
-        params = unstack_layers(self.params, self.cfg.n_layers) if self.scan_layers else self.params
+        if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
+            raise ValueError("this model's parameters span several processes, which one safetensors file cannot "
+                             "gather: save with format='orbax' (each process writes its shards)")
         return save_converted(path, self.cfg, jax.tree.map(np.asarray, params), tokenizer=self.tokenizer,
                               overwrite=overwrite)
 
@@ -806,6 +826,40 @@ class HookedTransformer:
         return type(self)(cfg, params, self.tokenizer, precision=self.precision)
 
 
+def _load_sharded(path: str | Path, dtype: Any, allow_nonfinite: bool, mesh: Any, scan_layers: bool,
+                  flags: dict[str, bool]) -> tuple[ModelConfig, dict[str, Any]]:
+    """(cfg, params) loaded straight into the shards of `mesh`: each parameter is read (and
+    converted, checked, cast) only for the slices this process's devices hold, one parameter at a
+    time (an Orbax folder is restored into the shardings directly); weight processing and layer
+    stacking then run on the mesh (`transform_sharded`), so the model is never whole on the host."""
+    from jaxlens.conversion import is_orbax, load_any
+    from jaxlens.distributed import check_fits, transform_sharded
+    from jaxlens.model.processing import process_params
+
+    if is_orbax(path):
+        from jaxlens.checkpoint import restore_orbax
+
+        cfg, params = restore_orbax(path, mesh, dtype, allow_nonfinite=allow_nonfinite)
+    else:
+        cfg, params = load_any(path, dtype, allow_nonfinite=allow_nonfinite, lazy=True)
+        check_fits(cfg, mesh)  # before anything is read
+        params = shard_params(params, cfg, mesh)
+
+    def transform(p: dict[str, Any]) -> tuple[dict[str, Any], ModelConfig]:
+        c = cfg
+        if any(flags.values()):
+            p, c = process_params(p, c, **flags)
+        if scan_layers and not is_scanned(p):
+            p = stack_layers(p, c.n_layers, jnp)
+        if not scan_layers and is_scanned(p):
+            p = unstack_layers(p, c.n_layers)
+        return p, c
+
+    if any(flags.values()) or scan_layers != bool(is_scanned(params)):
+        params, cfg = transform_sharded(transform, params, mesh)
+    return cfg, params
+
+
 def from_pretrained(path: str | Path, dtype: Any = "float32", **kw: Any) -> HookedTransformer:
     """Load a HF checkpoint folder or a jaxlens converted folder as a HookedTransformer, with
     TransformerLens's default weight processing (`HookedTransformer.from_pretrained`)."""
@@ -816,5 +870,5 @@ def from_pretrained_no_processing(path: str | Path, dtype: Any = "float32", **kw
     """Load with HF's raw weights (`HookedTransformer.from_pretrained_no_processing`)."""
     return HookedTransformer.from_pretrained_no_processing(path, dtype, **kw)
 
-__all__ = ["RETURN_TYPES", "lm_loss", "tokenizer_prepends_bos", "HookedTransformer", "from_pretrained",
+__all__ = ["RETURN_TYPES", "SAVE_FORMATS", "lm_loss", "tokenizer_prepends_bos", "HookedTransformer", "from_pretrained",
            "from_pretrained_no_processing"]

@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI turns on the persistent compilation cache (jaxlens.compile_cache): not in ~/.cache from tests.
+os.environ.setdefault("JAXLENS_COMPILE_CACHE", "0")
 # Several simulated host devices for the sharding tests; must be set before jax initialises.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()

@@ -102,3 +102,29 @@ def test_partition_rules():
     assert param_spec(("blocks", "block", "mlp", "W_out"), (2, 48, 32), cfg, mesh) == P(None, "model", None)
     assert param_spec(("W_E",), (100, 32), cfg, mesh) == P("model", None)
     assert param_spec(("W_E",), (101, 32), cfg, mesh) == P(None, None)  # a vocabulary 4 does not divide
+
+
+def test_sharded_scanned_model_equals_one_device(single):
+    """Loaded lazily into the shards, then processed and stacked on the mesh (`transform_sharded`)."""
+    path, one = single
+    m = jaxlens.from_pretrained(path, mesh="data=2,model=4", scan_layers=True)
+    w_q = m.params["blocks"]["block"]["attn"]["W_Q"]
+    assert w_q.sharding.spec == jax.sharding.PartitionSpec(None, "model", None, None)
+    assert per_device_bytes(w_q) == {w_q.nbytes // 4}
+    toks, mask = padded("right", PROMPTS)
+    assert_close(m(toks, attention_mask=mask), one(toks, attention_mask=mask), "scanned sharded logits")
+
+
+def test_cli_run_on_a_mesh(capsys, hf_root):
+    from jaxlens.apps import cli
+
+    path = built("gpt2", hf_root)[0]
+    argv = ["run", "--model", str(path), "--tokens", "0,5,9,30", "--top-k", "3", "--names-filter", "blocks.1.attn.hook_z"]
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert cli.main([*argv, "--mesh", "data=2,model=4"]) == 0
+    sharded = capsys.readouterr().out
+    assert "mesh {'data': 2, 'model': 4}" in sharded.splitlines()[0]
+    assert sharded.splitlines()[1:] == plain.splitlines()[1:]  # the same predictions and cached shapes
+    assert cli.main([*argv, "--mesh", "tensor=2"]) == 2
+    assert "jaxlens: error: mesh spec 'tensor=2'" in capsys.readouterr().err

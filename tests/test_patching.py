@@ -132,23 +132,30 @@ def test_gqa_value_heads(hf_root):
 
 def test_prefix_below_patched_layer_is_not_computed(gpt2):
     """The program for the last layer does about half the work of layer 0's (2 layers): XLA drops
-    the embedding and layer 0 because resid_pre of the patched layer is supplied."""
+    the embedding and layer 0 because resid_pre of the patched layer is supplied; and a suffix
+    starting at a later position (the corrupted run's cache before it) does less still."""
     m, cache = gpt2
-    toks, mask = jnp.asarray(CORRUPT), jnp.ones(CORRUPT.shape, jnp.int32)
+    mask = jnp.ones(CORRUPT.shape, jnp.int32)
     cells = jnp.arange(CORRUPT.shape[1], dtype=jnp.int32)[:, None]
-    resid = jnp.zeros((2, CORRUPT.shape[1], m.cfg.d_model))
+    logits, resid, kv = patching._corrupted_run(m.params, jnp.asarray(CORRUPT), mask, cfg=m.cfg,
+                                                capture=frozenset({"blocks.0.hook_resid_pre"}),
+                                                precision=m.precision, with_kv=True)
 
-    def flops(l):
+    def flops(l, window=0, metric_positions=None):
         name = f"blocks.{l}.hook_mlp_out"
-        c = patching._layer_grid.lower(m.params, toks, mask, resid, cache[name], cells, Fn(metric), cfg=m.cfg,
-                                       resid_name=f"blocks.{l}.hook_resid_pre", name=name, axes=(1,),
-                                       precision=m.precision, chunk_size=None).compile()
+        c = patching._suffix_grid.lower(m.params, mask, resid["blocks.0.hook_resid_pre"], kv if window else None,
+                                        logits, cache[name], cells[window:], Fn(metric), cfg=m.cfg, name=name,
+                                        axes=(1,), layer=l, window=window, window_axis=0,
+                                        metric_positions=metric_positions, precision=m.precision,
+                                        chunk_size=CORRUPT.shape[1] - window).compile()  # one chunk: all counted
         ca = c.cost_analysis()
-        return (ca[0] if isinstance(ca, list) else ca)["flops"]
+        return (ca[0] if isinstance(ca, list) else ca)["flops"] / (CORRUPT.shape[1] - window)  # per cell
 
     f0, f1 = flops(0), flops(1)
     # per patch: unembed + 2 blocks vs unembed + 1 block (unembed is d_model x vocab, about one block here)
     assert f1 < 0.8 * f0, (f0, f1)
+    assert flops(0, window=3) < 0.7 * f0  # half the positions
+    assert flops(0, metric_positions=(5,)) < 0.8 * f0  # logits at one position of six
 
 
 def test_run_grid_of_edits(gpt2):

@@ -6,7 +6,7 @@ import argparse
 import errno
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def _fmt_bytes(n: float) -> str:
@@ -29,12 +29,29 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from jaxlens.conversion import check_destination
 
     check_destination(a.dst, a.overwrite)  # before the (slow) conversion; checked again under the lock
+    mesh = _mesh(a.mesh)
     m = jaxlens.from_pretrained_no_processing(a.src, dtype=a.dtype,  # saved as HF has it; processed on load
-                                              allow_nonfinite=a.allow_nonfinite)
-    out = m.save(a.dst, overwrite=a.overwrite)
+                                              allow_nonfinite=a.allow_nonfinite, mesh=mesh)
+    out = m.save(a.dst, overwrite=a.overwrite, format=a.format)
     n = sum(x.size for x in __import__("jax").tree.leaves(m.params))
-    print(f"converted {a.src} ({m.cfg.model_type}, {m.cfg.n_layers} layers, {n:,} parameters, {a.dtype}) -> {out}")
+    where = f", mesh {a.mesh}" if a.mesh else ""
+    print(f"converted {a.src} ({m.cfg.model_type}, {m.cfg.n_layers} layers, {n:,} parameters, {a.dtype}{where}) "
+          f"-> {out} ({a.format})")
     return 0
+
+
+def _mesh(spec: str | None) -> Any:
+    """The `--mesh` spec as a `jax.sharding.Mesh` (None: one device); a bad spec is a ValueError from
+    `jaxlens.distributed.parse_mesh_spec`, naming the spec and the fix."""
+    if spec is None:
+        return None
+    from jaxlens.distributed import make_mesh
+
+    return make_mesh(spec)
+
+
+MESH_HELP = ("shard over a device mesh, e.g. data=2,model=4 or fsdp=8 or data=-1 (axes: data, model, fsdp; "
+             "simulated CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8)")
 
 
 MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; bigger ids would overflow the int32 tokens
@@ -73,7 +90,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     import jaxlens
 
     path = Path(a.model) if a.model else default_model()
-    m = jaxlens.from_pretrained(path, dtype=a.dtype, allow_nonfinite=a.allow_nonfinite)
+    m = jaxlens.from_pretrained(path, dtype=a.dtype, allow_nonfinite=a.allow_nonfinite, mesh=_mesh(a.mesh))
     if a.tokens is not None:
         toks = np.array([a.tokens], np.int64)  # checked against the vocabulary by run_with_cache
         text_toks = None
@@ -82,7 +99,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         text_toks = m.to_str_tokens(toks[0]) if m.tokenizer is not None else None
     logits, cache = m.run_with_cache(toks, names_filter=a.names_filter)
     probs = np.asarray(__import__("jax").nn.softmax(logits[0].astype("float32"), -1))
-    print(f"model: {path} ({m.cfg.model_type}, {m.cfg.n_layers} layers, d_model {m.cfg.d_model})")
+    where = f", mesh {dict(m.mesh.shape)}" if m.mesh is not None else ""
+    print(f"model: {path} ({m.cfg.model_type}, {m.cfg.n_layers} layers, d_model {m.cfg.d_model}{where})")
     print(f"\ntop-{a.top_k} next tokens per position:")
     for p in range(toks.shape[1]):
         top = np.argsort(-probs[p])[: a.top_k]
@@ -116,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--overwrite", action="store_true", help="replace dst if it already holds a converted model")
     c.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/inf (else an error)")
+    c.add_argument("--format", default="safetensors", choices=["safetensors", "orbax"],
+                   help="safetensors: one file (small models); orbax: sharded, each host writes its shards")
+    c.add_argument("--mesh", default=None, help="load onto this mesh before writing (orbax writes its shards); "
+                   + MESH_HELP)
     c.set_defaults(fn=cmd_convert)
     r = sub.add_parser("run", help="run a prompt: top-k next tokens and a table of cached activations")
     r.add_argument("--model", default=None, help="HF or jaxlens folder (default: the shipped model)")
@@ -126,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (else an error)")
     r.add_argument("--names-filter", default=None, help="one hook name to cache (default: all)")
+    r.add_argument("--mesh", default=None, help=MESH_HELP)
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="find circuits in the shipped model; writes a report folder")
     d.add_argument("--model", default=None)
@@ -146,6 +169,9 @@ def os_error_message(e: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; a user error (bad input, a bad or unreadable path, a full disk) prints
     `jaxlens: error: ...` on stderr and returns 2, without a traceback."""
+    from jaxlens import compile_cache
+
+    compile_cache.enable(warn=True)  # compile once across runs; JAXLENS_COMPILE_CACHE=0 turns it off
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
@@ -162,5 +188,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["default_model", "cmd_convert", "MAX_TOKEN_ID", "token_ids", "positive_int", "cmd_run", "cmd_demo",
+__all__ = ["default_model", "cmd_convert", "MESH_HELP", "MAX_TOKEN_ID", "token_ids", "positive_int", "cmd_run", "cmd_demo",
            "build_parser", "os_error_message", "main"]

@@ -2,18 +2,26 @@
 
 `get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric)` and friends take
 the same arguments, in the same order, and return the same shapes as TransformerLens's. The
-difference is how they run: TransformerLens runs one hooked forward pass per cell of the grid
-in a Python loop; here each layer's cells are one `vmap` (chunked with `lax.map` to bound
-memory), and the corrupted run's prefix below the patched layer is computed once.
+difference is how they run: TransformerLens runs one full hooked forward pass per cell of the
+grid in a Python loop; here a cell computes only what its patch can change, and cells are
+vmapped (chunked with `lax.map` to bound memory).
 
-Prefix reuse: the corrupted run's `blocks.{L}.hook_resid_pre` is computed once for all L. The
-program for layer L replaces `blocks.{L}.hook_resid_pre` by that value (a `Replace` edit that
-ignores its input), so XLA removes the embedding and layers < L from the program, and then
-patches the activation of layer L, vmapped over the patch indices. So layer L costs
-n_layers - L layers per patch instead of n_layers. One program is compiled per layer.
+Causal suffixes: a patch at layer l and position p cannot change any layer < l nor (causal
+attention) any position < p. The corrupted run is computed once, with its KV cache and the
+residual entering every layer. A cell at (l, p) runs blocks >= l at positions >= w, the largest
+of a few static window starts (`window_starts`: 0, S/2, 3S/4) <= p: the residual entering block
+l at those positions is the corrupted run's, and every layer's keys/values of the positions
+before w come from the corrupted cache (`forward(start_at_layer=l, kv=...)`). One program is
+compiled per (layer, window start). Grids over all positions (layer × head) run from layer l.
+
+Logits only where the metric reads: `metric_positions=` (or detected soundly from the metric's
+jaxpr, `jaxlens.edits.metric_positions`; otherwise all positions). The final norm and the
+unembedding, the costliest layer of a small model, run only there; the metric receives the full
+[batch pos vocab] logits with the corrupted run's values before w and NaN at positions that were
+not computed, so a metric reading an undeclared position gives NaN, never a silent number.
 
 `patching_metric(logits) -> scalar` must be a JAX function (it is traced, under vmap, once per
-layer program); `logits` are [batch pos d_vocab] of the corrupted batch with one patch applied.
+program); `logits` are [batch pos d_vocab] of the corrupted batch with one patch applied.
 """
 
 from __future__ import annotations
@@ -30,12 +38,15 @@ import numpy as np
 from jaxlens.fingerprint import Fn, call_metric, retry_static
 from jaxlens.model.forward import forward, is_scanned, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
-from jaxlens.edits.interventions import Replace, register_edit
+from jaxlens.edits.interventions import register_edit
+from jaxlens.edits.metric_positions import resolve_metric_positions
+from jaxlens.model.kv import KVCache
 from jaxlens.tokens import check_tokens
 from jaxlens.validate import indices
 
 Metric = Callable[[jax.Array], jax.Array]
 _PATTERN = ("pattern", "attn_scores")
+_PATTERN_HOOKS = tuple(f"hook_{n}" for n in _PATTERN)
 
 
 @dataclass(frozen=True)
@@ -88,48 +99,138 @@ def _axis_layout(activation_name: str, index_axis_names: Sequence[str], cfg: Any
     return tuple(axes), tuple(sizes)
 
 
+WINDOW_FRACTIONS = (0.0, 0.5, 0.75)
+"""Where a position grid's causal suffixes start, as fractions of the prompt length: a patch at
+position p runs from the largest start <= p. More starts mean less work per cell (the mean
+suffix is (1 + 1/n)/2 of the prompt for n even starts) but one more compiled program per layer;
+with 0, S/2, 3S/4 a cell computes on average 69% of the positions (perfect suffixes: ~50%)."""
+
+
+MIN_WINDOW_LEN = 16
+"""Prompts shorter than this run every cell from position 0 (one program per layer): the few
+positions a later start would save cost less than compiling two more programs per layer."""
+
+
+def window_starts(seq_len: int, fractions: Sequence[float] | None = None) -> tuple[int, ...]:
+    """The distinct suffix starts for prompts of `seq_len` positions (always including 0; only 0
+    below `MIN_WINDOW_LEN`); `fractions` default: the module's `WINDOW_FRACTIONS`, both read at
+    call time."""
+    if seq_len < MIN_WINDOW_LEN:
+        return (0,)
+    fractions = WINDOW_FRACTIONS if fractions is None else fractions
+    return tuple(sorted({0} | {int(seq_len * f) for f in fractions if 0 <= f < 1}))
+
+
+def _assemble(logits: jax.Array, base: jax.Array, window: int, computed: tuple[int, ...] | None) -> jax.Array:
+    """Full [batch pos vocab] logits for the metric: the suffix run's `logits` at the `computed`
+    suffix positions (None: all of them), `base` elsewhere (the corrupted run's before `window`,
+    NaN after). A select of broadcasts, so XLA can fuse the metric's slice into it."""
+    if computed is None:
+        return jnp.concatenate([base[:, :window], logits.astype(base.dtype)], axis=1)
+    seq_len = base.shape[1]
+    sel, src = np.zeros(seq_len, bool), np.zeros(seq_len, np.int32)
+    for j, p in enumerate(computed):
+        sel[window + p], src[window + p] = True, j
+    return jnp.where(sel[None, :, None], jnp.take(logits.astype(base.dtype), src, axis=1), base)
+
+
 @retry_static
-@partial(jax.jit, static_argnames=("cfg", "resid_name", "name", "axes", "precision", "chunk_size"))
-def _layer_grid(params, tokens, mask, resid_in, clean_act, indices, metric, *, cfg, resid_name, name, axes,
-                precision, chunk_size):
-    """Metric for every patch index of one layer: [n_cells]. Layers below the patch are not computed.
-    `metric` is an `Fn`: keyed by what it reads, so a metric reading changed globals recompiles."""
+@partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "window", "window_axis", "metric_positions",
+                                   "precision", "chunk_size"))
+def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, metric, *, cfg, name, axes, layer,
+                 window, window_axis, metric_positions, precision, chunk_size):
+    """Metric for every patch index (cells, [n_cells, len(axes)]) of one layer whose window-axis
+    index is >= `window`: [n_cells].
+
+    Only blocks >= `layer` at positions >= `window` are computed: the residual entering `layer`
+    there is the corrupted run's (`resid` [batch pos d_model]) and the earlier positions' keys
+    and values come from the corrupted run's cache `kv` (None when window = 0), which no patch at
+    or after `window` can change (causal attention). Logits are computed only at the metric's
+    positions (`metric_positions`, None: all); the metric sees the corrupted run's logits before
+    `window` and NaN at positions neither computed nor earlier. `metric` is an `Fn` (keyed by
+    what it reads, so a metric reading changed globals recompiles)."""
+    seq_len = mask.shape[1]
+    base = jnp.where((jnp.arange(seq_len) < window)[None, :, None], corrupted_logits, jnp.nan)
+    computed = None if metric_positions is None else tuple(p - window for p in metric_positions if p >= window)
+    qaxis = 2 if name.endswith(_PATTERN_HOOKS) else 1  # the query-position axis of the activation
+    clean = jax.lax.slice_in_dim(clean_act, window, clean_act.shape[qaxis], axis=qaxis)
+    shift = np.zeros(len(axes), np.int32)
+    if window_axis is not None:
+        shift[window_axis] = window
+    if kv is not None:
+        kv = KVCache(kv.keys, kv.values, kv.mask, jnp.asarray(window, jnp.int32))
+    x, sub_mask = resid[:, window:], mask[:, window:]
 
     def one(index):
-        hooks = Hooks(((frozenset({resid_name}), Replace(resid_in)),
-                       (frozenset({name}), IndexPatch(index, clean_act, axes))))
-        logits, _, _ = forward(params, cfg, tokens, mask, hooks=hooks, precision=precision)
-        out = call_metric(metric, logits)
+        if computed == ():  # the metric reads only positions before the window: the corrupted logits
+            full = base
+        else:
+            hooks = Hooks(((frozenset({name}), IndexPatch(index - shift, clean, axes)),))
+            logits, _, _ = forward(params, cfg, x, sub_mask, hooks=hooks, kv=kv, precision=precision,
+                                   start_at_layer=layer, logit_positions=computed)
+            full = _assemble(logits, base, window, computed)
+        out = call_metric(metric, full)
         if jnp.ndim(out) != 0:
             raise ValueError(f"patching_metric must return a scalar, got shape {jnp.shape(out)}; reduce over the "
                              "batch inside the metric (e.g. .mean())")
         return out.astype(jnp.float32)
 
-    return jax.lax.map(one, indices, batch_size=chunk_size)
+    return jax.lax.map(one, cells, batch_size=chunk_size)
 
 
-@partial(jax.jit, static_argnames=("cfg", "capture", "precision"))
-def _resid_pres(params, tokens, mask, *, cfg, capture, precision):
-    _, acts, _ = forward(params, cfg, tokens, mask, capture=capture, precision=precision)
-    return acts
+@partial(jax.jit, static_argnames=("cfg", "capture", "precision", "with_kv"))
+def _corrupted_run(params, tokens, mask, *, cfg, capture, precision, with_kv):
+    """The corrupted run once: (logits, the residuals entering the patched layers, its KV cache or None)."""
+    kv = KVCache.init(cfg, tokens.shape[0], tokens.shape[1], params["W_E"].dtype) if with_kv else None
+    logits, acts, new_kv = forward(params, cfg, tokens, mask, capture=capture, kv=kv, precision=precision)
+    return logits, acts, new_kv
+
+
+CHUNK_BYTES = 1 << 29
+"""Default bound on a vmapped chunk's activations (512 MiB): `chunk_size=None` vmaps as many cells
+as fit (estimated per cell from its suffix), so small grids are one batched program."""
+
+
+def _default_chunk(cfg: Any, batch: int, seq_len: int, layer: int, window: int, n_cells: int) -> int:
+    """Cells per vmapped chunk under CHUNK_BYTES: per cell, the suffix's widest activations
+    (MLP hidden, scores, a few residuals), the logits the metric sees, and the keys/values of the
+    layers it runs."""
+    q = seq_len - window
+    act = q * ((cfg.d_mlp or 4 * cfg.d_model) + cfg.n_heads * seq_len + 6 * cfg.d_model) + 2 * seq_len * cfg.d_vocab
+    kv = 2 * (cfg.n_layers - layer) * seq_len * cfg.n_kv_heads * cfg.d_head
+    return int(max(1, min(n_cells, CHUNK_BYTES // (4 * batch * (act + kv)))))
+
+
+def _window_axis(activation_name: str, axes: tuple[int, ...]) -> int | None:
+    """Which grid axis indexes the activation's query position (pos, or a pattern's dest_pos), if any."""
+    qaxis = 2 if activation_name in _PATTERN else 1
+    return axes.index(qaxis) if qaxis in axes else None
 
 
 def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any, patching_metric: Metric,
                              activation_name: str, index_axis_names: Sequence[str], *,
                              attention_mask: Any = None, chunk_size: int | None = None,
-                             layers: Sequence[int] | None = None) -> jax.Array:
+                             layers: Sequence[int] | None = None, metric_positions: Any = None) -> jax.Array:
     """Patch `activation_name` from `clean_cache` into the corrupted run at every grid cell.
 
     Returns [n_layers, *sizes of index_axis_names[1:]] of `patching_metric` (float32), as
     TransformerLens's `generic_activation_patch` with `index_axis_names`. `chunk_size` bounds how
-    many patched runs are vmapped at once (None: all cells of a layer). `layers` restricts the
-    sweep (other rows are NaN).
+    many patched runs are vmapped at once (None: as many as fit in `CHUNK_BYTES` of activations,
+    all cells of a program for small grids). `layers` restricts the sweep (other rows are NaN).
+
+    `metric_positions`: the logit positions the metric reads (ints, negative from the end); None
+    detects them from the metric's jaxpr (`jaxlens.edits.metric_positions`), falling back to every
+    position. Logits are computed only there: a metric reading another position gets NaN (the
+    corrupted run's logits before the cell's suffix start, which a patch cannot change).
     """
     cfg = model.cfg
     toks, mask = check_tokens(np.asarray(corrupted_tokens), cfg, attention_mask)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    axes, sizes = _axis_layout(activation_name, index_axis_names, cfg, toks.shape[1])
+    seq_len = toks.shape[1]
+    axes, sizes = _axis_layout(activation_name, index_axis_names, cfg, seq_len)
+    # unrolled: one program per (layer, window) holds only the blocks it runs (a scan over stacked
+    # blocks compiles in about the same time but ran at half the speed on CPU)
     params = unstack_layers(model.params, cfg.n_layers) if is_scanned(model.params) else model.params
     layer_list = range(cfg.n_layers) if layers is None else _check_layers(layers, cfg.n_layers)
     names = [get_act_name(activation_name, l) for l in layer_list]
@@ -137,21 +238,35 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
         if n not in clean_cache:
             raise ValueError(f"clean_cache has no {n!r}: run the clean prompt with run_with_cache and a names_filter "
                              f"that includes {activation_name!r} for every layer")
+    win_axis = _window_axis(activation_name, axes)
+    starts = window_starts(seq_len) if win_axis is not None else (0,)
     resid_names = frozenset(f"blocks.{l}.hook_resid_pre" for l in layer_list)
     toks_j, mask_j = jnp.asarray(toks), jnp.asarray(mask)
-    resid = _resid_pres(params, toks_j, mask_j, cfg=cfg, capture=resid_names, precision=model.precision)
+    logits_c, resid, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg, capture=resid_names,
+                                         precision=model.precision, with_kv=len(starts) > 1)
+    metric_pos = resolve_metric_positions(patching_metric, metric_positions, logits_c.shape, logits_c.dtype)
     cells = np.array(list(itertools.product(*[range(s) for s in sizes])), np.int32).reshape(-1, len(sizes))
-    out = np.full((cfg.n_layers, int(np.prod(sizes, dtype=np.int64))), np.nan, np.float32)
+    group = np.zeros(len(cells), np.int64) if win_axis is None else np.searchsorted(starts, cells[:, win_axis], "right") - 1
+    out = np.full((cfg.n_layers, len(cells)), np.nan, np.float32)
+    pending = []  # (layer, cells, device result): read back at the end, so dispatch runs ahead
     for l, name in zip(layer_list, names):
         clean = jnp.asarray(clean_cache[name])
         seq_axis = -1 if activation_name in _PATTERN else 1
-        if clean.ndim < 3 or clean.shape[0] != toks.shape[0] or clean.shape[seq_axis] != toks.shape[1]:
+        if clean.ndim < 3 or clean.shape[0] != toks.shape[0] or clean.shape[seq_axis] != seq_len:
             raise ValueError(f"clean_cache[{name!r}] has shape {clean.shape}, which does not match corrupted_tokens "
                              f"{toks.shape}: clean and corrupted prompts must have the same batch size and length")
-        vals = _layer_grid(params, toks_j, mask_j, resid[f"blocks.{l}.hook_resid_pre"], clean, jnp.asarray(cells),
-                           Fn(patching_metric), cfg=cfg, resid_name=f"blocks.{l}.hook_resid_pre", name=name,
-                           axes=axes, precision=model.precision, chunk_size=chunk_size)
-        out[l] = np.asarray(vals)
+        for g, w in enumerate(starts):
+            sel = np.flatnonzero(group == g)
+            if not len(sel):
+                continue
+            chunk = _default_chunk(cfg, toks.shape[0], seq_len, l, w, len(sel)) if chunk_size is None else chunk_size
+            vals = _suffix_grid(params, mask_j, resid[f"blocks.{l}.hook_resid_pre"], kv if w else None, logits_c,
+                                clean, jnp.asarray(cells[sel]), Fn(patching_metric), cfg=cfg, name=name, axes=axes,
+                                layer=l, window=w, window_axis=win_axis, metric_positions=metric_pos,
+                                precision=model.precision, chunk_size=int(min(chunk, len(sel))))
+            pending.append((l, sel, vals))
+    for l, sel, vals in pending:
+        out[l, sel] = np.asarray(vals)
     return jnp.asarray(out.reshape((cfg.n_layers, *sizes)))
 
 
@@ -166,7 +281,8 @@ def _specialise(activation_name: str, index_axis_names: tuple[str, ...], shape_d
                                         index_axis_names, **kw)
 
     fn.__doc__ = (f"Patch clean `{activation_name}` into the corrupted run for every {' × '.join(index_axis_names)}; "
-                  f"returns {shape_doc} (TransformerLens's shape). Keywords: attention_mask, chunk_size, layers.")
+                  f"returns {shape_doc} (TransformerLens's shape). Keywords: attention_mask, chunk_size, layers, "
+                  "metric_positions (see generic_activation_patch).")
     return fn
 
 

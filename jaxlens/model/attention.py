@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.kv import LayerKV
-from jaxlens.model.layers import KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, repeat_kv, soft_cap
+from jaxlens.model.layers import (KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, repeat_kv, soft_cap,
+                                  weight_einsum)
 from jaxlens.model.norms import Norm
 
 _init = nn.initializers.normal(0.02)
@@ -24,6 +25,8 @@ def _project(x: jax.Array, W: jax.Array) -> jax.Array:
     over heads and run a head-batched matmul that reads W where it lies; the result is the same
     contraction over d_model.
     """
+    if W.dtype != jnp.float32:  # bf16: read as bf16 on CPU (see `weight_einsum`), f32 accumulation
+        return weight_einsum("bpm,hmd->bphd", x, W)
     b, p, m = x.shape
     h, _, d = W.shape
     if b * p >= d:
@@ -79,19 +82,23 @@ class Attention(nn.Module):
             # long sequences and nobody reads or edits the scores: never materialise [batch head query key]
             z = blocked_attention(qh, kh, vh, allowed, cfg.scale, cfg.attn_scores_soft_cap)
         else:
-            scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh) / jnp.asarray(cfg.scale, dt)
+            # scores, their scaling, cap and softmax in float32 whatever the model dtype (a bf16
+            # model keeps 8 mantissa bits in its weights, not in its softmax statistics), so
+            # hook_attn_scores is float32; the pattern is cast back to the model dtype
+            f32 = jnp.float32
+            scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=f32) / jnp.asarray(cfg.scale, f32)
             if cfg.attn_scores_soft_cap is not None:  # Gemma 2: after scaling, before the mask
                 scores = soft_cap(scores, cfg.attn_scores_soft_cap)
             scores = hook_point(self, f"{P}.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf), ctx)
             pattern = hook_point(self, f"{P}.hook_pattern", masked_softmax(scores, allowed).astype(dt), ctx)
-            z = jnp.einsum("bhqk,bhkd->bqhd", pattern, vh)
+            z = jnp.einsum("bhqk,bhkd->bqhd", pattern, vh, preferred_element_type=f32).astype(dt)
         z = hook_point(self, f"{P}.hook_z", z, ctx)
         if ctx.wants(f"{P}.hook_result"):
             result = hook_point(self, f"{P}.hook_result", jnp.einsum("bqhd,hdm->bqhm", z, W_O), ctx)
             out = result.sum(axis=2)
         else:  # contract (head, d_head) as one axis of length H*D: W_O is read in place, not transposed
             b, q_len = z.shape[:2]
-            out = (z.reshape(b * q_len, H * D) @ W_O.reshape(H * D, M)).reshape(b, q_len, M)
+            out = weight_einsum("rk,km->rm", z.reshape(b * q_len, H * D), W_O.reshape(H * D, M)).reshape(b, q_len, M)
         if cfg.use_o_bias:
             out = out + self.param("b_O", nn.initializers.zeros, (M,), dt)
         return out, kv

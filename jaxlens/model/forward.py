@@ -18,7 +18,7 @@ from jaxlens.config import ModelConfig
 from jaxlens.fingerprint import retry_static
 from jaxlens.hooks import WILDCARD, Hooks, RunCtx, collect_intermediates
 from jaxlens.model import Transformer
-from jaxlens.validate import index
+from jaxlens.validate import index, indices
 from jaxlens.model.kv import KVCache
 
 
@@ -76,6 +76,7 @@ def forward(
     precision: str | None = None,
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
+    logit_positions: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
     """Run the model: returns (logits [batch pos vocab], {hook name: activation}, new KVCache or None).
 
@@ -87,23 +88,34 @@ def forward(
     (positions still come from `attention_mask`). `stop_at_layer=k`: the first output is the
     residual entering block k (k = n_layers: after the last block, before the final norm).
     Only the blocks in between are computed (TransformerLens's semantics; negative values count
-    from the end). Neither works with `kv`.
+    from the end). `stop_at_layer` does not work with `kv`; `start_at_layer` does: the residual
+    continues the cached positions, whose keys/values every run layer reads from the cache (a
+    causal suffix: `jaxlens.edits.patching` runs each patch from its layer and position on).
 
     `kv`: a `jaxlens.kv_cache.KVCache`; the tokens continue its cached ones and the returned
     cache holds them too (`jaxlens.kv_cache.forward_cached` also guards against overflow).
+
+    `logit_positions`: static indices into this call's positions (negative from the end); the
+    logits are [batch len(logit_positions) vocab], only there (final-norm hooks see those
+    positions). Not with `stop_at_layer`.
     """
     if kv is not None and not isinstance(kv, KVCache):
         raise ValueError(f"kv must be a jaxlens KVCache (KVCache.init(cfg, batch, max_len)), got {type(kv).__name__}")
     start, stop = resolve_layer_range(cfg, start_at_layer, stop_at_layer)
-    if kv is not None and (start is not None or stop is not None):
-        raise ValueError("start_at_layer / stop_at_layer cannot be combined with a KV cache; run without kv")
+    if kv is not None and stop is not None:
+        raise ValueError("stop_at_layer cannot be combined with a KV cache; run without kv")
+    if logit_positions is not None:
+        if stop is not None:
+            raise ValueError("logit_positions cannot be combined with stop_at_layer (no logits are computed)")
+        q_len = jnp.shape(tokens)[1]
+        logit_positions = tuple(indices(logit_positions, q_len, "logit_positions", context=f"for {q_len} positions"))
     if start is not None and (jnp.ndim(tokens) != 3 or tokens.shape[-1] != cfg.d_model):
         raise ValueError(f"with start_at_layer the input is the residual stream [batch pos d_model={cfg.d_model}], "
                          f"got shape {jnp.shape(tokens)}")
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape[:2], jnp.int32)
     module = Transformer(cfg, scan_layers=is_scanned(params), dtype=params["W_E"].dtype,
-                         start_at_layer=start, stop_at_layer=stop)
+                         start_at_layer=start, stop_at_layer=stop, logit_positions=logit_positions)
     params = _run_layers(params, start, stop)
     ctx = RunCtx(capture=capture, hooks=hooks)
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
@@ -122,11 +134,13 @@ def forward(
 
 @retry_static
 @partial(jax.jit, static_argnames=("cfg", "capture", "precision", "return_logits", "start_at_layer",
-                                   "stop_at_layer"))
+                                   "stop_at_layer", "logit_positions"))
 def _forward_compiled(params, cfg, tokens, attention_mask, hooks=Hooks(), kv=None, *, capture=frozenset(),
-                      precision=None, return_logits=True, start_at_layer=None, stop_at_layer=None):
+                      precision=None, return_logits=True, start_at_layer=None, stop_at_layer=None,
+                      logit_positions=None):
     logits, acts, new_kv = forward(params, cfg, tokens, attention_mask, capture=capture, hooks=hooks, kv=kv,
-                                   precision=precision, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
+                                   precision=precision, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
+                                   logit_positions=logit_positions)
     return (logits if return_logits else None), acts, new_kv
 
 

@@ -99,6 +99,16 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
     return z.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+def weight_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
+    """`einsum(spec, x, W)` for an activation x and a weight W, in x's dtype. float32 weights: the
+    plain einsum; lower-precision weights (bf16) accumulate in float32 (`preferred_element_type`),
+    as torch's bf16 matmuls do. (XLA:CPU has no bf16 dot: it widens the weight to f32 and runs an
+    f32 dot; a decode loop hoists that widening out of its steps, so each step reads f32 weights.)"""
+    if W.dtype == jnp.float32:
+        return jnp.einsum(spec, x, W)
+    return jnp.einsum(spec, x, W, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def repeat_kv(x: jax.Array, n_rep: int, axis: int) -> jax.Array:
     """Grouped-query attention: repeat each kv head `n_rep` times along the head `axis`, so that
     query head h reads kv head h // n_rep (TransformerLens's and HF's order)."""
@@ -110,4 +120,4 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 __all__ = ["ACTIVATIONS", "activation", "apply_rotary", "soft_cap", "KEY_BLOCK", "blocked_attention", "masked_softmax", "repeat_kv",
-           "positions_from_mask"]
+           "positions_from_mask", "weight_einsum"]

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
-from jaxlens.model.layers import activation
+from jaxlens.model.layers import activation, weight_einsum
 
 _init = nn.initializers.normal(0.02)
 P = "blocks.{l}.mlp"
+
+
+def _mm(x: jax.Array, W: jax.Array) -> jax.Array:
+    """x [... k] @ W [k n] -> [... n] (bf16 weights through `weight_einsum`: read as bf16 on CPU)."""
+    if W.dtype == jnp.float32:
+        return x @ W
+    return weight_einsum("rk,kn->rn", x.reshape(-1, x.shape[-1]), W).reshape(*x.shape[:-1], W.shape[1])
 
 
 class MLP(nn.Module):
@@ -28,8 +36,8 @@ class MLP(nn.Module):
         bias = cfg.use_mlp_bias
         if cfg.gated_mlp:
             W_gate = self.param("W_gate", _init, (cfg.d_model, cfg.d_mlp), dt)
-            pre = x @ W_gate
-            lin = x @ W_in
+            pre = _mm(x, W_gate)
+            lin = _mm(x, W_in)
             if bias:
                 pre = pre + self.param("b_gate", nn.initializers.zeros, (cfg.d_mlp,), dt)
                 lin = lin + self.param("b_in", nn.initializers.zeros, (cfg.d_mlp,), dt)
@@ -37,13 +45,13 @@ class MLP(nn.Module):
             lin = hook_point(self, f"{P}.hook_pre_linear", lin, ctx)
             post = activation(cfg.act_fn, pre) * lin
         else:
-            pre = x @ W_in
+            pre = _mm(x, W_in)
             if bias:
                 pre = pre + self.param("b_in", nn.initializers.zeros, (cfg.d_mlp,), dt)
             pre = hook_point(self, f"{P}.hook_pre", pre, ctx)
             post = activation(cfg.act_fn, pre)
         post = hook_point(self, f"{P}.hook_post", post, ctx)
-        out = post @ W_out
+        out = _mm(post, W_out)
         if bias:
             out = out + self.param("b_out", nn.initializers.zeros, (cfg.d_model,), dt)
         return out

@@ -170,7 +170,9 @@ class MoE(nn.Module):
         x = hook_point(self, f"{P}.hook_pre", x, ctx)
         lead = x.shape[:-1]
         xt = x.reshape(-1, D)
-        logits = hook_point(self, f"{P}.gate.hook_out", xt @ W_router, ctx)
+        # router logits in float32 (bf16 models too): the top-k choice reads them, and HF's routing
+        # softmax is float32 as well
+        logits = hook_point(self, f"{P}.gate.hook_out", jnp.dot(xt, W_router, preferred_element_type=jnp.float32), ctx)
         w, idx = route(logits, k, cfg.norm_topk_prob)
         scattered = scatter_weights(w, idx, E).astype(dt)
         edited = hook_point(self, f"{P}.hook_expert_weights", scattered, ctx)

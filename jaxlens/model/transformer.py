@@ -70,6 +70,12 @@ class Transformer(nn.Module):
     entering block `stop` is returned instead of logits (no final norm or unembedding). They are
     module fields, so each value is its own compiled program that holds only the layers it runs;
     scanned params must then hold just those layers (`jaxlens.forward.forward` slices them).
+    A start combines with a cache: the residual then continues the cached positions (a causal
+    suffix run: the patching grids' earlier positions come from the cache, every layer's).
+
+    `logit_positions` (static indices into this call's positions, or None for all): the final
+    norm and unembedding run only there, logits [batch len(logit_positions) vocab] (the
+    unembedding is the costliest layer of a small model; a metric reading one position needs one).
     """
 
     cfg: ModelConfig
@@ -77,6 +83,7 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     start_at_layer: int | None = None
     stop_at_layer: int | None = None
+    logit_positions: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, tokens, attention_mask, ctx: RunCtx, kv: KVCache | None = None):
@@ -128,12 +135,29 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=last - first,
             )
-            kv_xs = None if kv is None else (kv.keys, kv.values)
+            kv_xs = None if kv is None else (kv.keys[first:last], kv.values[first:last])  # this run's layers
             xs = (jnp.arange(first, last), jnp.asarray(local_layers), kv_xs)
             kind = local_layers[0] if len(set(local_layers)) == 1 else None  # one kind: chosen statically
             x, new = scan(cfg, kind, name="blocks")(x, xs, kinds, ctx, offset)
             if kv is not None:  # the scan stacked the per-layer buffers back: [layer batch max_len ...]
-                kv = KVCache(new.keys, new.values, kv.mask, kv.length)
+                keys, values = new.keys, new.values
+                if (first, last) != (0, cfg.n_layers):  # a partial run: the other layers' buffers unchanged
+                    keys = jax.lax.dynamic_update_slice_in_dim(kv.keys, keys, first, axis=0)
+                    values = jax.lax.dynamic_update_slice_in_dim(kv.values, values, first, axis=0)
+                kv = KVCache(keys, values, kv.mask, kv.length)
+        elif not self.scan_layers and kv is not None and self.start_at_layer is not None:
+            # a suffix run (start_at_layer with a cache): each layer writes its own slice, so a
+            # vmapped run (a patching grid) copies only the layers it runs, and the re-stacked
+            # cache is dropped by XLA when the caller does not use it
+            new_k, new_v = [], []
+            for l in range(first, last):
+                view = LayerKV(kv.keys[l], kv.values[l], kv.length)
+                x, view = Block(cfg, name=f"blocks_{l}")(x, *kinds.pick(cfg.is_local(l)), ctx.at_layer(l), view)
+                new_k.append(view.keys)
+                new_v.append(view.values)
+            if new_k:
+                kv = KVCache(kv.keys.at[first:last].set(jnp.stack(new_k)), kv.values.at[first:last].set(jnp.stack(new_v)),
+                             kv.mask, kv.length)
         elif not self.scan_layers:
             # every layer writes into the stacked buffers (no per-layer slices re-stacked: a decode
             # step would copy the whole cache twice)
@@ -144,6 +168,8 @@ class Transformer(nn.Module):
                     kv = KVCache(layer_kv.keys, layer_kv.values, kv.mask, kv.length)
         if self.stop_at_layer is not None:
             return x, None
+        if self.logit_positions is not None:  # norms and unembedding act per position: drop the others first
+            x = x[:, jnp.asarray(self.logit_positions, jnp.int32)]
 
         x = Norm(cfg, "ln_final", name="ln_final")(x, ctx)
         if cfg.tie_word_embeddings:
