@@ -425,18 +425,24 @@ def save_converted(path: str | Path, cfg: ModelConfig, params: dict[str, Any], *
         try:
             save_file(flat, str(tmp / CONVERTED_PARAMS), metadata={"format": "jaxlens"})
             crash_point("params")
-            (tmp / CONVERTED_CONFIG).write_text(cfg.to_json())
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            crash_point("tokenizer")
-            write_manifest(tmp)
-            crash_point("manifest")
-            fsync_path(tmp)
-            swap_into_place(tmp, path)
+            finish_folder(tmp, path, cfg, tokenizer)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return path
+
+
+def finish_folder(tmp: Path, path: Path, cfg: ModelConfig, tokenizer: Any = None) -> None:
+    """The common end of every converted-folder write: config, tokenizer, manifest last, fsync,
+    then the scratch folder `tmp` (its weights already written) is renamed into place at `path`."""
+    (tmp / CONVERTED_CONFIG).write_text(cfg.to_json())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    crash_point("tokenizer")
+    write_manifest(tmp)
+    crash_point("manifest")
+    fsync_path(tmp)
+    swap_into_place(tmp, path)
 
 
 def read_converted_config(path: str | Path) -> ModelConfig:
@@ -511,4 +517,4 @@ __all__ = ["REGISTRY", "Family", "NOT_FAMILIES", "CONVERTED_CONFIG", "CONVERTED_
            "hf_config", "expected_params", "check_params", "write_manifest", "verify_manifest", "check_destination",
            "write_lock", "save_converted", "read_converted_config", "load_converted", "load_any", "flatten", "check_tree",
            "is_orbax",
-           "unflatten", "crash_point", "fsync_path", "remove_stale", "new_scratch", "swap_into_place"]
+           "unflatten", "crash_point", "fsync_path", "finish_folder", "remove_stale", "new_scratch", "swap_into_place"]

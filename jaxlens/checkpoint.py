@@ -23,9 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxlens.config import ModelConfig
-from jaxlens.conversion import (CONVERTED_CONFIG, MANIFEST, ORBAX_PARAMS, CheckpointError, fsync_path, new_scratch,
-                                crash_point, remove_stale, swap_into_place, check_destination, check_params, is_orbax,
-                                read_converted_config, resolve_dtype, verify_manifest, write_lock, write_manifest)
+from jaxlens.conversion import (MANIFEST, ORBAX_PARAMS, CheckpointError, check_destination, check_params, crash_point,
+                                finish_folder, is_orbax, new_scratch, read_converted_config, remove_stale,
+                                resolve_dtype, verify_manifest, write_lock)
 from jaxlens.conversion.io import check_weights, is_float
 
 
@@ -83,14 +83,7 @@ def save_orbax(path: str | Path, cfg: ModelConfig, params: dict[str, Any], *, to
             crash_point("params")
             _sync("jaxlens-orbax-save-written")
             if lead:
-                (tmp / CONVERTED_CONFIG).write_text(cfg.to_json())
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(str(tmp))
-                crash_point("tokenizer")
-                write_manifest(tmp)
-                crash_point("manifest")
-                fsync_path(tmp)
-                swap_into_place(tmp, path)
+                finish_folder(tmp, path, cfg, tokenizer)
         except BaseException:
             if lead:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -166,7 +166,7 @@ def test_orbax_dtype_and_scan_on_restore(orbax_folder, reference):
 def test_orbax_save_from_a_model_and_refusals(orbax_folder, reference, tmp_path, monkeypatch):
     m = jaxlens.from_pretrained(orbax_folder[1], mesh="fsdp=8")
     with monkeypatch.context() as mp:  # a write that fails before its last step leaves nothing behind
-        mp.setattr("jaxlens.checkpoint.write_manifest", lambda _: (_ for _ in ()).throw(OSError(28, "disk full")))
+        mp.setattr("jaxlens.conversion.write_manifest", lambda _: (_ for _ in ()).throw(OSError(28, "disk full")))
         with pytest.raises(OSError, match="disk full"):
             m.save(tmp_path / "failed", format="orbax")
     assert list(tmp_path.iterdir()) == []

@@ -167,7 +167,7 @@ def test_left_padding_mesh_and_stacked(base, tmp_path):
     for h, d in prompt_dirs(tmp_path / "m").items():
         with np.load(d / "activations.npz") as z8, np.load(save / "tiny" / "prompts" / h / "activations.npz") as z1:
             for k in z1.files:
-                np.testing.assert_allclose(z8[k], z1[k], atol=1e-6, rtol=0)
+                np.testing.assert_allclose(z8[k], z1[k], atol=1e-5, rtol=0)  # f32 standard: padding changes reduction order
     run(str(MODEL), str(PROMPTS), tmp_path / "st", stacked_heads=True, **KW)
     for h, d in prompt_dirs(tmp_path / "st").items():
         st = np.load(d / STACKED_FILE)
@@ -605,4 +605,4 @@ def test_two_processes_write_the_same_files(base, tmp_path):
     for h, d in prompt_dirs(out).items():
         with np.load(d / "activations.npz") as z2, np.load(save / "tiny" / "prompts" / h / "activations.npz") as z1:
             for k in z1.files:
-                np.testing.assert_allclose(z2[k], z1[k], atol=1e-6, rtol=0)
+                np.testing.assert_allclose(z2[k], z1[k], atol=1e-5, rtol=0)  # f32 standard: padding changes reduction order
