@@ -1,5 +1,6 @@
 """Two processes with 4 simulated CPU devices each form one 8-device mesh (jax.distributed, gloo):
-a forward, run_with_cache, an analysis and greedy generation give the one-process numbers."""
+a forward, run_with_cache, an analysis and greedy generation give the one-process numbers, and an
+Orbax checkpoint both processes write restores onto a different mesh here with the same logits."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
 import jaxlens
@@ -24,14 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path):
-    out = tmp_path / "out.npz"
+def run_workers(mode: str, out: Path) -> None:
+    """Start the two worker processes (4 devices each, one 8-device job) in `mode`; wait for both."""
     port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), port, str(out)], env=env,
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), mode, str(i), port, str(out)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+
+
+def test_two_processes_equal_one(tmp_path):
+    out = tmp_path / "out.npz"
+    run_workers("run", out)
     got = np.load(out)
     sys.path.insert(0, str(WORKER.parent))
     from mp_worker import TOKS
@@ -44,3 +51,16 @@ def test_two_processes_equal_one(tmp_path):
     assert_close(got["accumulated"], cache.accumulated_resid(apply_ln=True), "accumulated_resid")
     gen = m.generate(TOKS[:1], max_new_tokens=5, do_sample=False, verbose=False)
     np.testing.assert_array_equal(got["generated"], np.asarray(gen))
+
+
+def test_two_process_orbax_save_restores_on_another_mesh(tmp_path):
+    """Each process writes the shards of a data=2,model=4 job; restored onto fsdp=8 in this process."""
+    path = tmp_path / "ckpt"
+    run_workers("save", path)
+    sys.path.insert(0, str(WORKER.parent))
+    from mp_worker import TOKS
+
+    restored = jaxlens.from_pretrained(path, mesh="fsdp=8")
+    w_in = restored.params["blocks_0"]["mlp"]["W_in"]
+    assert w_in.sharding.spec == jax.sharding.PartitionSpec("fsdp", None), w_in.sharding
+    assert_close(restored(TOKS), jaxlens.from_pretrained(model_dir())(TOKS), "restored logits")
