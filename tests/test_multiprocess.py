@@ -16,6 +16,7 @@ import numpy as np
 import jaxlens
 from conftest import assert_close
 from jaxlens.assets import model_dir
+from mp_worker import TOKS  # tests/ is on sys.path (conftest's folder); importing it has no side effects
 
 WORKER = Path(__file__).with_name("mp_worker.py")
 
@@ -40,9 +41,6 @@ def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "out.npz"
     run_workers("run", out)
     got = np.load(out)
-    sys.path.insert(0, str(WORKER.parent))
-    from mp_worker import TOKS
-
     m = jaxlens.from_pretrained(model_dir())
     logits, cache = m.run_with_cache(TOKS, names_filter=None)
     assert_close(got["logits"], logits, "logits")
@@ -57,9 +55,6 @@ def test_two_process_orbax_save_restores_on_another_mesh(tmp_path):
     """Each process writes the shards of a data=2,model=4 job; restored onto fsdp=8 in this process."""
     path = tmp_path / "ckpt"
     run_workers("save", path)
-    sys.path.insert(0, str(WORKER.parent))
-    from mp_worker import TOKS
-
     restored = jaxlens.from_pretrained(path, mesh="fsdp=8")
     w_in = restored.params["blocks_0"]["mlp"]["W_in"]
     assert w_in.sharding.spec == jax.sharding.PartitionSpec("fsdp", None), w_in.sharding
