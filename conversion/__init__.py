@@ -7,7 +7,7 @@ cfg)` and `IGNORE` (tensor names that are not weights). Adding a family is addin
 with `params.orbax/` instead (an Orbax checkpoint, sharded: `jaxlens.checkpoint`).
 
 `lazy=True` (what `from_pretrained(..., mesh=...)` uses) converts without reading: the leaves
-are `conversion.io.LazyArray`s that read, convert, check and cast only the block a device asks for.
+are `conversion.lazy.LazyArray`s that read, convert, check and cast only the block a device asks for.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from jaxlens.config import ModelConfig
-from jaxlens.conversion.io import (DTYPES, CheckpointError, LazyArray, Tensors, cast_tree, check_weights, checked,
+from jaxlens.conversion.io import (DTYPES, CheckpointError, Tensors, cast_tree, check_weights, checked,
                                    inside, is_float, lazy_safetensors, read_config, read_json, read_tensors)
+from jaxlens.conversion.lazy import LazyArray
 
 CONVERTED_CONFIG = "jaxlens_config.json"
 CONVERTED_PARAMS = "params.safetensors"

@@ -159,7 +159,7 @@ def _index_key(idx: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[in
 
 def place(x: Any, sharding: NamedSharding) -> jax.Array:
     """A global array with `sharding` from a host array every process holds, or from a lazy one
-    (anything with `shape`, `dtype` and `read(index)`, such as `jaxlens.conversion.io.LazyArray`):
+    (anything with `shape`, `dtype` and `read(index)`, such as `jaxlens.conversion.lazy.LazyArray`):
     each device gets only its slice (`jax.make_array_from_callback`, so it also works across
     hosts). A lazy array is read once per distinct slice this process's devices hold, so the host
     holds at most this one array's slices, never the rest of the model."""

@@ -18,7 +18,7 @@ import jaxlens
 from conftest import PROMPTS, assert_close, built, padded
 from jaxlens.apps import cli
 from jaxlens.conversion import CheckpointError, convert_hf, flatten
-from jaxlens.conversion.io import LazyArray
+from jaxlens.conversion.lazy import LazyArray
 from jaxlens.distributed import make_mesh, place
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 simulated devices (set by conftest)")

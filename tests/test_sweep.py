@@ -329,9 +329,15 @@ import json, shutil, sys
 from pathlib import Path
 import torch
 
-mode = sys.argv[1]
-if mode == "compute":  # pattern_lens's own activations_main; HookedTransformer 2.17 built from a local checkpoint
-    src, prompts, save, name, min_c, max_c, n, bs = sys.argv[2:10]
+import os
+
+
+def compute(src, prompts, save, name, min_c, max_c, n, bs):
+    """pattern_lens's own activations_main; HookedTransformer 2.17 built from a local checkpoint."""
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+    import pattern_lens.activations as pla
+
     ref = Path(save).parent / "refmodel"  # a path without "llama": TL 2.17 special-cases such names
     shutil.copytree(src, ref, dirs_exist_ok=True)
     c = json.loads((ref / "config.json").read_text())  # transformers 5's rope_parameters -> 4.x's fields
@@ -345,15 +351,14 @@ if mode == "compute":  # pattern_lens's own activations_main; HookedTransformer 
     tc["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 5's TokenizersBackend is unknown to 4.x
     (ref / "tokenizer_config.json").write_text(json.dumps(tc))
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    import transformer_lens.loading_from_pretrained as loading
-    from transformer_lens import HookedTransformer
-    import pattern_lens.activations as pla
 
-    official = loading.get_official_model_name
-    loading.get_official_model_name = lambda m: m if (Path(m) / "config.json").exists() else official(m)
+    if not hasattr(loading, "_official"):
+        loading._official = loading.get_official_model_name
+        loading.get_official_model_name = lambda m: m if (Path(m) / "config.json").exists() else loading._official(m)
     hf = AutoModelForCausalLM.from_pretrained(str(ref), torch_dtype=torch.float32, attn_implementation="eager")
 
-    original = HookedTransformer.from_pretrained
+    original = getattr(HookedTransformer, "_original_from_pretrained", HookedTransformer.from_pretrained)
+    HookedTransformer._original_from_pretrained = original  # the next job patches it again: keep TL's own
     tok = AutoTokenizer.from_pretrained(str(ref))
 
     def load(model_name, device=None, **kw):  # HF's weights, no processing
@@ -377,7 +382,14 @@ if mode == "compute":  # pattern_lens's own activations_main; HookedTransformer 
     pla.activations_main(model_name=name, save_path=save, prompts_path=prompts, raw_prompts=True,
                          min_chars=int(min_c), max_chars=int(max_c), force=False, n_samples=int(n),
                          no_index_html=False, device="cpu", batch_size=int(bs))
-elif mode == "load":  # pattern_lens's loaders on a folder
+
+
+mode = sys.argv[1]
+if mode == "compute":  # one interpreter for every job (booting this venv costs ~8 s): [cwd, args...] each
+    for cwd, *args in json.loads(sys.argv[2]):
+        os.chdir(cwd)
+        compute(*args)
+elif mode == "load":  # pattern_lens's loaders on a folder, then its figures (argv[4:]) on the same folder
     save, name = Path(sys.argv[2]), sys.argv[3]
     from pattern_lens.load_activations import activations_exist, load_activations
     out = {}
@@ -386,7 +398,11 @@ elif mode == "load":  # pattern_lens's loaders on a folder
         assert activations_exist(name, p, save)
         _, cache = load_activations(name, p, save, return_fmt="numpy")
         out[p["hash"]] = {k: [list(v.shape), str(v.dtype), float(v.astype("float64").sum())] for k, v in cache.items()}
-    print(json.dumps(out))
+    import pattern_lens.figures as plf
+
+    sys.argv = ["pattern_lens.figures", *sys.argv[4:]]
+    plf.main()  # it prints progress: the result is the last line
+    print("\n" + json.dumps(out))
 '''
 
 needs_pl = pytest.mark.skipif(not PLVENV_PY.exists(),
@@ -424,22 +440,38 @@ def _random_checkpoint(family: str, root: Path) -> Path:
     return path
 
 
+PL_FAMILIES = ("gpt2", "gpt_neox", "llama")
+PL_ARGS = dict(min_chars=10, max_chars=120, n_samples=12, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def pattern_lens_runs(tmp_path_factory):
+    """pattern_lens's output for each family (folder -> (checkpoint, name)), from one interpreter of its venv."""
+    root = tmp_path_factory.mktemp("pattern_lens")
+    jobs, out = [], {}
+    for family in PL_FAMILIES:
+        d = root / family
+        d.mkdir()
+        src = MODEL if family == "gpt2" else _random_checkpoint(family, d / "ckpt")
+        name = "tiny" if family == "gpt2" else family
+        (d / "prompts.jsonl").write_bytes(PROMPTS.read_bytes())  # relative path: source_fname is written as given
+        jobs.append([str(d), str(src), "prompts.jsonl", "pl", name, *(str(v) for v in PL_ARGS.values())])
+        out[family] = (d, src, name)
+    _pl("compute", json.dumps(jobs), cwd=root)
+    return out
+
+
 @needs_pl
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
-def test_same_files_as_pattern_lens(tmp_path, family):
+@pytest.mark.parametrize("family", PL_FAMILIES)
+def test_same_files_as_pattern_lens(pattern_lens_runs, family):
     """pattern_lens 0.6 (HookedTransformer 2.17) and jaxlens on the same weights, prompts and flags:
     the shipped GPT-2, and random NeoX (parallel block, partial rotary) and Llama (RMSNorm, RoPE,
     grouped-query: patterns per query head) checkpoints, whose n_ctx = 64 truncates some prompts."""
-    src = MODEL if family == "gpt2" else _random_checkpoint(family, tmp_path / "ckpt")
-    name = "tiny" if family == "gpt2" else family
-    prompts = tmp_path / "prompts.jsonl"  # relative path: source_fname is written as given
-    prompts.write_bytes(PROMPTS.read_bytes())
-    args = dict(min_chars=10, max_chars=120, n_samples=12, batch_size=4)
-    _pl("compute", str(src), "prompts.jsonl", "pl", name, *(str(v) for v in args.values()), cwd=tmp_path)
+    tmp_path, src, name = pattern_lens_runs[family]
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        (s,) = run(str(src), "prompts.jsonl", "ours", name=name, **args)
+        (s,) = run(str(src), "prompts.jsonl", "ours", name=name, **PL_ARGS)
     finally:
         os.chdir(cwd)
     pl, ours = tmp_path / "pl" / name, tmp_path / "ours" / name
@@ -472,16 +504,13 @@ def test_same_files_as_pattern_lens(tmp_path, family):
 
     if family != "gpt2":
         return
-    # pattern_lens's loaders and figures on our output
-    loaded = json.loads(_pl("load", "ours", "tiny", cwd=tmp_path))
+    # pattern_lens's loaders, then its figures (`pattern_lens.figures --model tiny --save-path ours -n 2`)
+    out = _pl("load", "ours", "tiny", "--model", "tiny", "--save-path", "ours", "-n", "2", cwd=tmp_path)
+    loaded = json.loads(out.strip().splitlines()[-1])
     assert sorted(loaded) == sorted(b)
     for h, keys in loaded.items():
         assert sorted(keys) == [f"blocks.{l}.attn.hook_pattern" for l in range(N_LAYERS)]
         assert all(dt == "float32" and shape[:2] == [1, 4] for shape, dt, _ in keys.values())
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    r = subprocess.run([str(PLVENV_PY), "-m", "pattern_lens.figures", "--model", "tiny", "--save-path", "ours",
-                        "-n", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
     first = json.loads((ours / "prompts.jsonl").read_text().splitlines()[0])["hash"]
     assert (ours / "prompts" / first / "L1" / "H3" / "raw.png").is_file()
 
