@@ -13,9 +13,15 @@ os.environ.setdefault("JAXLENS_COMPILE_CACHE", "0")
 # off cuts test_parity.py from 137 to 91 CPU-s, with the same results at the same tolerances. Benchmarks do not
 # import this file, so they measure fully optimised programs. Subprocesses started by tests inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# Several simulated host devices for the sharding tests; must be set before jax initialises.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Several simulated host devices for the sharding tests, and XLA:CPU's cheaper code generation (the elemental
+# emitters instead of the fusion emitters, one LLVM module per program instead of parallel splits): the
+# shipped-model notebooks' 140 small programs compile in 3.4 s instead of 8.4 s, same results at the same
+# tolerances. Must be set before jax initialises; a flag already in XLA_FLAGS is left as the user set it.
+_TEST_XLA_FLAGS = {"xla_force_host_platform_device_count": "8", "xla_cpu_use_fusion_emitters": "false",
+                   "xla_cpu_parallel_codegen_split_count": "1"}
+for _flag, _value in _TEST_XLA_FLAGS.items():
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
