@@ -17,6 +17,7 @@ import numpy as np
 Index = tuple[slice, ...]  # one slice per axis, bounds resolved, step 1
 Reader = Callable[[Index], np.ndarray]
 
+
 def full_index(shape: tuple[int, ...]) -> Index:
     return tuple(slice(0, int(d)) for d in shape)
 

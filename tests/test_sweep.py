@@ -325,16 +325,14 @@ def test_viewer_renders_heatmaps_in_headless_chromium(base, tmp_path):
 # --- pattern_lens 0.6 itself ----------------------------------------------------------------------
 
 PL_SCRIPT = r'''
-import json, shutil, sys
+import json, os, shutil, sys
 from pathlib import Path
 import torch
 
-import os
 
-
-def compute(src, prompts, save, name, min_c, max_c, n, bs):
-    """pattern_lens's own activations_main; HookedTransformer 2.17 built from a local checkpoint."""
-    import transformer_lens.loading_from_pretrained as loading
+def compute(original, src, prompts, save, name, min_c, max_c, n, bs):
+    """pattern_lens's own activations_main; HookedTransformer 2.17 built from a local checkpoint
+    (`original`: TL's own from_pretrained, which each job's loader replaces on the class)."""
     from transformer_lens import HookedTransformer
     import pattern_lens.activations as pla
 
@@ -352,13 +350,8 @@ def compute(src, prompts, save, name, min_c, max_c, n, bs):
     (ref / "tokenizer_config.json").write_text(json.dumps(tc))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not hasattr(loading, "_official"):
-        loading._official = loading.get_official_model_name
-        loading.get_official_model_name = lambda m: m if (Path(m) / "config.json").exists() else loading._official(m)
     hf = AutoModelForCausalLM.from_pretrained(str(ref), torch_dtype=torch.float32, attn_implementation="eager")
 
-    original = getattr(HookedTransformer, "_original_from_pretrained", HookedTransformer.from_pretrained)
-    HookedTransformer._original_from_pretrained = original  # the next job patches it again: keep TL's own
     tok = AutoTokenizer.from_pretrained(str(ref))
 
     def load(model_name, device=None, **kw):  # HF's weights, no processing
@@ -386,9 +379,15 @@ def compute(src, prompts, save, name, min_c, max_c, n, bs):
 
 mode = sys.argv[1]
 if mode == "compute":  # one interpreter for every job (booting this venv costs ~8 s): [cwd, args...] each
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    official = loading.get_official_model_name  # a local folder is its own official name
+    loading.get_official_model_name = lambda m: m if (Path(m) / "config.json").exists() else official(m)
+    original = HookedTransformer.from_pretrained
     for cwd, *args in json.loads(sys.argv[2]):
         os.chdir(cwd)
-        compute(*args)
+        compute(original, *args)
 elif mode == "load":  # pattern_lens's loaders on a folder, then its figures (argv[4:]) on the same folder
     save, name = Path(sys.argv[2]), sys.argv[3]
     from pattern_lens.load_activations import activations_exist, load_activations
