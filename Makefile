@@ -12,7 +12,7 @@ PLSTAMP := $(PLVENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plots,train]"
+	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test,plots,train,sweep]"
 	touch $(STAMP)
 
 test: $(STAMP) chromium $(PLSTAMP)

@@ -20,7 +20,7 @@ jaxlens, TransformerLens, stats, `--runs` times alternating. Wall time runs from
 to the last file (jaxlens's compilation included: the persistent compile cache is off, as
 `import jaxlens` leaves it). Prints prompts/s of each side and the ratio (target >= 3x), the
 compiled programs of the jaxlens run (target <= 8), peak host memory, the share of the sweep's
-wall time the device loop waited on the writer, `--stats` prompts/s (target >= 10x files
+wall time the loop blocked on the writer and the writer's own host work, `--stats` prompts/s (target >= 10x files
 mode), and checks that both sides wrote the same prompt folders with equal patterns. A ratio is
 withheld ("noisy") when other processes took more than ~10% of the cores (`common.Quiet`).
 
@@ -233,8 +233,10 @@ def report(res: dict[str, list[dict]], q: Quiet) -> None:
               f"{rate[s]:.2f} prompts/s, peak host memory {max(r['maxrss_mib'] for r in rs):.0f} MiB")
     print(f"jaxlens: {summ['n_programs']} compiled programs (target <= 8; shapes {summ['shapes']}), "
           f"{summ['n_batches']} batches, {summ['n_tokens']} tokens, {summ['n_truncated']} truncated; "
-          f"device loop waited on the writer {summ['writer_wait_s']:.1f} s = "
-          f"{summ['writer_wait_s'] / max(summ['wall_s'], 1e-9):.0%} of the sweep's wall time")
+          f"the loop blocked on the writer's queue {summ['writer_wait_s']:.1f} s "
+          f"({summ['writer_wait_s'] / max(summ['wall_s'], 1e-9):.0%} of the sweep's wall time, waiting for the device "
+          f"included); the writer's host work (trim, compress, write) {summ['writer_host_s']:.1f} s = "
+          f"{summ['writer_host_s'] / max(summ['wall_s'], 1e-9):.0%} (near 100%: writer-bound; low: device-bound)")
     if "tl" in res:
         print(f"files: {compare(jl, res['tl'][-1])}")
     print(q.summary())

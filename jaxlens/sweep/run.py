@@ -1,9 +1,9 @@
 """`jaxlens.sweep.run`: pattern_lens's activation sweep on a device mesh, kill-safe.
 
 One model at a time: load it, write `model_cfg.json`, load and hash the prompts, skip the
-finished ones (resume), tokenise the rest once, plan shape buckets, and run one compiled
-program per bucket shape with only the requested hooks leaving the device. A bounded writer
-thread fetches each batch's results, trims the padding, and writes each prompt's files
+finished ones (resume), tokenise the rest once, plan the batches and their padded lengths (a
+few, chosen for the least padding), and run one compiled program per padded shape with only
+the requested hooks leaving the device. A bounded writer thread fetches each batch's results, trims the padding, and writes each prompt's files
 atomically while the device runs the next batches.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from jaxlens.sweep.batching import Batch, pad_batch, plan_batches
+from jaxlens.sweep.batching import MAX_PROGRAMS, Batch, pad_batch, plan_batches
 from jaxlens.sweep.layout import (NPZ_FILE, PATTERN, STACKED_FILE, check_model_name, clean_partial, model_dir,
                                   prompt_dir, prompt_done, write_model_cfg, write_models_jsonl, write_prompts_jsonl)
 from jaxlens.distributed import batch_multiple, batch_sharding, make_mesh, shard_params
@@ -48,7 +48,8 @@ class SweepSummary:
     n_batches: int = 0
     n_tokens: int = 0
     wall_s: float = 0.0
-    writer_wait_s: float = 0.0
+    writer_wait_s: float = 0.0  # the loop blocked on a full writer queue (device results pending included)
+    writer_host_s: float = 0.0  # the writer's host work once results arrived: trim, compress, write
     shapes: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -137,6 +138,7 @@ def run_model(model: str | Path, prompts: str | Path, save_path: str | Path = DA
               batch_size: int = 32, force: bool = False, shuffle: bool = False, seed: int | None = 0,
               stacked_heads: bool = False, names: Any = None, dtype: str = "float32", mesh: Any = None,
               padding_side: str = "right", strict: bool = False, progress: bool = False,
+              max_programs: int = MAX_PROGRAMS,
               precision: str | None = "highest", max_pending: int = 4, stats: bool = False, n_probes: int = 8,
               store: str = "files", store_dtype: str = "float32", store_triangle: bool = False,
               report: Callable[[str], None] | None = None) -> SweepSummary:
@@ -224,7 +226,9 @@ def run_model(model: str | Path, prompts: str | Path, save_path: str | Path = DA
                "truncated (prompt.json says truncated: true)")
 
     m = make_mesh(mesh or "data=1", jax.local_devices())  # each host sweeps its share of the prompts
-    batches: list[Batch] = plan_batches([len(s) for s in seqs], batch_size, cfg.n_ctx, multiple=batch_multiple(m))
+    # attn_len: on GPT-2 small (XLA:CPU, batch 32, patterns kept) a token's cost grows as 1 + S / (0.4 d_model)
+    batches: list[Batch] = plan_batches([len(s) for s in seqs], batch_size, cfg.n_ctx, multiple=batch_multiple(m),
+                                        max_programs=max_programs, attn_len=0.4 * cfg.d_model)
     params = shard_params(hm.params, cfg, m)  # model / fsdp axes split the parameters (jaxlens.distributed)
     in_sharding = batch_sharding(m)  # axis 0 split; any trailing axes replicated
     names_sorted = sorted(capture, key=_name_order)
@@ -232,7 +236,8 @@ def run_model(model: str | Path, prompts: str | Path, save_path: str | Path = DA
     bar = _progress(len(records), progress)
 
     def write_batch(batch: Batch, acts: dict[str, Any]) -> None:
-        host = {k: _to_host(v) for k, v in acts.items()}
+        host = {k: _to_host(v) for k, v in acts.items()}  # waits for the device
+        t_host = time.perf_counter()
         if pstore is not None:  # one store write and one index line per batch
             items = []
             for r, i in enumerate(batch.rows):
@@ -252,6 +257,7 @@ def run_model(model: str | Path, prompts: str | Path, save_path: str | Path = DA
                 atomic_save_npy(folder / STACKED_FILE, np.stack([per[k] for k in pattern_keys], axis=1))
             else:
                 atomic_savez(folder / NPZ_FILE, per)
+        summary.writer_host_s += time.perf_counter() - t_host
         summary.n_computed += len(batch.rows)
         summary.n_tokens += sum(len(seqs[i]) for i in batch.rows)
         if bar is not None:  # tqdm shows prompts/s and the ETA; tokens/s beside them
@@ -340,7 +346,8 @@ def run(model: str | Path | Sequence[str | Path], prompts: str | Path, save_path
     Flags are pattern_lens's (`min_chars`, `max_chars`, `n_samples`, `batch_size`, `force`,
     `shuffle` with `seed`, `stacked_heads`), plus `names` (any hooks), `dtype`, `mesh`
     ("data=8"), `padding_side`, `strict` (a malformed line fails instead of being skipped),
-    `progress`, `precision`, `stats` (on-device statistics instead of per-prompt files, see
+    `progress`, `max_programs` (padded lengths to compile, see `batching.plan_batches`),
+    `precision`, `stats` (on-device statistics instead of per-prompt files, see
     `jaxlens.sweep.stats`; `n_probes` induction probes), `store="zarr"` (one chunked store,
     `store_dtype` float32/bfloat16, `store_triangle`; read with `jaxlens.sweep.open_store`). `raw_prompts` is accepted for pattern_lens compatibility: the
     prompts file is always read (and chunked). Multi-host (after `jax.distributed.initialize`):
