@@ -16,13 +16,34 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model")
 
 
+# `tokenizer_class` values that name transformers' generic tokenizers.json tokenizer, and the
+# model types for which AutoTokenizer then returns exactly that class (checked against
+# AutoTokenizer for each type by tests/test_tokens.py). For these folders load_tokenizer builds the
+# class directly: AutoTokenizer's auto machinery imports torch (~1.8 s of every CLI run) only to
+# arrive at the same object. Types AutoTokenizer remaps (qwen2, phi3: its "incorrect hub class"
+# list) go through AutoTokenizer.
+GENERIC_TOKENIZER_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+GENERIC_TOKENIZER_TYPES = frozenset({"gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "mistral",
+                                     "mixtral", "olmo2", "qwen3", "qwen3_moe"})
+
+
+def _generic_fast(path: Path) -> bool:
+    """Would AutoTokenizer load `path` as the generic fast tokenizer (see GENERIC_TOKENIZER_TYPES)?"""
+    try:
+        tok_cfg = json.loads((path / "tokenizer_config.json").read_bytes())
+        model_type = json.loads((path / "config.json").read_bytes()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ((path / "tokenizer.json").is_file() and isinstance(tok_cfg, dict) and "auto_map" not in tok_cfg
+            and tok_cfg.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES and model_type in GENERIC_TOKENIZER_TYPES)
+
+
 def load_tokenizer(path: str | Path) -> Any | None:
-    """The HF tokenizer saved in `path`, or None if the folder holds none."""
+    """The HF tokenizer saved in `path` (what `AutoTokenizer.from_pretrained` gives), or None if
+    the folder holds none."""
     path = Path(path)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
-
     from jaxlens.conversion.io import CheckpointError
 
     for f in TOKENIZER_FILES:  # a damaged JSON file: name it (transformers' own error does not)
@@ -33,6 +54,12 @@ def load_tokenizer(path: str | Path) -> Any | None:
                 raise CheckpointError(f"tokenizer file {path / f} is not valid UTF-8 JSON ({e}); re-save the "
                                       "tokenizer with save_pretrained, or pass tokenizer=...") from e
     try:
+        if _generic_fast(path):
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many kinds; all mean the saved tokenizer is unusable
         present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
