@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jax
+import jax.numpy as jnp
 
 import jaxlens
 from conftest import PROMPTS, assert_close, built, padded
@@ -161,3 +162,42 @@ def test_cli_run_on_a_mesh(capsys, hf_root):
     assert sharded.splitlines()[1:] == plain.splitlines()[1:]  # the same predictions and cached shapes
     assert cli.main([*argv, "--mesh", "tensor=2"]) == 2
     assert "jaxlens: error: mesh spec 'tensor=2'" in capsys.readouterr().err
+
+
+def test_grid_cells_are_split_over_the_batch_axes():
+    """map_cells gives each device its own cells: per-device FLOPs of a chunk fall by the batch
+    axes' size (the model axis, with replicated weights, does not split them), results unchanged."""
+    from jaxlens.edits.patching import map_cells
+
+    W = jnp.asarray(np.random.default_rng(0).standard_normal((64, 64)), jnp.float32)
+    cells = jnp.arange(16, dtype=jnp.float32) / 16
+
+    def flops_and_out(mesh):
+        f = jax.jit(lambda w, c: map_cells(lambda x: jnp.tanh((x * w) @ w).sum(), c, 8, mesh))
+        ca = f.lower(W, cells).compile().cost_analysis()
+        return (ca[0] if isinstance(ca, list) else ca)["flops"], np.asarray(f(W, cells))
+
+    base, ref = flops_and_out(None)
+    for spec, split in (("data=8", 8), ("data=2,model=4", 2), ("fsdp=4,model=2", 4)):
+        flops, out = flops_and_out(make_mesh(spec))
+        assert flops == pytest.approx(base / split, rel=0.05), spec
+        np.testing.assert_allclose(out, ref, rtol=1e-6)
+    # a cell count no chunk divides: the padded cells' results are dropped
+    odd = jax.jit(lambda w, c: map_cells(lambda x: (x * w).sum(), c, 3, make_mesh("data=8")))(W, cells[:11])
+    np.testing.assert_allclose(np.asarray(odd), np.asarray(cells[:11] * W.sum()), rtol=1e-5)
+
+
+def test_run_grid_on_a_mesh_equals_one_device():
+    from jaxlens.assets import model_dir
+    from jaxlens.interventions import steer
+
+    toks = np.array([[0, 5, 9, 11, 3, 7, 8, 2]])
+    metric = lambda logits: logits[:, -1, 5].mean()  # noqa: E731
+    v = jnp.asarray(np.random.default_rng(0).standard_normal(128), jnp.float32)  # not constant: LN centres that away
+    build = lambda scale: [("blocks.0.hook_resid_post", steer(v, scale))]  # noqa: E731
+    grid = jnp.linspace(-1.0, 1.0, 5)
+    one = jaxlens.patching.run_grid(jaxlens.from_pretrained(model_dir()), toks, build, grid, metric, chunk_size=2)
+    mesh = jaxlens.patching.run_grid(jaxlens.from_pretrained(model_dir(), mesh="data=4,model=2"), toks, build, grid,
+                                     metric, chunk_size=2)
+    assert np.ptp(np.asarray(one)) > 1e-3
+    np.testing.assert_allclose(np.asarray(mesh), np.asarray(one), atol=1e-5)

@@ -134,11 +134,39 @@ def _assemble(logits: jax.Array, base: jax.Array, window: int, computed: tuple[i
     return jnp.where(sel[None, :, None], jnp.take(logits.astype(base.dtype), src, axis=1), base)
 
 
+def map_cells(fn: Callable[[Any], jax.Array], cells: Any, chunk_size: int | None, mesh: Any = None) -> jax.Array:
+    """`lax.map(fn, cells, batch_size=chunk_size)`: `fn` vmapped over chunks of the cells (a
+    pytree with a leading cell axis; None: one cell at a time). With a `mesh` whose batch axes
+    (data, fsdp) are larger than 1, each chunk's cells are split over those axes (the shared
+    inputs stay replicated on them), so every device runs different cells; chunks are then a
+    multiple of those axes, the last one padded with copies of the last cell, whose results are
+    dropped."""
+    from jaxlens.distributed import batch_multiple, batch_sharding
+
+    mult = 1 if mesh is None else batch_multiple(mesh)
+    if mult == 1:
+        return jax.lax.map(fn, cells, batch_size=chunk_size)
+    n = jax.tree.leaves(cells)[0].shape[0]
+    chunk = -(-(chunk_size or 1) // mult) * mult
+    n_pad = -(-n // chunk) * chunk
+
+    def split(x: jax.Array) -> jax.Array:
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], n_pad - n, axis=0)]) if n_pad > n else x
+        return x.reshape(n_pad // chunk, chunk, *x.shape[1:])
+
+    def run_chunk(c: Any) -> jax.Array:
+        c = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim)), c)
+        return jax.lax.with_sharding_constraint(jax.vmap(fn)(c), batch_sharding(mesh, 1))
+
+    out = jax.lax.map(run_chunk, jax.tree.map(split, cells))
+    return out.reshape(n_pad, *out.shape[2:])[:n]
+
+
 @retry_static
 @partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "window", "window_axis", "metric_positions",
-                                   "precision", "chunk_size"))
+                                   "precision", "chunk_size", "mesh"))
 def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, metric, *, cfg, name, axes, layer,
-                 window, window_axis, metric_positions, precision, chunk_size):
+                 window, window_axis, metric_positions, precision, chunk_size, mesh=None):
     """Metric for every patch index (cells, [n_cells, len(axes)]) of one layer whose window-axis
     index is >= `window`: [n_cells].
 
@@ -148,7 +176,8 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
     or after `window` can change (causal attention). Logits are computed only at the metric's
     positions (`metric_positions`, None: all); the metric sees the corrupted run's logits before
     `window` and NaN at positions neither computed nor earlier. `metric` is an `Fn` (keyed by
-    what it reads, so a metric reading changed globals recompiles)."""
+    what it reads, so a metric reading changed globals recompiles). On a `mesh` the cells are
+    split over its batch axes (`map_cells`)."""
     seq_len = mask.shape[1]
     base = jnp.where((jnp.arange(seq_len) < window)[None, :, None], corrupted_logits, jnp.nan)
     computed = None if metric_positions is None else tuple(p - window for p in metric_positions if p >= window)
@@ -175,7 +204,7 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
                              "batch inside the metric (e.g. .mean())")
         return out.astype(jnp.float32)
 
-    return jax.lax.map(one, cells, batch_size=chunk_size)
+    return map_cells(one, cells, chunk_size, mesh)
 
 
 @partial(jax.jit, static_argnames=("cfg", "capture", "precision", "with_kv"))
@@ -241,6 +270,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     win_axis = _window_axis(activation_name, axes)
     starts = window_starts(seq_len) if win_axis is not None else (0,)
     resid_names = frozenset(f"blocks.{l}.hook_resid_pre" for l in layer_list)
+    mesh = getattr(model, "mesh", None)  # cells over its batch axes; the prompts' batch replicated
     toks_j, mask_j = jnp.asarray(toks), jnp.asarray(mask)
     logits_c, resid, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg, capture=resid_names,
                                          precision=model.precision, with_kv=len(starts) > 1)
@@ -263,7 +293,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
             vals = _suffix_grid(params, mask_j, resid[f"blocks.{l}.hook_resid_pre"], kv if w else None, logits_c,
                                 clean, jnp.asarray(cells[sel]), Fn(patching_metric), cfg=cfg, name=name, axes=axes,
                                 layer=l, window=w, window_axis=win_axis, metric_positions=metric_pos,
-                                precision=model.precision, chunk_size=int(min(chunk, len(sel))))
+                                precision=model.precision, chunk_size=int(min(chunk, len(sel))), mesh=mesh)
             pending.append((l, sel, vals))
     for l, sel, vals in pending:
         out[l, sel] = np.asarray(vals)
@@ -310,8 +340,8 @@ get_act_patch_attn_head_pattern_all_pos = _specialise("pattern", ("layer", "head
 # ---------------------------------------------------------------------------------------------
 
 @retry_static
-@partial(jax.jit, static_argnames=("cfg", "precision", "chunk_size"))
-def _grid(params, tokens, mask, grid, shared, build, metric, *, cfg, precision, chunk_size):
+@partial(jax.jit, static_argnames=("cfg", "precision", "chunk_size", "mesh"))
+def _grid(params, tokens, mask, grid, shared, build, metric, *, cfg, precision, chunk_size, mesh=None):
     from jaxlens.hooks import make_hooks
 
     def one(item):
@@ -319,7 +349,7 @@ def _grid(params, tokens, mask, grid, shared, build, metric, *, cfg, precision, 
         logits, _, _ = forward(params, cfg, tokens, mask, hooks=hooks, precision=precision)
         return call_metric(metric, logits)
 
-    return jax.lax.map(one, grid, batch_size=chunk_size)
+    return map_cells(one, grid, chunk_size, mesh)
 
 
 def run_grid(model: Any, tokens: Any, build_hooks: Callable[..., Any], grid: Any, metric: Metric,
@@ -329,7 +359,8 @@ def run_grid(model: Any, tokens: Any, build_hooks: Callable[..., Any], grid: Any
     `grid` is a pytree whose leaves share a leading axis of length n; for each i,
     `build_hooks(grid[i], *shared)` returns TransformerLens-style `fwd_hooks` (typically edits from
     `jaxlens.interventions`) and `metric(logits)` is evaluated on the run with those hooks. The
-    items are vmapped (`chunk_size` at a time); `shared` arrays are passed once, not per item.
+    items are vmapped (`chunk_size` at a time; on a mesh, split over its batch axes: `map_cells`);
+    `shared` arrays are passed once, not per item.
     Returns the metric stacked over the grid. The compiled program is keyed by what `build_hooks`
     and `metric` read (see `jaxlens.fingerprint`), so fresh lambdas reuse it and changed globals
     do not.
@@ -343,7 +374,7 @@ def run_grid(model: Any, tokens: Any, build_hooks: Callable[..., Any], grid: Any
     if len(n) != 1 or -1 in n:
         raise ValueError(f"run_grid: every grid leaf needs the same leading (grid) axis; got leading sizes {sorted(n)}")
     return _grid(model.params, jnp.asarray(toks), jnp.asarray(mask), grid, tuple(shared), Fn(build_hooks), Fn(metric),
-                 cfg=cfg, precision=model.precision, chunk_size=chunk_size)
+                 cfg=cfg, precision=model.precision, chunk_size=chunk_size, mesh=getattr(model, "mesh", None))
 
 
 __all__ = ["generic_activation_patch", "run_grid", "IndexPatch"] + [n for n in dir() if n.startswith("get_act_patch_")]
