@@ -183,27 +183,74 @@ def shard_params(params: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
     return jax.tree.map(place, params, param_shardings(params, cfg, mesh))
 
 
+def _placed_program(fn: Callable[..., tuple[Any, ModelConfig]], example: Any, mesh: Mesh,
+                    *shared: Any) -> tuple[Callable[..., Any], ModelConfig]:
+    """`fn(x, *shared) -> (new params, new cfg)` as one jitted program: outputs placed by the
+    parameter rules for the new cfg, `x` donated (`shared` is not), matmuls at float32 precision.
+    Returns (program, new cfg); the program is traced for `example`'s shapes."""
+    box: list[ModelConfig] = []
+
+    def arrays(x: Any, *rest: Any) -> Any:
+        with jax.default_matmul_precision("float32"):
+            out, cfg = fn(x, *rest)
+        box[:] = [cfg]
+        return out
+
+    shapes = jax.eval_shape(arrays, example, *shared)
+    program = jax.jit(arrays, out_shardings=param_shardings(shapes, box[0], mesh), donate_argnums=0)
+
+    def run(x: Any, *rest: Any) -> Any:
+        with warnings.catch_warnings():  # a buffer XLA cannot reuse is simply not reused
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            return program(x, *rest)
+
+    return run, box[0]
+
+
 def transform_sharded(fn: Callable[[Any], tuple[Any, ModelConfig]], params: Any,
                       mesh: Mesh) -> tuple[Any, ModelConfig]:
     """`fn(params) -> (new params, new cfg)` run on the mesh: one jit-compiled program whose outputs
     are placed by the parameter rules (`param_shardings` for the new cfg) and whose inputs are
-    donated, so a sharded model is transformed (weight processing, layer stacking) without being
-    gathered on one device or on the host. Matmuls inside run at float32 precision, as the host
-    path computes them."""
-    box: list[ModelConfig] = []
+    donated, so a sharded model is transformed (layer stacking, a scanned model's processing)
+    without being gathered on one device or on the host. Matmuls inside run at float32
+    precision, as the host path computes them."""
+    program, cfg = _placed_program(fn, params, mesh)
+    return program(params), cfg
 
-    def arrays(p: Any) -> Any:
-        out, cfg = fn(p)
-        box[:] = [cfg]
-        return out
 
-    with jax.default_matmul_precision("float32"):
-        shapes = jax.eval_shape(arrays, params)
-        cfg = box[0]
-        with warnings.catch_warnings():  # a buffer XLA cannot reuse is simply not reused
-            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            out = jax.jit(arrays, out_shardings=param_shardings(shapes, cfg, mesh), donate_argnums=0)(params)
-    return out, cfg
+def process_sharded(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
+                    **flags: bool) -> tuple[dict[str, Any], ModelConfig]:
+    """TransformerLens's weight processing (`process_params(**flags)`) of a sharded unrolled model,
+    one layer at a time: every step of it reads and writes one block (ln1/ln2 folding, centring,
+    value biases) or only the embeddings and unembedding, so one compiled program processes each
+    block in turn (its buffers donated) and a second the rest. Peak memory is the model plus one
+    block's temporaries, not a second model (`transform_sharded` over the whole tree). A scanned
+    model (stacked blocks) goes through `transform_sharded`."""
+    from jaxlens.model.forward import is_scanned
+    from jaxlens.model.processing import process_params
+
+    if is_scanned(params):
+        return transform_sharded(lambda p: process_params(p, cfg, **flags), params, mesh)
+    blocks = [f"blocks_{l}" for l in range(cfg.n_layers)]
+    rest = {k: v for k, v in params.items() if k not in blocks}
+    one = cfg.replace(n_layers=1, attn_types=None if cfg.attn_types is None else cfg.attn_types[:1])
+    zeros = lambda tree: jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), tree)  # noqa: E731
+
+    def block(b: dict[str, Any]) -> tuple[Any, ModelConfig]:  # {"blocks_0": ...}; the rest only shapes the tree (DCE)
+        out, c = process_params({**zeros(rest), **b}, one, **flags)
+        return {"blocks_0": out["blocks_0"]}, c
+
+    block_shapes = jax.eval_shape(lambda b: b, params[blocks[0]])
+
+    def others(r: Any) -> tuple[Any, ModelConfig]:
+        out, c = process_params({**r, "blocks_0": zeros(block_shapes)}, one, **flags)
+        return {k: v for k, v in out.items() if k != "blocks_0"}, c
+
+    per_block, new = _placed_program(block, {"blocks_0": params[blocks[0]]}, mesh)
+    out = {name: per_block({"blocks_0": params[name]})["blocks_0"] for name in blocks}
+    rest_program, _ = _placed_program(others, rest, mesh)
+    out.update(rest_program(rest))
+    return out, new.replace(n_layers=cfg.n_layers, attn_types=cfg.attn_types)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

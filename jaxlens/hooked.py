@@ -833,8 +833,7 @@ def _load_sharded(path: str | Path, dtype: Any, allow_nonfinite: bool, mesh: Any
     time (an Orbax folder is restored into the shardings directly); weight processing and layer
     stacking then run on the mesh (`transform_sharded`), so the model is never whole on the host."""
     from jaxlens.conversion import is_orbax, load_any
-    from jaxlens.distributed import check_fits, transform_sharded
-    from jaxlens.model.processing import process_params
+    from jaxlens.distributed import check_fits, process_sharded, transform_sharded
 
     if is_orbax(path):
         from jaxlens.checkpoint import restore_orbax
@@ -845,18 +844,12 @@ def _load_sharded(path: str | Path, dtype: Any, allow_nonfinite: bool, mesh: Any
         check_fits(cfg, mesh)  # before anything is read
         params = shard_params(params, cfg, mesh)
 
-    def transform(p: dict[str, Any]) -> tuple[dict[str, Any], ModelConfig]:
-        c = cfg
-        if any(flags.values()):
-            p, c = process_params(p, c, **flags)
-        if scan_layers and not is_scanned(p):
-            p = stack_layers(p, c.n_layers, jnp)
-        if not scan_layers and is_scanned(p):
-            p = unstack_layers(p, c.n_layers)
-        return p, c
-
-    if any(flags.values()) or scan_layers != bool(is_scanned(params)):
-        params, cfg = transform_sharded(transform, params, mesh)
+    if any(flags.values()):  # one block at a time, so the model is never in memory twice
+        params, cfg = process_sharded(params, cfg, mesh, **flags)
+    if scan_layers != bool(is_scanned(params)):
+        relayout = (lambda p: (stack_layers(p, cfg.n_layers, jnp), cfg)) if scan_layers else \
+            (lambda p: (unstack_layers(p, cfg.n_layers), cfg))
+        params, cfg = transform_sharded(relayout, params, mesh)
     return cfg, params
 
 
