@@ -190,3 +190,28 @@ def test_forward_suffix_with_cache_and_logit_positions(gpt2, hf_root):
         assert_close(new.keys, kv.keys, "the suffix rewrites the keys it was given")
     with pytest.raises(ValueError, match="logit_positions"):
         forward(m.params, m.cfg, jnp.asarray(CORRUPT), logit_positions=(S,))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "gemma2", "olmo2", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_last_block_at_logit_positions_only(family, side, hf_root):
+    """With logit_positions and no hook in the last block, that block runs its queries, output
+    and MLP at those positions only (keys/values everywhere): logits equal the full run's there
+    (parallel blocks, GQA, sliding windows and soft-caps, post-norms, q/k norms, MoE; padded on
+    either side), and the compiled program does less work than one forced to run the whole block."""
+    from conftest import padded
+
+    m = jaxlens.from_pretrained_no_processing(built(family, hf_root)[0])
+    toks, mask = (jnp.asarray(a) for a in padded(side))
+    fwd = jax.jit(forward, static_argnames=("cfg", "capture", "logit_positions"))
+    full, _, _ = fwd(m.params, m.cfg, toks, mask)
+    pos = (0, 3, -1)
+    part, _, _ = fwd(m.params, m.cfg, toks, mask, logit_positions=pos)
+    assert_close(part, full[:, [0, 3, toks.shape[1] - 1]], f"{family} logits at {pos}")
+
+    def flops(capture):
+        c = fwd.lower(m.params, m.cfg, toks, mask, capture=capture, logit_positions=pos).compile().cost_analysis()
+        return (c[0] if isinstance(c, list) else c)["flops"]
+
+    last = f"blocks.{m.cfg.n_layers - 1}"  # capturing a hook inside the last block needs every position
+    assert flops(frozenset({f"{last}.hook_resid_pre"})) < flops(frozenset({f"{last}.hook_attn_out"})), family

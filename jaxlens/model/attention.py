@@ -44,12 +44,16 @@ class Attention(nn.Module):
     rotary (cos, sin) or None, and optionally this layer's `LayerKV` (its cached keys/values
     and the write index; then `allowed` spans the cache: key = buffer slot).
     Returns (attn_out [batch pos d_model] before hook_attn_out, the updated LayerKV or None).
+
+    `rows` (static positions of this call, or None for all): queries only there, keys and values
+    at every position; attn_out is then [batch len(rows) d_model] (the last block when only some
+    positions' logits are read; no hook of the block may be captured or edited).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None):
+    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None, rows: tuple[int, ...] | None = None):
         cfg = self.cfg
         H, K, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
         dt = x.dtype
@@ -57,7 +61,8 @@ class Attention(nn.Module):
         W_K = self.param("W_K", _init, (K, M, D), dt)
         W_V = self.param("W_V", _init, (K, M, D), dt)
         W_O = self.param("W_O", _init, (H, D, M), dt)
-        q, k, v = _project(x, W_Q), _project(x, W_K), _project(x, W_V)
+        take = (lambda a: a) if rows is None else (lambda a: a[:, jnp.asarray(rows, jnp.int32)])  # query rows
+        q, k, v = _project(take(x), W_Q), _project(x, W_K), _project(x, W_V)
         if cfg.use_qkv_bias:
             q = q + self.param("b_Q", nn.initializers.zeros, (H, D), dt)
             k = k + self.param("b_K", nn.initializers.zeros, (K, D), dt)
@@ -69,10 +74,12 @@ class Attention(nn.Module):
             q, k = self._qk_norm("q", q, ctx), self._qk_norm("k", k, ctx)
         if rotary is not None:
             cos, sin = rotary
-            q = hook_point(self, f"{P}.hook_rot_q", apply_rotary(q, cos, sin, cfg.rotary_dim), ctx)
+            q = hook_point(self, f"{P}.hook_rot_q", apply_rotary(q, take(cos), take(sin), cfg.rotary_dim), ctx)
             k = hook_point(self, f"{P}.hook_rot_k", apply_rotary(k, cos, sin, cfg.rotary_dim), ctx)
         if kv is not None:  # write the new keys/values; attend to the cached ones and the new
             kv, k, v = kv.update(k, v, dt)
+        if rows is not None:
+            allowed = allowed[:, :, jnp.asarray(rows, jnp.int32)]
         # [batch head pos d_head]; grouped heads repeat their kv head (query head h uses h // group)
         qh = q.transpose(0, 2, 1, 3)
         kh = repeat_kv(k.transpose(0, 2, 1, 3), H // K, axis=1)

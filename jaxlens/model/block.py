@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
@@ -23,7 +24,9 @@ class Block(nn.Module):
     `hook_attn_out` / `hook_mlp_out` are what is added to the residual (after a post-norm, as
     TransformerLens 4.3). Parallel blocks add attn and mlp outputs of the same resid_pre (no
     hook_resid_mid). `allowed` and `rotary` are this layer's (local or global).
-    Returns (resid_post, the attention's updated `LayerKV` or None).
+    Returns (resid_post, the attention's updated `LayerKV` or None). With `rows` (static
+    positions) only those positions leave the block (resid_post [batch len(rows) d_model]):
+    keys and values are computed at every position, the rest only at `rows` (see `Attention`).
     """
 
     cfg: ModelConfig
@@ -39,12 +42,14 @@ class Block(nn.Module):
         return out, extra
 
     @nn.compact
-    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None):
+    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None, rows: tuple[int, ...] | None = None):
         cfg = self.cfg
         attn = Attention(cfg, name="attn")
         mlp = (MoE if cfg.num_experts else MLP)(cfg, name="mlp")
         x = hook_point(self, f"{B}.hook_resid_pre", x, ctx)
-        attn_out, new_kv = self._normed(1, lambda y: attn(y, allowed, rotary, ctx, kv), x, ctx)
+        attn_out, new_kv = self._normed(1, lambda y: attn(y, allowed, rotary, ctx, kv, rows), x, ctx)
+        if rows is not None:  # the residual stream continues at the query rows only
+            x = x[:, jnp.asarray(rows, jnp.int32)]
         attn_out = hook_point(self, f"{B}.hook_attn_out", attn_out, ctx)
         if cfg.parallel_attn_mlp:
             mid = x

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
-from jaxlens.hooks import RunCtx, hook_point
+from jaxlens.hooks import EVERY_HOOK, RunCtx, hook_point
 from jaxlens.model.block import Block
 from jaxlens.model.kv import KVCache, LayerKV
 from jaxlens.model.layers import positions_from_mask, soft_cap
@@ -127,6 +127,7 @@ class Transformer(nn.Module):
         else:  # the residual stream entering block `first` (positions already in it, or rotary)
             x = tokens.astype(self.dtype)
 
+        rows = self._last_block_rows(ctx, first, last)
         if self.scan_layers and last > first:
             scan = nn.scan(
                 _ScanBody,
@@ -152,7 +153,8 @@ class Transformer(nn.Module):
             new_k, new_v = [], []
             for l in range(first, last):
                 view = LayerKV(kv.keys[l], kv.values[l], kv.length)
-                x, view = Block(cfg, name=f"blocks_{l}")(x, *kinds.pick(cfg.is_local(l)), ctx.at_layer(l), view)
+                x, view = Block(cfg, name=f"blocks_{l}")(x, *kinds.pick(cfg.is_local(l)), ctx.at_layer(l), view,
+                                                         rows if l == last - 1 else None)
                 new_k.append(view.keys)
                 new_v.append(view.values)
             if new_k:
@@ -163,12 +165,13 @@ class Transformer(nn.Module):
             # step would copy the whole cache twice)
             for l in range(first, last):
                 x, layer_kv = Block(cfg, name=f"blocks_{l}")(x, *kinds.pick(cfg.is_local(l)), ctx.at_layer(l),
-                                                             None if kv is None else kv.at_layer(l))
+                                                             None if kv is None else kv.at_layer(l),
+                                                             rows if l == last - 1 else None)
                 if layer_kv is not None:
                     kv = KVCache(layer_kv.keys, layer_kv.values, kv.mask, kv.length)
         if self.stop_at_layer is not None:
             return x, None
-        if self.logit_positions is not None:  # norms and unembedding act per position: drop the others first
+        if self.logit_positions is not None and rows is None:  # norms and unembedding act per position
             x = x[:, jnp.asarray(self.logit_positions, jnp.int32)]
 
         x = Norm(cfg, "ln_final", name="ln_final")(x, ctx)
@@ -182,5 +185,20 @@ class Transformer(nn.Module):
         if kv is None:
             return logits, None
         return logits, KVCache(kv.keys, kv.values, full_mask, jnp.asarray(offset + q, jnp.int32))
+
+    def _last_block_rows(self, ctx: RunCtx, first: int, last: int) -> tuple[int, ...] | None:
+        """`logit_positions` when the last block may run at those positions only: logits are
+        asked for there alone, the run ends with the model's last block (unrolled), and no hook
+        of that block but its input (`hook_resid_pre`) is captured or edited (the others would
+        be partial). Its keys and
+        values are still computed at every position: a cache written by this run is complete."""
+        if self.logit_positions is None or self.scan_layers or last != self.cfg.n_layers or last <= first:
+            return None
+        prefix, entry = f"blocks.{last - 1}.", f"blocks.{last - 1}.hook_resid_pre"  # the input is whole anyway
+        partial = lambda n: n.startswith(prefix) and n != entry  # noqa: E731
+        if ctx.capture is EVERY_HOOK or any(map(partial, ctx.capture)) or \
+                any(partial(n) for names, _ in ctx.hooks.entries for n in names):
+            return None
+        return self.logit_positions
 
 __all__ = ["Transformer", "LayerKinds"]
