@@ -830,8 +830,9 @@ def _load_sharded(path: str | Path, dtype: Any, allow_nonfinite: bool, mesh: Any
                   flags: dict[str, bool]) -> tuple[ModelConfig, dict[str, Any]]:
     """(cfg, params) loaded straight into the shards of `mesh`: each parameter is read (and
     converted, checked, cast) only for the slices this process's devices hold, one parameter at a
-    time (an Orbax folder is restored into the shardings directly); weight processing and layer
-    stacking then run on the mesh (`transform_sharded`), so the model is never whole on the host."""
+    time (an Orbax folder is restored into the shardings directly); weight processing (one block
+    per program: `process_sharded`) and layer stacking (`transform_sharded`) then run on the mesh,
+    so the model is never whole on the host."""
     from jaxlens.conversion import is_orbax, load_any
     from jaxlens.distributed import check_fits, process_sharded, transform_sharded
 

@@ -75,7 +75,9 @@ class Transformer(nn.Module):
 
     `logit_positions` (static indices into this call's positions, or None for all): the final
     norm and unembedding run only there, logits [batch len(logit_positions) vocab] (the
-    unembedding is the costliest layer of a small model; a metric reading one position needs one).
+    unembedding is the costliest layer of a small model; a metric reading one position needs one),
+    and so does the last block's work after its keys and values when no hook inside it is used
+    (`_last_block_rows`).
     """
 
     cfg: ModelConfig
@@ -190,8 +192,8 @@ class Transformer(nn.Module):
         """`logit_positions` when the last block may run at those positions only: logits are
         asked for there alone, the run ends with the model's last block (unrolled), and no hook
         of that block but its input (`hook_resid_pre`) is captured or edited (the others would
-        be partial). Its keys and
-        values are still computed at every position: a cache written by this run is complete."""
+        be partial). Its keys and values are still computed at every position: a cache written
+        by this run is complete."""
         if self.logit_positions is None or self.scan_layers or last != self.cfg.n_layers or last <= first:
             return None
         prefix, entry = f"blocks.{last - 1}.", f"blocks.{last - 1}.hook_resid_pre"  # the input is whole anyway
