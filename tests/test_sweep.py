@@ -356,11 +356,12 @@ def test_cli(tmp_path, capsys):
     from jaxlens.apps.cli import main
 
     rc = main(["patterns", "--model", str(MODEL), "--prompts", str(PROMPTS), "--save-path", str(tmp_path / "c"),
-               "--min-chars", "10", "-n", "3", "-b", "2", "--raw-prompts", "--no-index-html", "--no-progress",
-               "--name", "mine"])
+               "--min-chars", "10", "-n", "3", "-b", "1", "--raw-prompts", "--no-index-html", "--no-progress",
+               "--name", "mine", "--max-programs", "1"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["model_name"] == "mine" and summary["n_computed"] == 3
+    assert summary["n_batches"] == 3 and summary["n_programs"] == 1  # three batches of one, one padded length
     assert not (tmp_path / "c" / "index.html").exists() and (tmp_path / "c" / "mine" / "model_cfg.json").is_file()
     with pytest.raises(ValueError, match="safe folder name"):
         run(str(MODEL), str(PROMPTS), tmp_path / "c", name="../up", n_samples=1)

@@ -23,6 +23,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=int, default=1000, help="cut longer prompts into chunks of this many characters")
     p.add_argument("--n-samples", "-n", type=int, default=None, help="at most this many prompts")
     p.add_argument("--batch-size", "-b", type=int, default=32, help="prompts per forward pass")
+    p.add_argument("--max-programs", type=int, default=8,
+                   help="at most this many padded lengths, one compiled program each (default 8; fewer: less "
+                        "compiling, more padding)")
     p.add_argument("--force", "-f", action="store_true", help="recompute prompts that are already done")
     p.add_argument("--no-index-html", action="store_true", help="do not write index.html / single.html")
     p.add_argument("--raw-prompts", "-r", action="store_true",
@@ -82,7 +85,8 @@ def cmd_patterns(a: argparse.Namespace) -> int:
               max_chars=a.max_chars, n_samples=a.n_samples, batch_size=a.batch_size, force=a.force,
               shuffle=a.shuffle, seed=a.seed, stacked_heads=a.stacked_heads, names=a.names, dtype=a.dtype,
               mesh=a.mesh, padding_side=a.padding_side, stats=a.stats, n_probes=a.n_probes, store=a.store,
-              store_dtype=a.store_dtype, store_triangle=a.store_triangle, strict=a.strict, progress=a.progress)
+              store_dtype=a.store_dtype, store_triangle=a.store_triangle, strict=a.strict, progress=a.progress,
+              max_programs=a.max_programs)
     for s in out:
         print(json.dumps(s.as_dict()))
     return 0
