@@ -183,26 +183,26 @@ def shard_params(params: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
     return jax.tree.map(place, params, param_shardings(params, cfg, mesh))
 
 
-def _placed_program(fn: Callable[..., tuple[Any, ModelConfig]], example: Any, mesh: Mesh,
-                    *shared: Any) -> tuple[Callable[..., Any], ModelConfig]:
-    """`fn(x, *shared) -> (new params, new cfg)` as one jitted program: outputs placed by the
-    parameter rules for the new cfg, `x` donated (`shared` is not), matmuls at float32 precision.
-    Returns (program, new cfg); the program is traced for `example`'s shapes."""
+def _placed_program(fn: Callable[[Any], tuple[Any, ModelConfig]], example: Any,
+                    mesh: Mesh) -> tuple[Callable[[Any], Any], ModelConfig]:
+    """`fn(x) -> (new params, new cfg)` as one jitted program: outputs placed by the parameter
+    rules for the new cfg, `x` donated, matmuls at float32 precision. Returns (program, new cfg);
+    the program is traced for `example`'s shapes."""
     box: list[ModelConfig] = []
 
-    def arrays(x: Any, *rest: Any) -> Any:
+    def arrays(x: Any) -> Any:
         with jax.default_matmul_precision("float32"):
-            out, cfg = fn(x, *rest)
+            out, cfg = fn(x)
         box[:] = [cfg]
         return out
 
-    shapes = jax.eval_shape(arrays, example, *shared)
+    shapes = jax.eval_shape(arrays, example)
     program = jax.jit(arrays, out_shardings=param_shardings(shapes, box[0], mesh), donate_argnums=0)
 
-    def run(x: Any, *rest: Any) -> Any:
+    def run(x: Any) -> Any:
         with warnings.catch_warnings():  # a buffer XLA cannot reuse is simply not reused
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            return program(x, *rest)
+            return program(x)
 
     return run, box[0]
 

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from jaxlens.sweep.batching import MAX_PROGRAMS
+
 __all__ = ["add_parser", "cmd_patterns"]
 
 
@@ -23,9 +25,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=int, default=1000, help="cut longer prompts into chunks of this many characters")
     p.add_argument("--n-samples", "-n", type=int, default=None, help="at most this many prompts")
     p.add_argument("--batch-size", "-b", type=int, default=32, help="prompts per forward pass")
-    p.add_argument("--max-programs", type=int, default=8,
-                   help="at most this many padded lengths, one compiled program each (default 8; fewer: less "
-                        "compiling, more padding)")
+    p.add_argument("--max-programs", type=int, default=MAX_PROGRAMS,
+                   help=f"at most this many padded lengths, one compiled program each (default {MAX_PROGRAMS}; "
+                        "fewer: less compiling, more padding)")
     p.add_argument("--force", "-f", action="store_true", help="recompute prompts that are already done")
     p.add_argument("--no-index-html", action="store_true", help="do not write index.html / single.html")
     p.add_argument("--raw-prompts", "-r", action="store_true",

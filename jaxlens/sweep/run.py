@@ -3,8 +3,9 @@
 One model at a time: load it, write `model_cfg.json`, load and hash the prompts, skip the
 finished ones (resume), tokenise the rest once, plan the batches and their padded lengths (a
 few, chosen for the least padding), and run one compiled program per padded shape with only
-the requested hooks leaving the device. A bounded writer thread fetches each batch's results, trims the padding, and writes each prompt's files
-atomically while the device runs the next batches.
+the requested hooks leaving the device. A bounded writer thread fetches each batch's results,
+trims the padding, and writes each prompt's files atomically while the device runs the next
+batches.
 """
 
 from __future__ import annotations

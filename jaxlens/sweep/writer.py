@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - the `sweep` extra installs it
 # which deflate writes the npz files ("isal" or "zlib"): `pip install jaxlens[sweep]` for the fast one
 DEFLATE = "isal" if _isal is not None else "zlib"
 ISAL_LEVEL = 1  # ISA-L level 1: within 1% of np.savez_compressed's (zlib level 6) size on patterns
+_ZLIB_COMPRESSOR = type(zlib.compressobj())  # what zipfile puts in a deflated entry
 
 TMP_PREFIX = ".tmp-"
 
@@ -101,7 +102,7 @@ def write_npz(f: Any, arrays: Mapping[str, np.ndarray], compressed: bool = True)
         for key, a in arrays.items():
             with z.open(key + ".npy", mode="w", force_zip64=True) as entry:
                 if compressed and _isal is not None and isinstance(getattr(entry, "_compressor", None),
-                                                                    type(zlib.compressobj())):
+                                                                    _ZLIB_COMPRESSOR):
                     entry._compressor = _isal.compressobj(ISAL_LEVEL, _isal.DEFLATED, -15)  # raw deflate, as zipfile
                 np.lib.format.write_array(entry, np.asanyarray(a), allow_pickle=False)
 
