@@ -145,7 +145,7 @@ class HookedTransformer:
             cfg, params = load_any(path, dtype, allow_nonfinite=allow_nonfinite)
             if any(flags.values()):  # on the host, in numpy
                 params, cfg = process_params(params, cfg, **flags)
-            params = jax.tree.map(jnp.asarray, params)
+            params = jax.device_put(params)  # one transfer, no per-shape identity program (jnp.asarray compiles one)
             if scan_layers and not is_scanned(params):
                 params = stack_layers(params, cfg.n_layers, jnp)
             if not scan_layers and is_scanned(params):
@@ -697,7 +697,7 @@ class HookedTransformer:
         host = jax.tree.map(np.asarray, self.params)  # processed once on the host, like from_pretrained
         params, cfg = process_params(host, self.cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                      center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-        return type(self)(cfg, jax.tree.map(jnp.asarray, params), self.tokenizer, precision=self.precision)
+        return type(self)(cfg, jax.device_put(params), self.tokenizer, precision=self.precision)
 
     def hook_names(self, include_result: bool = True) -> list[str]:
         from jaxlens.hooks import hook_names

@@ -95,8 +95,11 @@ def lm_accuracy(logits: Any, tokens: Any, per_token: bool = False) -> jax.Array:
     return correct if per_token else correct.mean()
 
 
-def _softmax_np(logits: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+def softmax_np(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in numpy, f32: for host-side reports (no compiled program)."""
+    x = np.asarray(logits, np.float32)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 def test_prompt(prompt: str, answer: str | Sequence[str], model: Any, prepend_space_to_answer: bool = True,
@@ -126,7 +129,7 @@ def test_prompt(prompt: str, answer: str | Sequence[str], model: Any, prepend_sp
         print("Tokenized prompt:", prompt_str)
         print("Tokenized answers:" if multi else "Tokenized answer:", answer_strs if multi else answer_strs[0])
     logits = np.asarray(model(tokens), np.float32)
-    probs = _softmax_np(logits)
+    probs = softmax_np(logits)
     ranks = []
     for index in range(n_prompt, n_prompt + n_answer):
         ans = tokens[:, index]

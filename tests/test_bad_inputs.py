@@ -387,6 +387,18 @@ def test_cli_run_tokens_work(capsys, gpt2_path):
     assert "top-2 next tokens" in out and "blocks.0.hook_resid_pre" in out
 
 
+def test_console_script_exit_codes(gpt2_path, tmp_path):
+    """The `jaxlens` command (`cli.script`, which freezes the heap before the exit) keeps main's
+    exit code and output: 0 with the result printed, 2 with the error and no traceback."""
+    assert 'jaxlens = "jaxlens.apps.cli:script"' in (REPO / "pyproject.toml").read_text()
+    run = [sys.executable, "-c", "import sys; from jaxlens.apps.cli import script; sys.exit(script())", "run"]
+    ok = subprocess.run([*run, "--model", str(gpt2_path), "--tokens", "0,5", "--top-k", "2"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "top-2 next tokens" in ok.stdout, ok.stderr
+    bad = subprocess.run([*run, "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "jaxlens: error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "file", "unreadable"])
 def test_cli_bad_model_path(capsys, gpt2_path, tmp_path, monkeypatch, case):
     if case == "missing":

@@ -185,8 +185,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def script() -> int:
+    """The `jaxlens` console command: `main`, then the heap frozen for the exit.
+
+    Python's exit-time collections walk every object jax, flax and transformers left alive: 0.93 s
+    after a demo run here, 0.43 s once frozen. One collection first finalises the cyclic garbage
+    (files closed, buffers flushed); what stays alive is freed by the interpreter as before. Only the
+    process's last act, so `main` stays safe to call from other code and tests.
+    """
+    import gc
+
+    rc = main()
+    gc.collect()
+    gc.freeze()
+    return rc
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script())
 
 __all__ = ["default_model", "cmd_convert", "MESH_HELP", "MAX_TOKEN_ID", "token_ids", "positive_int", "cmd_run", "cmd_demo",
-           "build_parser", "os_error_message", "main"]
+           "build_parser", "os_error_message", "main", "script"]

@@ -21,6 +21,7 @@ import numpy as np
 from jaxlens.apps import data
 from jaxlens.apps.probes import induction_scores, ioi_batch, ioi_scores
 from jaxlens.apps.report import Report, attention_grid, esc, png, show_token, table
+from jaxlens.utils import softmax_np
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"  # both IOI prompts: held-out templates
 PROMPTS = (
@@ -89,7 +90,8 @@ def stage_predictions(d: _Demo) -> None:
     m = d.m
     toks, mask = m.to_tokens(d.prompts, return_mask=True)  # one right-padded batch: one compile
     last = np.asarray(mask).sum(1) - 1
-    probs = np.asarray(jax.nn.softmax(m(toks, attention_mask=mask)[np.arange(len(last)), last], -1))
+    logits = np.asarray(m(toks, attention_mask=mask))[np.arange(len(last)), last]  # indexed on the host
+    probs = softmax_np(logits)
     rows, res = [], {}
     d.say("== top predictions (next token after each prompt)")
     for p, pr in zip(d.prompts, probs):
@@ -209,7 +211,7 @@ def stage_induction(d: _Demo) -> None:
     seq_len = min(50, (m.cfg.n_ctx - 1) // 2)
     toks = data.repeated_tokens(np.random.default_rng(SEED), 8, seq_len, m.cfg.d_vocab, m.tokenizer.bos_token_id)
     _, cache = m.run_with_cache(toks, names_filter=lambda n: n.endswith("attn.hook_pattern"))
-    sc = np.stack([np.asarray(induction_scores(cache["pattern", l], seq_len)) for l in range(m.cfg.n_layers)])
+    sc = np.stack([induction_scores(np.asarray(cache["pattern", l]), seq_len) for l in range(m.cfg.n_layers)])
     l, h = np.unravel_index(int(sc.argmax()), sc.shape)
     d.summary["induction"] = {"seq_len": seq_len, "scores": sc.tolist(), "best_head": f"L{l}H{h}",
                               "best_score": float(sc[l, h])}
@@ -233,7 +235,7 @@ def stage_induction(d: _Demo) -> None:
         body += d.savefig(fig, "induction_scores.png")
     short = data.repeated_tokens(np.random.default_rng(SEED + 1), 1, 10, m.cfg.d_vocab, m.tokenizer.bos_token_id)
     _, c2 = m.run_with_cache(short, names_filter=lambda n: n.endswith("attn.hook_pattern"))
-    pats = np.stack([np.asarray(c2["pattern", i][0]) for i in range(m.cfg.n_layers)])
+    pats = np.stack([np.asarray(c2["pattern", i])[0] for i in range(m.cfg.n_layers)])
     body += Report.text("Attention of every head on BOS + 10 random tokens repeated (the induction stripe is "
                         "the diagonal 9 below the main one). Hover a cell for its tokens and weight.")
     body += attention_grid(m.to_str_tokens(short[0]), pats)
@@ -260,11 +262,12 @@ def stage_patterns(d: _Demo) -> None:
                        "for query → key and the weight; hover a label for the token.")
     chosen = d.prompts[:2] + [p for p in d.prompts[2:] if "<" in p][:2]
     toks, mask = m.to_tokens(chosen, return_mask=True)
-    toks, mask = toks[:, :MAX_PATTERN_TOKENS], mask[:, :MAX_PATTERN_TOKENS]
+    toks, mask = np.asarray(toks)[:, :MAX_PATTERN_TOKENS], np.asarray(mask)[:, :MAX_PATTERN_TOKENS]
     _, cache = m.run_with_cache(toks, attention_mask=mask, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    layers = [np.asarray(cache["pattern", l]) for l in range(m.cfg.n_layers)]  # sliced on the host
     for i, p in enumerate(chosen):
-        n = int(np.asarray(mask[i]).sum())
-        pats = np.stack([np.asarray(cache["pattern", l][i, :, :n, :n]) for l in range(m.cfg.n_layers)])
+        n = int(mask[i].sum())
+        pats = np.stack([pat[i, :, :n, :n] for pat in layers])
         body += f"<h3>{esc(p)}</h3>" + attention_grid(m.to_str_tokens(toks[i, :n]), pats)
     d.report.add("Attention patterns", body)
 

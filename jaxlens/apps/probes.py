@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,19 +17,19 @@ from jaxlens.model.forward import forward_jit
 from jaxlens.hooks import resolve_names
 
 
-def induction_scores(pattern: jax.Array, seq_len: int) -> jax.Array:
+def induction_scores(pattern: Any, seq_len: int) -> Any:
     """Induction score per head from one layer's pattern [batch head 1+2*seq_len 1+2*seq_len]
     on BOS + random tokens + the same tokens again (TransformerLens's probe).
 
     Mean, over the batch and every query of the second half, of the attention paid to the token
     just after that token's earlier occurrence: query q, key q - seq_len + 1 (the diagonal at
-    offset 1 - seq_len). Returns [head].
+    offset 1 - seq_len). Returns [head], numpy for a numpy pattern and jax for a jax one.
     """
     n = pattern.shape[-1]
     if pattern.ndim != 4 or pattern.shape[-2] != n or n != 1 + 2 * seq_len:
         raise ValueError(f"pattern must be [batch head {1 + 2 * seq_len} {1 + 2 * seq_len}] for seq_len={seq_len} "
                          f"(BOS + two copies), got shape {tuple(pattern.shape)}")
-    q = jnp.arange(seq_len + 1, n)
+    q = np.arange(seq_len + 1, n)  # static indices: a numpy pattern stays on the host, a jax one is one gather
     return pattern[:, :, q, q - seq_len + 1].mean(axis=(0, 2))
 
 
