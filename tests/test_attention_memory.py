@@ -24,17 +24,36 @@ def plain(q, k, v, allowed, scale, cap):
     return jnp.einsum("bhqk,bhkd->bqhd", masked_softmax(s, allowed), v)
 
 
+@pytest.mark.parametrize("q_block", [512, 4, 11])  # one query block; three with 1 padded query; exactly one
 @pytest.mark.parametrize("cap", [None, 1.5])
 @pytest.mark.parametrize("n_k,block", [(37, 8), (64, 16), (5, 16)])
-def test_blocked_equals_plain(cap, n_k, block):
+def test_blocked_equals_plain(cap, n_k, block, q_block):
     rng = np.random.default_rng(n_k)
     b, h, n_q, d = 2, 3, 11, 4
     q, k, v = (jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in ((b, h, n_q, d), (b, h, n_k, d), (b, h, n_k, d)))
     allowed = jnp.asarray(rng.random((b, 1, n_q, n_k)) < 0.6)
     allowed = allowed.at[0, 0, 3].set(False)  # a fully masked row: zeros, as masked_softmax
-    got = blocked_attention(q, k, v, allowed, 2.0, cap, block=block)
+    got = blocked_attention(q, k, v, allowed, 2.0, cap, block=block, q_block=q_block)
     assert_close(got, plain(q, k, v, allowed, 2.0, cap), "blocked attention")
     assert (np.asarray(got)[0, 3] == 0).all()
+
+
+@pytest.mark.parametrize("q_block,block", [(4, 8), (3, 5)])
+def test_blocked_skips_future_key_blocks_exactly(q_block, block):
+    """A causal mask over a cached prefix (keys 0..n_k-n_q+i for query i): whole key blocks lie in
+    some query blocks' future and are skipped; values and gradients still equal the plain path."""
+    rng = np.random.default_rng(7)
+    b, h, n_q, n_k, d = 1, 2, 11, 37, 4
+    q, k, v = (jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in ((b, h, n_q, d), (b, h, n_k, d), (b, h, n_k, d)))
+    allowed = jnp.asarray(np.arange(n_k)[None] <= np.arange(n_q)[:, None] + (n_k - n_q))[None, None]
+    assert_close(blocked_attention(q, k, v, allowed, 2.0, block=block, q_block=q_block),
+                 plain(q, k, v, allowed, 2.0, None), "blocked attention, causal")
+    loss = lambda f: lambda q, k, v: (f(q, k, v) ** 2).sum()  # noqa: E731
+    g_blocked = jax.grad(loss(lambda q, k, v: blocked_attention(q, k, v, allowed, 2.0, block=block, q_block=q_block)),
+                         argnums=(0, 1, 2))(q, k, v)
+    g_plain = jax.grad(loss(lambda q, k, v: plain(q, k, v, allowed, 2.0, None)), argnums=(0, 1, 2))(q, k, v)
+    for name, a, e in zip("qkv", g_blocked, g_plain):
+        assert_close(a, e, f"d/d{name}", rtol=1e-5, atol=1e-5)
 
 
 def long_model(**kw):
