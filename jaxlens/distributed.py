@@ -220,37 +220,63 @@ def transform_sharded(fn: Callable[[Any], tuple[Any, ModelConfig]], params: Any,
 
 def process_sharded(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
                     **flags: bool) -> tuple[dict[str, Any], ModelConfig]:
-    """TransformerLens's weight processing (`process_params(**flags)`) of a sharded unrolled model,
-    one layer at a time: every step of it reads and writes one block (ln1/ln2 folding, centring,
-    value biases) or only the embeddings and unembedding, so one compiled program processes each
-    block in turn (its buffers donated) and a second the rest. Peak memory is the model plus one
-    block's temporaries, not a second model (`transform_sharded` over the whole tree). A scanned
-    model (stacked blocks) goes through `transform_sharded`."""
+    """TransformerLens's weight processing (`process_params(**flags)`) of an unrolled model on the
+    mesh, one part at a time: every step of it reads and writes one block (ln1/ln2 folding,
+    centring, value biases) or only the embeddings and unembedding. So one compiled program
+    processes the rest first, then another each block in turn (buffers donated). Leaves not yet
+    on the mesh (lazy or host arrays) are placed (`shard_params`) just before their part's program:
+    the unembedding's temporaries then come and go before the blocks are read, and each block is
+    processed as it arrives, so the peak is the model plus one part's temporaries, not a second
+    model. A scanned model (stacked blocks) is placed whole and goes through `transform_sharded`."""
     from jaxlens.model.forward import is_scanned
     from jaxlens.model.processing import process_params
 
     if is_scanned(params):
-        return transform_sharded(lambda p: process_params(p, cfg, **flags), params, mesh)
+        return transform_sharded(lambda p: process_params(p, cfg, **flags), shard_params(params, cfg, mesh), mesh)
     blocks = [f"blocks_{l}" for l in range(cfg.n_layers)]
-    rest = {k: v for k, v in params.items() if k not in blocks}
+    rest = shard_params({k: v for k, v in params.items() if k not in blocks}, cfg, mesh)
     one = cfg.replace(n_layers=1, attn_types=None if cfg.attn_types is None else cfg.attn_types[:1])
     zeros = lambda tree: jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), tree)  # noqa: E731
+    block_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), params[blocks[0]])
 
     def block(b: dict[str, Any]) -> tuple[Any, ModelConfig]:  # {"blocks_0": ...}; the rest only shapes the tree (DCE)
         out, c = process_params({**zeros(rest), **b}, one, **flags)
         return {"blocks_0": out["blocks_0"]}, c
 
-    block_shapes = jax.eval_shape(lambda b: b, params[blocks[0]])
-
     def others(r: Any) -> tuple[Any, ModelConfig]:
         out, c = process_params({**r, "blocks_0": zeros(block_shapes)}, one, **flags)
         return {k: v for k, v in out.items() if k != "blocks_0"}, c
 
-    per_block, new = _placed_program(block, {"blocks_0": params[blocks[0]]}, mesh)
-    out = {name: per_block({"blocks_0": params[name]})["blocks_0"] for name in blocks}
-    rest_program, _ = _placed_program(others, rest, mesh)
-    out.update(rest_program(rest))
+    rest_program, new = _placed_program(others, rest, mesh)
+    out = jax.block_until_ready(rest_program(rest))
+    release_host_memory()  # the unembedding's temporaries and the compiler's memory, before the blocks come
+    per_block = None
+    for name in blocks:
+        b = shard_params({"blocks_0": params[name]}, one, mesh)  # read now, processed at once
+        if per_block is None:
+            per_block, _ = _placed_program(block, b, mesh)
+        out[name] = jax.block_until_ready(per_block(b)["blocks_0"])
+        release_host_memory()
     return out, new.replace(n_layers=cfg.n_layers, attn_types=cfg.attn_types)
+
+
+def release_host_memory() -> None:
+    """Hand the host memory freed so far back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+
+    XLA compiles and runs programs on its own threads, whose malloc arenas keep what a program
+    freed (temporaries, the compiler's working memory); the main thread, reading the next
+    parameters, cannot reuse it, so without this the process grows by every program's peak."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

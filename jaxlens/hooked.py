@@ -843,10 +843,11 @@ def _load_sharded(path: str | Path, dtype: Any, allow_nonfinite: bool, mesh: Any
     else:
         cfg, params = load_any(path, dtype, allow_nonfinite=allow_nonfinite, lazy=True)
         check_fits(cfg, mesh)  # before anything is read
-        params = shard_params(params, cfg, mesh)
 
-    if any(flags.values()):  # one block at a time, so the model is never in memory twice
+    if any(flags.values()):  # part by part, each read as its turn comes: never the model twice
         params, cfg = process_sharded(params, cfg, mesh, **flags)
+    else:
+        params = shard_params(params, cfg, mesh)
     if scan_layers != bool(is_scanned(params)):
         relayout = (lambda p: (stack_layers(p, cfg.n_layers, jnp), cfg)) if scan_layers else \
             (lambda p: (unstack_layers(p, cfg.n_layers), cfg))
