@@ -142,3 +142,22 @@ def test_fused_attention_equals_plain(monkeypatch, window):
     assert_close(np.asarray(got_logits)[real], np.asarray(want_logits)[real], "logits", rtol=1e-5, atol=1e-5)
     for k in names:
         assert_close(np.asarray(got[k]), np.asarray(want[k]), k, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_attention_on_a_mesh_equals_one_device():
+    """The blocked path (query-block map, key-block scan, skip conditions) partitioned over 8
+    simulated devices, batch on `data` and heads on `model`, equals one device."""
+    from jaxlens.distributed import make_mesh, shard_params
+
+    cfg, params = long_model()
+    rng = np.random.default_rng(5)
+    toks = jnp.asarray(rng.integers(1, 50, (2, 1100)), jnp.int32)
+    mask = jnp.ones_like(toks).at[1, :7].set(0)
+    resid = frozenset({"blocks.1.attn.hook_z"})
+    want_logits, want, _ = forward_jit(params, cfg, toks, mask, capture=resid, precision="highest")
+    mesh = make_mesh("data=2,model=2")
+    placed = shard_params(params, cfg, mesh)
+    got_logits, got, _ = forward_jit(placed, cfg, toks, mask, capture=resid, precision="highest")
+    assert_close(np.asarray(got_logits), np.asarray(want_logits), "logits", rtol=1e-5, atol=1e-5)
+    assert_close(np.asarray(got["blocks.1.attn.hook_z"]), np.asarray(want["blocks.1.attn.hook_z"]), "hook_z",
+                 rtol=1e-5, atol=1e-5)
