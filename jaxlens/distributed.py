@@ -264,8 +264,9 @@ def release_host_memory() -> None:
     """Hand the host memory freed so far back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
 
     XLA compiles and runs programs on its own threads, whose malloc arenas keep what a program
-    freed (temporaries, the compiler's working memory); the main thread, reading the next
-    parameters, cannot reuse it, so without this the process grows by every program's peak."""
+    freed (temporaries, the compiler's working memory) where the main thread, reading the next
+    parameters, does not reuse it. Measured on the 1 GB model of `benchmarks/scale.py`: peak
+    +1159 MiB without it, +1077 with it (bound: model + largest tensor, 1095)."""
     import ctypes
     import ctypes.util
 
