@@ -100,50 +100,6 @@ def test_compiled_temp_memory_without_patterns_is_under_an_eighth():
     assert off * 8 <= on, f"patterns off {off / 2**20:.0f} MiB vs on {on / 2**20:.0f} MiB"
 
 
-def test_fused_attention_gate(monkeypatch):
-    """`jax.nn.dot_product_attention` serves GPUs in half precision without a score cap; every
-    other case (this CPU, f32, Gemma 2's cap) keeps jaxlens's own attention."""
-    from jaxlens.model import attention
-
-    cfg, _ = long_model()
-    capped, _ = long_model(attn_scores_soft_cap=2.0)
-    assert not attention.use_fused_attention(jnp.bfloat16, cfg)  # this machine is a CPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attention.use_fused_attention(jnp.bfloat16, cfg) and attention.use_fused_attention(jnp.float16, cfg)
-    assert not attention.use_fused_attention(jnp.float32, cfg)
-    assert not attention.use_fused_attention(jnp.bfloat16, capped)
-
-
-@pytest.mark.parametrize("window", [None, 3])
-def test_fused_attention_equals_plain(monkeypatch, window):
-    """The fused path's arguments (grouped kv heads, the boolean mask with causality, left padding
-    and a sliding window, the scale, zeros for query rows that see nothing), checked through JAX's
-    XLA implementation of the same function (a GPU picks cuDNN's): logits and every hook equal
-    the plain path. (cuDNN itself needs a GPU; none is lent here.)"""
-    from jaxlens.model import attention
-
-    cfg, params = long_model(sliding_window=window)
-    rng = np.random.default_rng(3)
-    toks = jnp.asarray(rng.integers(1, 50, (2, 9)), jnp.int32)
-    mask = jnp.ones_like(toks).at[1, :4].set(0)  # row 1 left-padded
-    names = frozenset(f"blocks.{l}.{n}" for l in range(cfg.n_layers)
-                      for n in ("attn.hook_z", "hook_attn_out", "hook_resid_post"))
-
-    def run():  # a fresh jit each time: the gate is read while tracing
-        return jax.jit(lambda p, t, m: forward(p, cfg, t, m, capture=names, precision="highest")[:2])(params, toks, mask)
-
-    calls = []
-    monkeypatch.setattr(attention, "use_fused_attention", lambda dt, c: calls.append(1) or False)
-    want_logits, want = run()
-    monkeypatch.setattr(attention, "use_fused_attention", lambda dt, c: calls.append(2) or True)
-    got_logits, got = run()
-    assert 1 in calls and 2 in calls
-    real = np.asarray(mask).astype(bool)
-    assert_close(np.asarray(got_logits)[real], np.asarray(want_logits)[real], "logits", rtol=1e-5, atol=1e-5)
-    for k in names:
-        assert_close(np.asarray(got[k]), np.asarray(want[k]), k, rtol=1e-5, atol=1e-5)
-
-
 def test_blocked_attention_on_a_mesh_equals_one_device():
     """The blocked path (query-block map, key-block scan, skip conditions) partitioned over 8
     simulated devices, batch on `data` and heads on `model`, equals one device."""

@@ -36,23 +36,6 @@ def _project(x: jax.Array, W: jax.Array) -> jax.Array:
     return out.transpose(1, 0, 2).reshape(b, p, h, d)
 
 
-def use_fused_attention(dtype: jnp.dtype, cfg: ModelConfig) -> bool:
-    """Whether attention without score hooks goes through `jax.nn.dot_product_attention`: on a GPU,
-    for bf16/fp16 models without a score soft cap (which it cannot apply), where its cuDNN flash
-    attention is the fast path. Elsewhere jaxlens's own plain or blocked attention runs."""
-    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and cfg.attn_scores_soft_cap is None)
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float) -> jax.Array:
-    """z [b q h d] from q [b q h d], k/v [b k kv_head d] (grouped heads handled by JAX) and the
-    boolean mask `allowed` [b 1|h q k], through `jax.nn.dot_product_attention` (JAX picks cuDNN where
-    it can, else its XLA version). A query row that may see no key gives zeros, as the plain path."""
-    z = jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=1.0 / scale)
-    seen = allowed.any(-1).transpose(0, 2, 1)[..., None]  # [b q 1|h 1]
-    return jnp.where(seen, z, jnp.zeros((), z.dtype))
-
-
 class Attention(nn.Module):
     """Attention of one block. Weights in TransformerLens layout: W_Q [head d_model d_head],
     W_K/W_V [kv_head d_model d_head], W_O [head d_head d_model].
@@ -102,11 +85,7 @@ class Attention(nn.Module):
         kh = repeat_kv(k.transpose(0, 2, 1, 3), H // K, axis=1)
         vh = repeat_kv(v.transpose(0, 2, 1, 3), H // K, axis=1)
         long = qh.shape[2] >= KEY_BLOCK and kh.shape[2] >= 2 * KEY_BLOCK  # (a decode step's row is small anyway)
-        no_scores = not (ctx.wants(f"{P}.hook_attn_scores") or ctx.wants(f"{P}.hook_pattern"))
-        if no_scores and use_fused_attention(dt, cfg):
-            # GPU, half precision, nobody reads the scores: JAX's fused attention (cuDNN flash attention)
-            z = fused_attention(q, k, v, allowed, cfg.scale)
-        elif long and no_scores:
+        if long and not (ctx.wants(f"{P}.hook_attn_scores") or ctx.wants(f"{P}.hook_pattern")):
             # long sequences and nobody reads or edits the scores: never materialise [batch head query key]
             z = blocked_attention(qh, kh, vh, allowed, cfg.scale, cfg.attn_scores_soft_cap)
         else:
