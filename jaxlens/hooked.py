@@ -20,7 +20,7 @@ from jaxlens.hooks import Hooks, NamesFilter, hook_names, make_hooks, resolve_na
 from jaxlens.model import Transformer
 from jaxlens.model.layers import repeat_kv
 from jaxlens.model.views import BlocksView, EmbedView, NormView, PosEmbedView, UnembedView
-from jaxlens.tokens import check_tokens, encode, load_tokenizer, parse_input, warn_empty_rows
+from jaxlens.tokens import check_tokens, encode, is_text, load_tokenizer, parse_input, warn_empty_rows
 from jaxlens.validate import check_precision, index
 
 if TYPE_CHECKING:
@@ -184,9 +184,10 @@ class HookedTransformer:
 
     # --- tokens -----------------------------------------------------------------------------
     def to_tokens(self, input: str | Sequence[str], prepend_bos: bool | None = None,
-                  padding_side: str | None = "right", move_to_device: bool = True, truncate: bool = True, *,
+                  padding_side: str | None = None, move_to_device: bool = True, truncate: bool = True, *,
                   return_mask: bool = False) -> Any:
-        """Tokens [batch pos] (and the 0/1 mask with `return_mask`) for a string or strings.
+        """Tokens [batch pos] (and the 0/1 mask with `return_mask`) for a string or strings,
+        padded on `padding_side` (default: the tokenizer's `padding_side`, as TransformerLens).
 
         With `truncate` (TransformerLens's default) sequences longer than `n_ctx` keep their first
         `n_ctx` tokens, and a warning says how many were dropped; `truncate=False` raises instead.
@@ -200,7 +201,11 @@ class HookedTransformer:
 
     def _encode(self, text: Any, prepend_bos: bool | None, padding_side: str | None,
                 truncate: bool) -> tuple[np.ndarray, np.ndarray]:
-        return encode(self.tokenizer, text, self.cfg, prepend_bos, padding_side or "right", truncate=truncate)
+        return encode(self.tokenizer, text, self.cfg, prepend_bos, self._side(padding_side), truncate=truncate)
+
+    def _side(self, padding_side: str | None) -> str:
+        """The padding side a call uses: its own, else the tokenizer's (TransformerLens's rule)."""
+        return padding_side or getattr(self.tokenizer, "padding_side", None) or "right"
 
     def to_str_tokens(self, input: Any, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
         if isinstance(input, str):
@@ -220,6 +225,13 @@ class HookedTransformer:
             return [self._decode(list(map(int, row))) for row in arr]
         return self._decode(list(map(int, arr.reshape(-1))))
 
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of one token id (TransformerLens's `to_single_str_token`)."""
+        if isinstance(int_token, (bool, np.bool_)) or not isinstance(int_token, (int, np.integer)):
+            raise TypeError(f"to_single_str_token takes one int token id, got {type(int_token).__name__}")
+        (s,) = self.to_str_tokens(np.array([int(int_token)], np.int32))
+        return s
+
     def to_single_token(self, string: str) -> int:
         toks = np.asarray(self.to_tokens(string, prepend_bos=False))[0]
         if toks.shape[0] != 1:
@@ -233,8 +245,8 @@ class HookedTransformer:
 
     def _inputs(self, input: Any, attention_mask: Any, prepend_bos: bool | None, padding_side: str | None,
                 truncate: bool = True):
-        toks, mask = parse_input(self.tokenizer, input, self.cfg, attention_mask, prepend_bos, padding_side or "right",
-                                 truncate=truncate)  # text truncates, as in TL
+        toks, mask = parse_input(self.tokenizer, input, self.cfg, attention_mask, prepend_bos,
+                                 self._side(padding_side), truncate=truncate)  # text truncates, as in TL
         return jnp.asarray(toks), jnp.asarray(mask)
 
     # --- running ----------------------------------------------------------------------------
@@ -247,6 +259,11 @@ class HookedTransformer:
                 raise ValueError("tokens= is for start_at_layer runs (the input is then a residual); here the "
                                  "input itself is the tokens")
             toks, mask = self._inputs(input, attention_mask, prepend_bos, padding_side)
+            if is_text(input) and self._side(padding_side) == "right":
+                # TransformerLens leaves right padding of text unmasked: harmless at the real
+                # tokens (causal), and pad positions and the loss are then TL's numbers (the loss
+                # scores the pad targets too). Left padding, or tokens with a mask, exclude pads.
+                mask = jnp.ones_like(mask)
             warn_empty_rows(mask)
             return toks, mask, toks
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
@@ -339,13 +356,15 @@ class HookedTransformer:
         return scalar and (explicit or any(h.dir == "bwd" for h in self._stored_hooks))
 
     def __call__(self, input: Any, attention_mask: Any = None, return_type: str | None = "logits", *,
-                 loss_per_token: bool = False, prepend_bos: bool | None = None, padding_side: str | None = "right",
+                 loss_per_token: bool = False, prepend_bos: bool | None = None, padding_side: str | None = None,
                  fwd_hooks: Any = None, kv_cache: Any = None, start_at_layer: int | None = None,
                  stop_at_layer: int | None = None, tokens: Any = None) -> Any:
         """Logits [batch pos vocab] (or loss, both, None) for a string, strings or token ids.
 
-        `return_type="loss"` is the mean next-token loss (padding excluded), or [batch pos-1] with
-        `loss_per_token`. `stop_at_layer=k` returns the residual stream entering block k instead
+        `return_type="loss"` is the mean next-token loss over the mask, or [batch pos-1] with
+        `loss_per_token`. Text is padded on `padding_side` (default: the tokenizer's); right
+        padding of text is not masked, as in TransformerLens (so its loss scores the pad targets
+        too): pass `padding_side="left"`, or tokens with an `attention_mask`, to exclude pads. `stop_at_layer=k` returns the residual stream entering block k instead
         (k = n_layers: after the last block, before ln_final); `start_at_layer=k` takes that
         residual [batch pos d_model] as `input` (with `attention_mask` for padding/positions and
         `tokens=` for a loss). Negative k counts from the end; only blocks in [start, stop) run.
@@ -385,7 +404,7 @@ class HookedTransformer:
 
     def run_with_cache(self, input: Any, names_filter: NamesFilter = None, attention_mask: Any = None,
                        return_type: str | None = "logits", *, prepend_bos: bool | None = None,
-                       padding_side: str | None = "right", fwd_hooks: Any = None, bwd_hooks: Any = None,
+                       padding_side: str | None = None, fwd_hooks: Any = None, bwd_hooks: Any = None,
                        remove_batch_dim: bool = False, incl_bwd: bool = False, loss_per_token: bool = False,
                        start_at_layer: int | None = None, stop_at_layer: int | None = None,
                        tokens: Any = None) -> tuple[Any, ActivationCache]:

@@ -404,7 +404,8 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     use_past_kv_cache: accepted; False gives the same tokens (the loop always uses its KV cache).
     verbose: accepted and ignored (the loop is one XLA program: no per-step progress bar).
     return_type "input" gives text for text input and tokens for tokens; "str" decodes (special
-    tokens skipped, as TransformerLens); "tokens" gives [batch prompt+new] ids. Columns after
+    tokens skipped; one row gives a string, more a list, as TransformerLens 4); "tokens" gives
+    [batch prompt+new] ids. Columns after
     the last step any row ran are dropped.
     names_filter: also return {hook: activation over the generated steps} (see
     `GenerateOutput.acts`), as an `ActivationCache` whose position axis runs over the steps.
@@ -445,7 +446,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
         rows = tokens_h
         keep = np.asarray(out.attention_mask)[:, :width].astype(bool)
         texts = [tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(rows, keep)]
-        result: Any = texts[0] if isinstance(input, str) else texts
+        result: Any = texts[0] if len(texts) == 1 else texts  # one row: a string, as TransformerLens 4
     else:
         result = tokens_out
     if names_filter is None:
