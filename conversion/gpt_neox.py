@@ -31,6 +31,7 @@ def config_from_hf(hf: dict[str, Any], mt: str = MODEL_TYPES[0]) -> ModelConfig:
         **rotary.config_kwargs(d // h),
         parallel_attn_mlp=hf.get("use_parallel_residual", True), use_qkv_bias=bias, use_o_bias=bias,
         tie_word_embeddings=hf.get("tie_word_embeddings", False), **token_ids(hf),
+        default_prepend_bos=False,  # NeoX/Pythia were trained without BOS (TransformerLens 4's adapter)
     )
 
 

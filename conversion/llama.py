@@ -80,6 +80,7 @@ def llama_like(hf: dict[str, Any], mt: str, *, used: frozenset[str] = frozenset(
         use_mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
         embed_scale=math.sqrt(d) if gemma else None, sliding_window=window, attn_types=attn_types, **token_ids(hf),
+        default_prepend_bos=not mt.startswith("qwen"),  # Qwen is trained without BOS: TransformerLens's rule
     )
     scaling = fields.get("rope_scaling")
     if scaling is not None and scaling.rope_type == "dynamic":  # NTK scaling exists to run past the trained context

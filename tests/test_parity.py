@@ -88,3 +88,7 @@ def test_every_hook_matches_transformer_lens(hf_model, jl_model):
     assert len(shared) >= 20
     for k in shared:
         assert_close(cache[k], ref[k].numpy(), k)
+    # text input: the same tokens, so BOS is prepended (or not) as TransformerLens 4 decides per family
+    assert jl_model.cfg.default_prepend_bos == bridge.cfg.default_prepend_bos, "default_prepend_bos"
+    text = "Alice and Bob went to the market"
+    np.testing.assert_array_equal(jl_model.to_tokens(text), bridge.to_tokens(text).numpy())

@@ -24,6 +24,7 @@ import numpy as np
 from jaxlens.sweep.batching import MAX_PROGRAMS, Batch, pad_batch, plan_batches
 from jaxlens.sweep.layout import (NPZ_FILE, PATTERN, STACKED_FILE, check_model_name, clean_partial, model_dir,
                                   prompt_dir, prompt_done, write_model_cfg, write_models_jsonl, write_prompts_jsonl)
+from jaxlens.config import ModelConfig
 from jaxlens.distributed import batch_multiple, batch_sharding, make_mesh, shard_params
 from jaxlens.sweep.prompts import load_prompts
 from jaxlens.sweep.writer import BoundedWriter, atomic_save_npy, atomic_savez, atomic_write_json
@@ -159,7 +160,7 @@ def run_model(model: str | Path, prompts: str | Path, save_path: str | Path = DA
 
     # weights as HF has them: attention patterns do not depend on TransformerLens's processing
     hm = HookedTransformer.from_pretrained_no_processing(model, dtype)
-    cfg, tok = hm.cfg, hm.tokenizer
+    cfg, tok = sweep_config(hm.cfg), hm.tokenizer
     if tok is None:
         raise ValueError(f"model folder {model} has no tokenizer; a sweep needs one to tokenise the prompts")
     capture = resolve_sweep_names(names, cfg)
@@ -201,7 +202,7 @@ def run_model(model: str | Path, prompts: str | Path, save_path: str | Path = DA
     if summary.n_cached:
         report(f"{model_name}: {summary.n_cached} prompts already done, {len(todo)} to compute")
 
-    # tokenise once: BOS (the family's default, as TransformerLens) + the tokenizer's ids
+    # tokenise once: BOS (pattern_lens's rule, see `sweep_config`) + the tokenizer's ids
     bos = tok.bos_token_id if tok.bos_token_id is not None else cfg.bos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     ids = tok([p["text"] for p in todo], add_special_tokens=False)["input_ids"] if todo else []
@@ -336,6 +337,13 @@ def _run_stats(summary: SweepSummary, batches: list[Batch], seqs: list[list[int]
             bar.set_postfix(tok_s=f"{summary.n_tokens / max(time.perf_counter() - t_run, 1e-9):.0f}")
     return jax.block_until_ready(state)
 
+
+
+def sweep_config(cfg: ModelConfig) -> ModelConfig:
+    """The config a sweep tokenises with: pattern_lens 0.6 runs HookedTransformer 2.17, which
+    prepends BOS for every family but Qwen; TransformerLens 4 (our model API's default) also
+    drops it for GPT-NeoX. A sweep follows pattern_lens, so its files and `model_cfg.json` match."""
+    return cfg.replace(default_prepend_bos=True) if cfg.model_type == "gpt_neox" else cfg
 
 def run(model: str | Path | Sequence[str | Path], prompts: str | Path, save_path: str | Path = DATA_DIR, *,
         name: str | Sequence[str] | None = None, no_index_html: bool = False, raw_prompts: bool = True,
