@@ -26,7 +26,7 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "l
                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
 # where the model's arrays live and what they hold: set by HookedTransformer, not architecture (not
 # compared, hashed or saved, so a moved or cast model reuses its compiled programs' cache keys)
-RUNTIME_FIELDS = ("device", "dtype", "tokenizer_prepends_bos")
+RUNTIME_FIELDS = ("device", "dtype", "tokenizer_prepends_bos", "use_attn_result", "use_hook_mlp_in")
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,11 @@ class ModelConfig:
     device: str | None = field(default=None, compare=False)
     dtype: Any = field(default=None, compare=False)
     tokenizer_prepends_bos: bool | None = field(default=None, compare=False)
+    # TransformerLens's switches for its opt-in hooks (`model.set_use_attn_result(True)`, ...):
+    # they decide only which hooks a names_filter of None / a regex / a callable sees; a hook
+    # named explicitly is captured or edited whatever they say. Not saved with the architecture.
+    use_attn_result: bool = False
+    use_hook_mlp_in: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:  # one name, always an int: no `n_kv_heads or n_heads` anywhere

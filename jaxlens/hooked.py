@@ -56,6 +56,21 @@ def _platform(params: dict[str, Any]) -> str:
     return next(iter(w.devices())).platform
 
 
+def _switch(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"set_{name} takes True or False, got {value!r}")
+    return bool(value)
+
+
+def _unbuilt_switch(name: str, value: Any) -> None:
+    if _switch(name, value):
+        raise NotImplementedError(
+            f"set_{name}(True): TransformerLens's per-head copies of the attention input (hook_attn_in, "
+            "hook_q_input/hook_k_input/hook_v_input) are not built in jaxlens. The same paths are reachable "
+            "through blocks.{l}.ln1.hook_normalized (the shared input), and hook_q / hook_k / hook_v (each "
+            "path's projection, per head)")
+
+
 def tokenizer_prepends_bos(tokenizer: Any) -> bool | None:
     """Does the tokenizer add BOS by itself (TransformerLens's test: encode "a", look for a
     leading BOS/CLS)? None without a tokenizer. jaxlens adds BOS itself either way."""
@@ -722,6 +737,27 @@ class HookedTransformer:
         from jaxlens.hooks import hook_names
 
         return hook_names(self.cfg, include_result)
+
+    # --- TransformerLens's switches for its opt-in hooks --------------------------------------
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """`blocks.{l}.attn.hook_result` [batch pos head d_model] in runs with names_filter None,
+        a regex or a callable (TransformerLens's switch; naming the hook always captures it)."""
+        self.cfg = self.cfg.replace(use_attn_result=_switch("use_attn_result", use_attn_result))
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """`blocks.{l}.hook_mlp_in` [batch pos d_model], the MLP branch's input (resid_mid; resid_pre
+        in a parallel block) before ln2, in default runs; an edit there changes the MLP's input only."""
+        self.cfg = self.cfg.replace(use_hook_mlp_in=_switch("use_hook_mlp_in", use_hook_mlp_in))
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Not built: raises unless switching off (see `set_use_attn_in`)."""
+        _unbuilt_switch("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """TransformerLens's per-head copies of the attention input (`hook_attn_in`, `hook_q_input`
+        / `hook_k_input` / `hook_v_input`, [batch pos head d_model]) are not built in jaxlens:
+        switching them on raises, naming the hooks that reach the same paths."""
+        _unbuilt_switch("use_attn_in", use_attn_in)
 
     def save(self, path: str | Path, overwrite: bool = False, format: str = "safetensors") -> Path:
         """Save as a jaxlens converted folder (+ tokenizer), loadable without torch/transformers;

@@ -86,15 +86,24 @@ def _sown_names(cfg: ModelConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
+# opt-in hooks (TransformerLens creates them only when its cfg switch is on) -> that switch
+OPT_IN = {"attn.hook_result": "use_attn_result", "hook_mlp_in": "use_hook_mlp_in"}
+
+
+def opt_in_off(name: str, cfg: ModelConfig) -> bool:
+    """Is `name` an opt-in hook whose TransformerLens switch is off in `cfg`?"""
+    return any(name.endswith(suffix) and not getattr(cfg, flag) for suffix, flag in OPT_IN.items())
+
+
 def hook_names(cfg: ModelConfig, include_result: bool = True) -> list[str]:
     """Every hook name of a model with this config, in forward order.
 
     Read off the model itself: the names its hook points sow in an abstract capture-all trace
-    (done once per config, then cached). `hook_result` ([batch pos head d_model]) is opt-in as
-    in TransformerLens: it is listed here when `include_result`, but a run captures it only
-    when asked for by name.
+    (done once per config, then cached). `hook_result` ([batch pos head d_model]) and
+    `hook_mlp_in` are opt-in as in TransformerLens (`OPT_IN`): listed here when `include_result`
+    (or when their switch is on in `cfg`), captured by a default run only when their switch is on.
     """
-    return [n for n in _sown_names(cfg) if include_result or not n.endswith("attn.hook_result")]
+    return [n for n in _sown_names(cfg) if include_result or not opt_in_off(n, cfg)]
 
 
 def block_hook_templates(cfg: ModelConfig, include_result: bool = True) -> list[str]:
@@ -110,23 +119,25 @@ NamesFilter = Union[None, str, re.Pattern, Sequence[str], Callable[[str], bool]]
 def resolve_names(names_filter: NamesFilter, cfg: ModelConfig) -> frozenset[str]:
     """Turn a TransformerLens-style names_filter into the static set of names to capture.
 
-    None: every hook except the opt-in `hook_result`. str: that exact name. re.Pattern: names
-    it `search`es. list/tuple: those names. callable: names for which it returns True.
+    None: every hook except the opt-in ones (`hook_result`, `hook_mlp_in`) whose switch is off
+    (`cfg.use_attn_result`, `cfg.use_hook_mlp_in`), as TransformerLens, which has no such hook
+    then. str: that exact name. re.Pattern: the names it `search`es, and callable: the names it
+    returns True for, among the same. list/tuple: those names (an opt-in hook named is captured).
     Unknown names and filters that match nothing raise ValueError (a typo should not give an
     empty cache silently).
     """
     every = hook_names(cfg, include_result=True)
     if names_filter is None:
-        return frozenset(n for n in every if not n.endswith("attn.hook_result"))
+        return frozenset(n for n in every if not opt_in_off(n, cfg))
     if isinstance(names_filter, str):
         wanted = [names_filter]
     elif isinstance(names_filter, re.Pattern):
-        chosen = frozenset(n for n in every if names_filter.search(n))
+        chosen = frozenset(n for n in every if names_filter.search(n) and not opt_in_off(n, cfg))
         if not chosen:
             raise ValueError(f"names_filter regex {names_filter.pattern!r} matches no hook of this model; see jaxlens.hooks.hook_names(cfg)")
         return chosen
     elif callable(names_filter):
-        chosen = frozenset(n for n in every if names_filter(n))
+        chosen = frozenset(n for n in every if not opt_in_off(n, cfg) and names_filter(n))
         if not chosen:
             raise ValueError("names_filter callable matched no hook of this model; see jaxlens.hooks.hook_names(cfg)")
         return chosen

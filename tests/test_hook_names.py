@@ -26,6 +26,7 @@ from jaxlens.model import Transformer
 
 TOKS = np.array([[1, 5, 2, 7, 3], [4, 4, 0, 1, 2]], np.int32)
 RESULT = "attn.hook_result"
+OPT_IN = (RESULT, "hook_mlp_in")  # TransformerLens's opt-in hooks (its use_attn_result / use_hook_mlp_in)
 
 
 MOE = ["mlp.hook_pre", "mlp.gate.hook_out", "mlp.hook_expert_weights", "mlp.hook_expert_indices",
@@ -46,7 +47,7 @@ def spec_names(cfg: jaxlens.ModelConfig) -> list[str]:
         return [f"{name}.hook_scale", f"{name}.hook_normalized"] if on else []
 
     block = (["hook_resid_pre"] + norm("ln1", pre) + attn + norm("ln1_post", post)
-             + ["hook_attn_out"] + ([] if cfg.parallel_attn_mlp else ["hook_resid_mid"])
+             + ["hook_attn_out"] + ([] if cfg.parallel_attn_mlp else ["hook_resid_mid"]) + ["hook_mlp_in"]
              + norm("ln2", pre) + (MOE if cfg.num_experts else ["mlp.hook_pre"]
                                    + (["mlp.hook_pre_linear"] if cfg.gated_mlp else []) + ["mlp.hook_post"])
              + norm("ln2_post", post)
@@ -80,9 +81,9 @@ def check_model(model: jaxlens.HookedTransformer, scanned: jaxlens.HookedTransfo
     assert returned == set(names)
 
     _, cache = model.run_with_cache(TOKS, names_filter=None)
-    results = [n for n in names if n.endswith(RESULT)]
-    assert len(results) == cfg.n_layers
-    assert set(cache.keys()) == set(names) - set(results), "names_filter=None must give every hook but hook_result"
+    results = [n for n in names if n.endswith(OPT_IN)]
+    assert len(results) == len(OPT_IN) * cfg.n_layers
+    assert set(cache.keys()) == set(names) - set(results), "names_filter=None must give every hook but the opt-in ones"
     assert hook_names(cfg, include_result=False) == [n for n in names if n not in results]
     _, with_result = model.run_with_cache(TOKS, names_filter=results)
     assert set(with_result.keys()) == set(results)
@@ -167,7 +168,7 @@ def test_every_switch_combination_sows_the_spec(i):
     assert names == spec_names(cfg)
     templates = block_hook_templates(cfg)
     assert [t.format(l=l) for l in range(cfg.n_layers) for t in templates] == [n for n in names if n.startswith("blocks.")]
-    assert block_hook_templates(cfg, include_result=False) == [t for t in templates if not t.endswith(RESULT)]
+    assert block_hook_templates(cfg, include_result=False) == [t for t in templates if not t.endswith(OPT_IN)]
     assert all(re.fullmatch(r"blocks\.\{l\}\.[a-z0-9_.]+", t) for t in templates)
 
 
@@ -205,5 +206,40 @@ def test_run_with_cache_keys_are_in_forward_order():
 
     m = jaxlens.from_pretrained(model_dir())
     _, cache = m.run_with_cache("a b c")
-    names = [n for n in jaxlens.hook_names(m.cfg) if not n.endswith("hook_result")]
+    names = [n for n in jaxlens.hook_names(m.cfg) if not n.endswith(OPT_IN)]
     assert list(cache.keys()) == names
+
+
+def test_opt_in_switches():
+    """TransformerLens's switches decide what a names_filter of None, a regex or a callable sees;
+    an opt-in hook named explicitly is captured or edited whatever they say."""
+    import jaxlens
+    from jaxlens.assets import model_dir
+
+    m = jaxlens.from_pretrained(model_dir())
+    every = jaxlens.hook_names(m.cfg)
+    result, mlp_in = [n for n in every if n.endswith(RESULT)], [n for n in every if n.endswith("hook_mlp_in")]
+    plain = set(m.run_with_cache("a b c")[1].keys())
+    assert not plain & set(result + mlp_in)
+    assert not set(m.run_with_cache("a b c", names_filter=lambda n: True)[1].keys()) & set(result + mlp_in)
+    with pytest.raises(ValueError, match="matches no hook"):
+        m.run_with_cache("a b c", names_filter=re.compile("hook_mlp_in"))
+    assert set(m.run_with_cache("a b c", names_filter=mlp_in)[1].keys()) == set(mlp_in)  # named: always
+    base = m.cfg
+    m.set_use_attn_result(True)
+    assert set(m.run_with_cache("a b c")[1].keys()) == plain | set(result)
+    m.set_use_hook_mlp_in(True)
+    _, cache = m.run_with_cache("a b c")
+    assert set(cache.keys()) == set(every) and list(cache.keys()) == every
+    assert set(m.run_with_cache("a b c", names_filter=re.compile("hook_mlp_in"))[1].keys()) == set(mlp_in)
+    np.testing.assert_array_equal(cache[mlp_in[1]], cache["blocks.1.hook_resid_mid"])
+    assert "use_attn_result" not in m.cfg.to_dict()  # a runtime switch: not saved with the architecture
+    m.set_use_attn_result(False)
+    m.set_use_hook_mlp_in(False)
+    assert m.cfg == base and set(m.run_with_cache("a b c")[1].keys()) == plain
+    m.set_use_split_qkv_input(False)  # off is what it is
+    for switch in (m.set_use_split_qkv_input, m.set_use_attn_in):
+        with pytest.raises(NotImplementedError, match="hook_q_input.*not built in jaxlens.*ln1.hook_normalized"):
+            switch(True)
+    with pytest.raises(TypeError, match="takes True or False"):
+        m.set_use_attn_result("yes")

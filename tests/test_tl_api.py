@@ -263,6 +263,32 @@ def test_single_str_token_and_one_row_generate_text(pair):
     assert m.generate(TOKS, **kw) == ref_two and isinstance(ref_two, list)
 
 
+def test_opt_in_hook_switches_match_tl(pair):
+    """set_use_attn_result / set_use_hook_mlp_in on both models: the same opt-in hooks in a default
+    run, equal values, and an edit of hook_mlp_in (the MLP's input only) gives TL's logits."""
+    m, bridge = pair
+    opt_in = ("attn.hook_result", "hook_mlp_in")
+    try:
+        for model in (m, bridge):
+            model.set_use_attn_result(True)
+            model.set_use_hook_mlp_in(True)
+        with torch.no_grad():
+            _, ref = bridge.run_with_cache(T(TOKS).long())
+            ref_edit = bridge.run_with_hooks(T(TOKS).long(), fwd_hooks=[("blocks.1.hook_mlp_in", half)]).numpy()
+        _, cache = m.run_with_cache(TOKS)
+        names = sorted(k for k in ref.keys() if k.endswith(opt_in))
+        assert names == sorted(k for k in cache.keys() if k.endswith(opt_in)) and len(names) == 2 * m.cfg.n_layers
+        for k in names:
+            assert_close(cache[k], ref[k].numpy(), k)
+        edited = m.run_with_hooks(TOKS, fwd_hooks=[("blocks.1.hook_mlp_in", half)])
+        assert_close(edited, ref_edit, "logits with hook_mlp_in halved", atol=1e-4)
+        assert np.abs(np.asarray(edited) - np.asarray(m(TOKS))).max() > 1e-5  # the edit bites
+    finally:
+        for model in (m, bridge):
+            model.set_use_attn_result(False)
+            model.set_use_hook_mlp_in(False)
+
+
 # --- stateful hooks -----------------------------------------------------------------------------
 
 def half(x, hook):
@@ -377,7 +403,7 @@ def test_incl_bwd_grads_match_tl(pair):
     ref_loss, ref = bridge.run_with_cache(T(TOKS).long(), return_type="loss", incl_bwd=True)
     np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
     grads = [k for k in cache.keys() if k.endswith("_grad")]
-    assert len(grads) == len(m.hook_names()) - m.cfg.n_layers  # every hook but the opt-in hook_result
+    assert len(grads) == len(m.hook_names(include_result=False))  # every hook but the opt-in ones
     compared = 0
     for k in grads:
         want = _n(ref[k]) if k in ref else None

@@ -55,7 +55,8 @@ class Block(nn.Module):
             mid = x
         else:
             mid = hook_point(self, f"{B}.hook_resid_mid", x + attn_out, ctx)
-        mlp_out, _ = self._normed(2, lambda y: (mlp(y, ctx), None), mid, ctx)
+        mlp_in = hook_point(self, f"{B}.hook_mlp_in", mid, ctx)  # the MLP branch's input (an edit leaves the residual)
+        mlp_out, _ = self._normed(2, lambda y: (mlp(y, ctx), None), mlp_in, ctx)
         mlp_out = hook_point(self, f"{B}.hook_mlp_out", mlp_out, ctx)
         out = (x + attn_out + mlp_out) if cfg.parallel_attn_mlp else mid + mlp_out
         out = hook_point(self, f"{B}.hook_resid_post", out, ctx)
