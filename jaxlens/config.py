@@ -26,7 +26,8 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "l
                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
 # where the model's arrays live and what they hold: set by HookedTransformer, not architecture (not
 # compared, hashed or saved, so a moved or cast model reuses its compiled programs' cache keys)
-RUNTIME_FIELDS = ("device", "dtype", "tokenizer_prepends_bos", "use_attn_result", "use_hook_mlp_in")
+RUNTIME_FIELDS = ("device", "dtype", "tokenizer_prepends_bos", "use_attn_result", "use_hook_mlp_in",
+                  "use_split_qkv_input", "use_attn_in")
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class ModelConfig:
     # named explicitly is captured or edited whatever they say. Not saved with the architecture.
     use_attn_result: bool = False
     use_hook_mlp_in: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:  # one name, always an int: no `n_kv_heads or n_heads` anywhere
@@ -159,6 +162,9 @@ class ModelConfig:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
         if self.parallel_attn_mlp and self.norm_placement != "pre":
             problems.append(f"parallel_attn_mlp needs norm_placement='pre', not {self.norm_placement!r}")
+        if self.use_split_qkv_input and self.use_attn_in:
+            problems.append("use_split_qkv_input and use_attn_in are exclusive (two ways to fork the attention "
+                            "input, as in TransformerLens): switch one off first")
         if self.num_experts is not None and not 1 <= self.experts_per_token <= self.num_experts:
             problems.append(f"experts_per_token={self.experts_per_token} must be in [1, num_experts={self.num_experts}]")
         if self.positional_embedding_type == "rotary":

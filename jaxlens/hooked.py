@@ -62,15 +62,6 @@ def _switch(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _unbuilt_switch(name: str, value: Any) -> None:
-    if _switch(name, value):
-        raise NotImplementedError(
-            f"set_{name}(True): TransformerLens's per-head copies of the attention input (hook_attn_in, "
-            "hook_q_input/hook_k_input/hook_v_input) are not built in jaxlens. The same paths are reachable "
-            "through blocks.{l}.ln1.hook_normalized (the shared input), and hook_q / hook_k / hook_v (each "
-            "path's projection, per head)")
-
-
 def tokenizer_prepends_bos(tokenizer: Any) -> bool | None:
     """Does the tokenizer add BOS by itself (TransformerLens's test: encode "a", look for a
     leading BOS/CLS)? None without a tokenizer. jaxlens adds BOS itself either way."""
@@ -750,14 +741,15 @@ class HookedTransformer:
         self.cfg = self.cfg.replace(use_hook_mlp_in=_switch("use_hook_mlp_in", use_hook_mlp_in))
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """Not built: raises unless switching off (see `set_use_attn_in`)."""
-        _unbuilt_switch("use_split_qkv_input", use_split_qkv_input)
+        """`blocks.{l}.hook_q_input` / `hook_k_input` / `hook_v_input` [batch pos head|kv_head d_model]
+        in default runs: resid_pre repeated per head, normed by ln1 per head, so an edit reaches
+        one path (queries, keys or values) only. Exclusive with `set_use_attn_in`, as in TL."""
+        self.cfg = self.cfg.replace(use_split_qkv_input=_switch("use_split_qkv_input", use_split_qkv_input))
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
-        """TransformerLens's per-head copies of the attention input (`hook_attn_in`, `hook_q_input`
-        / `hook_k_input` / `hook_v_input`, [batch pos head d_model]) are not built in jaxlens:
-        switching them on raises, naming the hooks that reach the same paths."""
-        _unbuilt_switch("use_attn_in", use_attn_in)
+        """`blocks.{l}.hook_attn_in` [batch pos head d_model] in default runs: one per-head copy of
+        resid_pre feeding queries, keys and values (keys/values read its first n_kv_heads heads)."""
+        self.cfg = self.cfg.replace(use_attn_in=_switch("use_attn_in", use_attn_in))
 
     def save(self, path: str | Path, overwrite: bool = False, format: str = "safetensors") -> Path:
         """Save as a jaxlens converted folder (+ tokenizer), loadable without torch/transformers;

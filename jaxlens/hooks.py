@@ -87,7 +87,9 @@ def _sown_names(cfg: ModelConfig) -> tuple[str, ...]:
 
 
 # opt-in hooks (TransformerLens creates them only when its cfg switch is on) -> that switch
-OPT_IN = {"attn.hook_result": "use_attn_result", "hook_mlp_in": "use_hook_mlp_in"}
+OPT_IN = {"attn.hook_result": "use_attn_result", "hook_mlp_in": "use_hook_mlp_in", "hook_attn_in": "use_attn_in",
+          "hook_q_input": "use_split_qkv_input", "hook_k_input": "use_split_qkv_input",
+          "hook_v_input": "use_split_qkv_input"}
 
 
 def opt_in_off(name: str, cfg: ModelConfig) -> bool:
@@ -99,8 +101,8 @@ def hook_names(cfg: ModelConfig, include_result: bool = True) -> list[str]:
     """Every hook name of a model with this config, in forward order.
 
     Read off the model itself: the names its hook points sow in an abstract capture-all trace
-    (done once per config, then cached). `hook_result` ([batch pos head d_model]) and
-    `hook_mlp_in` are opt-in as in TransformerLens (`OPT_IN`): listed here when `include_result`
+    (done once per config, then cached). `hook_result` ([batch pos head d_model]), `hook_mlp_in`
+    and the per-head attention inputs are opt-in as in TransformerLens (`OPT_IN`): listed here when `include_result`
     (or when their switch is on in `cfg`), captured by a default run only when their switch is on.
     """
     return [n for n in _sown_names(cfg) if include_result or not opt_in_off(n, cfg)]
@@ -119,9 +121,9 @@ NamesFilter = Union[None, str, re.Pattern, Sequence[str], Callable[[str], bool]]
 def resolve_names(names_filter: NamesFilter, cfg: ModelConfig) -> frozenset[str]:
     """Turn a TransformerLens-style names_filter into the static set of names to capture.
 
-    None: every hook except the opt-in ones (`hook_result`, `hook_mlp_in`) whose switch is off
-    (`cfg.use_attn_result`, `cfg.use_hook_mlp_in`), as TransformerLens, which has no such hook
-    then. str: that exact name. re.Pattern: the names it `search`es, and callable: the names it
+    None: every hook except the opt-in ones (`OPT_IN`: `hook_result`, `hook_mlp_in`, `hook_attn_in`,
+    `hook_q_input`/`k`/`v`) whose switch is off (`cfg.use_attn_result`, ...), as TransformerLens,
+    which has no such hook then. str: that exact name. re.Pattern: the names it `search`es, and callable: the names it
     returns True for, among the same. list/tuple: those names (an opt-in hook named is captured).
     Unknown names and filters that match nothing raise ValueError (a typo should not give an
     empty cache silently).

@@ -26,7 +26,8 @@ from jaxlens.model import Transformer
 
 TOKS = np.array([[1, 5, 2, 7, 3], [4, 4, 0, 1, 2]], np.int32)
 RESULT = "attn.hook_result"
-OPT_IN = (RESULT, "hook_mlp_in")  # TransformerLens's opt-in hooks (its use_attn_result / use_hook_mlp_in)
+FORKS = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
+OPT_IN = (RESULT, "hook_mlp_in", *FORKS)  # TransformerLens's opt-in hooks (use_attn_result, use_hook_mlp_in, ...)
 
 
 MOE = ["mlp.hook_pre", "mlp.gate.hook_out", "mlp.hook_expert_weights", "mlp.hook_expert_indices",
@@ -46,7 +47,7 @@ def spec_names(cfg: jaxlens.ModelConfig) -> list[str]:
     def norm(name, on):
         return [f"{name}.hook_scale", f"{name}.hook_normalized"] if on else []
 
-    block = (["hook_resid_pre"] + norm("ln1", pre) + attn + norm("ln1_post", post)
+    block = (["hook_resid_pre"] + norm("ln1", pre) + list(FORKS) + attn + norm("ln1_post", post)
              + ["hook_attn_out"] + ([] if cfg.parallel_attn_mlp else ["hook_resid_mid"]) + ["hook_mlp_in"]
              + norm("ln2", pre) + (MOE if cfg.num_experts else ["mlp.hook_pre"]
                                    + (["mlp.hook_pre_linear"] if cfg.gated_mlp else []) + ["mlp.hook_post"])
@@ -230,16 +231,25 @@ def test_opt_in_switches():
     assert set(m.run_with_cache("a b c")[1].keys()) == plain | set(result)
     m.set_use_hook_mlp_in(True)
     _, cache = m.run_with_cache("a b c")
-    assert set(cache.keys()) == set(every) and list(cache.keys()) == every
+    shown = [n for n in every if not n.endswith(FORKS)]
+    assert list(cache.keys()) == shown
     assert set(m.run_with_cache("a b c", names_filter=re.compile("hook_mlp_in"))[1].keys()) == set(mlp_in)
     np.testing.assert_array_equal(cache[mlp_in[1]], cache["blocks.1.hook_resid_mid"])
     assert "use_attn_result" not in m.cfg.to_dict()  # a runtime switch: not saved with the architecture
     m.set_use_attn_result(False)
     m.set_use_hook_mlp_in(False)
     assert m.cfg == base and set(m.run_with_cache("a b c")[1].keys()) == plain
-    m.set_use_split_qkv_input(False)  # off is what it is
-    for switch in (m.set_use_split_qkv_input, m.set_use_attn_in):
-        with pytest.raises(NotImplementedError, match="hook_q_input.*not built in jaxlens.*ln1.hook_normalized"):
-            switch(True)
+    m.set_use_split_qkv_input(True)
+    forks = [n for n in every if n.endswith(("hook_q_input", "hook_k_input", "hook_v_input"))]
+    assert set(m.run_with_cache("a b c")[1].keys()) == plain | set(forks)
+    with pytest.raises(ValueError, match="use_split_qkv_input and use_attn_in are exclusive"):
+        m.set_use_attn_in(True)
+    m.set_use_split_qkv_input(False)
+    m.set_use_attn_in(True)
+    assert set(m.run_with_cache("a b c")[1].keys()) == plain | {n for n in every if n.endswith("hook_attn_in")}
+    m.set_use_attn_in(False)
+    with pytest.raises(ValueError, match="hook_attn_in cannot be edited in a run that also reads hook_q_input"):
+        m.run_with_cache("a b c", names_filter=["blocks.0.hook_q_input"],
+                         fwd_hooks=[("blocks.0.hook_attn_in", lambda x, hook: x * 2)])
     with pytest.raises(TypeError, match="takes True or False"):
         m.set_use_attn_result("yes")

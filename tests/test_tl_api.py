@@ -289,6 +289,48 @@ def test_opt_in_hook_switches_match_tl(pair):
             model.set_use_hook_mlp_in(False)
 
 
+def _flip_head_1(x, hook):  # from position 2 on, head 1's copy of the input only
+    return x.at[:, 2:, 1].multiply(-0.7) if isinstance(x, jax.Array) else _torch_flip(x)
+
+
+def _torch_flip(x):
+    x = x.clone()
+    x[:, 2:, 1] *= -0.7
+    return x
+
+
+@pytest.mark.parametrize("switch, forks", [("set_use_split_qkv_input", ("hook_q_input", "hook_k_input", "hook_v_input")),
+                                           ("set_use_attn_in", ("hook_attn_in",))])
+def test_forked_attention_inputs_match_tl(pair, switch, forks):
+    """TL's per-head copies of the attention input: the same hooks and values in a default run
+    (kv heads for keys/values under GQA), and an edit of one head's copy on one path gives TL's
+    logits; also scanned. Unedited, the logits are the plain run's."""
+    m, bridge = pair
+    try:
+        for model in (m, bridge):
+            getattr(model, switch)(True)
+        with torch.no_grad():
+            ref_logits, ref = bridge.run_with_cache(T(TOKS).long())
+        logits, cache = m.run_with_cache(TOKS)
+        assert_close(logits, ref_logits.numpy(), "logits", atol=1e-4)
+        names = sorted(k for k in ref.keys() if k.startswith("blocks.") and k.split(".")[2] in forks)
+        assert names == sorted(k for k in cache.keys() if k.endswith(forks)) and len(names) == len(forks) * m.cfg.n_layers
+        for k in names:
+            assert_close(cache[k], ref[k].numpy(), k)
+        scanned = HookedTransformer(m.cfg, stack_layers(m.params, m.cfg.n_layers), m.tokenizer)
+        for name in (f"blocks.1.{f}" for f in forks):
+            with torch.no_grad():
+                want = bridge.run_with_hooks(T(TOKS).long(), fwd_hooks=[(name, _flip_head_1)]).numpy()
+            got = m.run_with_hooks(TOKS, fwd_hooks=[(name, _flip_head_1)])
+            assert_close(got, want, f"logits with {name} head 1 flipped", atol=1e-4)
+            assert np.abs(want - ref_logits.numpy()).max() > 1e-3  # the edit bites
+            assert_close(scanned.run_with_hooks(TOKS, fwd_hooks=[(name, _flip_head_1)]), got, f"scanned {name}",
+                         atol=1e-5)
+    finally:
+        for model in (m, bridge):
+            getattr(model, switch)(False)
+
+
 # --- stateful hooks -----------------------------------------------------------------------------
 
 def half(x, hook):

@@ -45,6 +45,9 @@ class Attention(nn.Module):
     and the write index; then `allowed` spans the cache: key = buffer slot).
     Returns (attn_out [batch pos d_model] before hook_attn_out, the updated LayerKV or None).
 
+    `heads_in` (q, k, v inputs [batch pos head|kv_head d_model], normed): per-head inputs in place
+    of x for the projections (TransformerLens's split q/k/v input; see `Block`).
+
     `rows` (static positions of this call, or None for all): queries only there, keys and values
     at every position; attn_out is then [batch len(rows) d_model] (the last block when only some
     positions' logits are read; no hook of the block may be captured or edited).
@@ -53,7 +56,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None, rows: tuple[int, ...] | None = None):
+    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None, rows: tuple[int, ...] | None = None,
+                 heads_in: tuple[jax.Array, jax.Array, jax.Array] | None = None):
         cfg = self.cfg
         H, K, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
         dt = x.dtype
@@ -62,7 +66,12 @@ class Attention(nn.Module):
         W_V = self.param("W_V", _init, (K, M, D), dt)
         W_O = self.param("W_O", _init, (H, D, M), dt)
         take = (lambda a: a) if rows is None else (lambda a: a[:, jnp.asarray(rows, jnp.int32)])  # query rows
-        q, k, v = _project(take(x), W_Q), _project(x, W_K), _project(x, W_V)
+        if heads_in is None:
+            q, k, v = _project(take(x), W_Q), _project(x, W_K), _project(x, W_V)
+        else:  # per-head inputs [batch pos head|kv_head d_model] (`Block._forked_attention`)
+            q_in, k_in, v_in = heads_in
+            q = weight_einsum("bphm,hmd->bphd", take(q_in), W_Q)
+            k, v = weight_einsum("bphm,hmd->bphd", k_in, W_K), weight_einsum("bphm,hmd->bphd", v_in, W_V)
         if cfg.use_qkv_bias:
             q = q + self.param("b_Q", nn.initializers.zeros, (H, D), dt)
             k = k + self.param("b_K", nn.initializers.zeros, (K, D), dt)
