@@ -361,6 +361,16 @@ class HookedTransformer:
                              "(TransformerLens calls .backward() on that loss; jaxlens differentiates it for you)")
         return scalar and (explicit or any(h.dir == "bwd" for h in self._stored_hooks))
 
+    def input_to_embed(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None,
+                       attention_mask: Any = None) -> tuple[jax.Array, jax.Array, None, jax.Array]:
+        """TransformerLens's `input_to_embed`: (residual entering block 0 [batch pos d_model],
+        tokens, None (no separate positional stream), attention mask), so that
+        `model(residual, start_at_layer=0, attention_mask=mask, tokens=tokens)` resumes the run.
+        The mask is always returned (all ones when nothing is padded)."""
+        toks, mask, _ = self._prepare(input, attention_mask, prepend_bos, padding_side, None, None)
+        resid = self(toks, attention_mask=mask, stop_at_layer=0)
+        return resid, toks, None, mask
+
     def __call__(self, input: Any, attention_mask: Any = None, return_type: str | None = "logits", *,
                  loss_per_token: bool = False, prepend_bos: bool | None = None, padding_side: str | None = None,
                  fwd_hooks: Any = None, kv_cache: Any = None, start_at_layer: int | None = None,
@@ -538,6 +548,11 @@ class HookedTransformer:
         return self.params["W_pos"]
 
     @property
+    def W_E_pos(self) -> jax.Array:
+        """[d_vocab + n_ctx d_model]: W_E then W_pos (TransformerLens's, for learned positions)."""
+        return jnp.concatenate([self.W_E, self.W_pos], axis=0)
+
+    @property
     def W_U(self) -> jax.Array:
         return self.params["W_E"].T if self.cfg.tie_word_embeddings else self.params["W_U"]
 
@@ -698,6 +713,21 @@ class HookedTransformer:
 
     def cpu(self) -> "HookedTransformer":
         return self.to("cpu")
+
+    @property
+    def device(self) -> str | None:
+        """The platform the parameters are on ("cpu", "gpu", "tpu"), as `cfg.device`."""
+        return self.cfg.device
+
+    def eval(self) -> "HookedTransformer":
+        """The model, unchanged: jaxlens models have no dropout or other train-mode behaviour,
+        so TransformerLens code that calls `model.eval()` runs as written."""
+        return self
+
+    def train(self, mode: bool = True) -> "HookedTransformer":
+        """The model, unchanged (no train-mode behaviour: see `eval`). Training is a function of
+        `params` (`jax.grad` of `jaxlens.forward`), not a mode."""
+        return self
 
     def cuda(self, device: int | None = None) -> "HookedTransformer":
         return self.to("gpu" if device is None else f"gpu:{int(device)}")

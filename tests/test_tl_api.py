@@ -249,6 +249,33 @@ def test_text_batches_pad_like_tl(pair):
             m.tokenizer.padding_side, bridge.tokenizer.padding_side = sides
 
 
+def test_input_to_embed_w_e_pos_eval(pair):
+    """input_to_embed gives TL's residual and tokens, and resumes the run with start_at_layer=0
+    (left padding too: TL 4.3's bridge builds its mask there from the tokenizer's side, not the
+    argument, so only our own run is the reference); W_E_pos; eval()/train() return the model."""
+    m, bridge = pair
+    texts = ["Alice went", "Bob gave a book to Alice and"]
+    for inp in (texts[1], texts):
+        with torch.no_grad():
+            ref_resid, ref_toks, _, _ = bridge.input_to_embed(inp)
+        resid, toks, pos, mask = m.input_to_embed(inp)
+        assert pos is None
+        np.testing.assert_array_equal(toks, ref_toks.numpy())
+        assert_close(resid, ref_resid.numpy(), "input_to_embed residual")
+    for side in ("left", "right"):
+        resid, toks, _, mask = m.input_to_embed(texts, padding_side=side)
+        assert_close(m(resid, start_at_layer=0, attention_mask=mask, tokens=toks), m(texts, padding_side=side),
+                     f"resumed run, {side} padding", atol=1e-6)
+        np.testing.assert_allclose(float(m(resid, return_type="loss", start_at_layer=0, attention_mask=mask, tokens=toks)),
+                                   float(m(texts, return_type="loss", padding_side=side)), rtol=1e-6)
+    if m.cfg.has_pos_embed:
+        assert_close(m.W_E_pos, bridge.W_E_pos.detach().numpy(), "W_E_pos")
+    else:
+        with pytest.raises(AttributeError, match="rotary"):
+            m.W_E_pos
+    assert m.eval() is m and m.train() is m and m.train(False) is m and m.device == "cpu"
+
+
 def test_single_str_token_and_one_row_generate_text(pair):
     m, bridge = pair
     for t in (5, np.int64(7)):
