@@ -63,6 +63,9 @@ def test_cache_dict_is_a_read_only_view(cache):
         d["hook_embed"] = 0
     new = cache.set("extra", jnp.zeros(3))
     assert "extra" in new.cache_dict and "extra" not in d
+    assert cache.has_embed and cache.has_pos_embed  # TransformerLens's attributes (GPT-2: learned positions)
+    part = ActivationCache({"blocks.0.hook_resid_pre": cache["blocks.0.hook_resid_pre"]}, cache.cfg)
+    assert not part.has_embed and not part.has_pos_embed
 
 
 def test_to_accepts_devices_shardings_and_platform_strings(cache, fresh_warnings):

@@ -186,6 +186,9 @@ class ActivationCache:
         to change one, use `cache.set(name, value)`, which returns a new cache."""
         return types.MappingProxyType(self._d)
 
+    has_embed = property(lambda self: "hook_embed" in self._d, doc="Is hook_embed cached? (TransformerLens's attribute)")
+    has_pos_embed = property(lambda self: "hook_pos_embed" in self._d, doc="Is hook_pos_embed cached?")
+
     def __getitem__(self, key: Any) -> Any:
         name = self._key(key)
         if name not in self._d:
