@@ -526,6 +526,13 @@ class ActivationCache:
                 raise ValueError(f"{what}: token id {int(bad.flat[0])} is outside the vocabulary [0, {cfg.d_vocab})")
         return arr, single, shape
 
+    def logit_lens(self, **kwargs: Any) -> Any:
+        """TransformerLens 4's one-call logit lens over this cache (`jaxlens.logit_lens`: layers,
+        positions, targets, top_k, vocab, return_type, ...); the last entry is the model's logits."""
+        from jaxlens.cache.logit_lens import logit_lens
+
+        return logit_lens(self, **kwargs)
+
     def logit_attrs(self, residual_stack: Any, tokens: Any, incorrect_tokens: Any = None,
                     pos_slice: SliceInput = None, batch_slice: SliceInput = None,
                     has_batch_dim: bool = True) -> jax.Array:
