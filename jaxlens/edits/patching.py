@@ -42,7 +42,7 @@ from jaxlens.edits.interventions import register_edit
 from jaxlens.edits.metric_positions import resolve_metric_positions
 from jaxlens.model.kv import KVCache
 from jaxlens.tokens import check_tokens
-from jaxlens.validate import indices
+from jaxlens.validate import index, indices
 
 Metric = Callable[[jax.Array], jax.Array]
 _PATTERN = ("pattern", "attn_scores")
@@ -423,3 +423,71 @@ def get_act_patch_attn_head_by_pos_every(model: Any, corrupted_tokens: Any, clea
 
 __all__ += ["get_act_patch_block_every", "get_act_patch_attn_head_all_pos_every",
             "get_act_patch_attn_head_by_pos_every"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct path patching (TransformerLens 4's get_act_patch_direct_path)
+# ---------------------------------------------------------------------------------------------
+
+def _add_to_head(fork: jax.Array, hook: HookPoint, *, delta: jax.Array, head: jax.Array) -> jax.Array:
+    """Add the source head's clean-minus-corrupted write to one head's copy of the input."""
+    return fork.at[:, :, head].add(delta.astype(fork.dtype))
+
+
+def _check_direct_path(cfg: Any, src_layer: int, component: str) -> None:
+    if component not in ("q", "k", "v"):
+        raise ValueError(f"component must be 'q', 'k' or 'v', got {component!r}")
+    if cfg.norm_placement != "pre":
+        raise ValueError(f"{cfg.model_type} normalises each attention output before the residual add "
+                         f"(norm_placement={cfg.norm_placement!r}), so a source head's residual write is not "
+                         "hook_z @ W_O and direct path patching is unsupported here")
+    if component != "q" and cfg.n_kv_heads != cfg.n_heads and src_layer + 1 < cfg.n_layers:
+        raise ValueError(f"component={component!r} is unsupported here: n_kv_heads={cfg.n_kv_heads} for "
+                         f"n_heads={cfg.n_heads} (grouped-query attention), so per-query-head K/V inputs are "
+                         "undefined; component='q' is available")
+
+
+def get_act_patch_direct_path(model: Any, corrupted_tokens: Any, clean_cache: Any, corrupted_cache: Any,
+                              patching_metric: Metric, src_layer: int, src_head: int, component: str = "q",
+                              verbose: bool = True, *, attention_mask: Any = None) -> jax.Array:
+    """[n_layers n_heads]: the metric with the path from head (src_layer, src_head) into each later
+    head's `component` input patched alone (Wang et al. 2022, as TransformerLens 4): the source's
+    clean-minus-corrupted write (z W_O) is added, at every position, to that head's own copy of
+    the input (`blocks.{l}.hook_{component}_input`, before ln1), while every other reader sees the
+    corrupted run. Rows l <= src_layer are 0 (no path). One run per destination; the head index
+    is traced, so each destination layer compiles once. `verbose` is accepted (no progress bar)."""
+    del verbose
+    cfg = model.cfg
+    src_layer = index(src_layer, cfg.n_layers, "src_layer")
+    src_head = index(src_head, cfg.n_heads, "src_head")
+    _check_direct_path(cfg, src_layer, component)
+    z = f"blocks.{src_layer}.attn.hook_z"
+    for name, cache in (("clean_cache", clean_cache), ("corrupted_cache", corrupted_cache)):
+        if z not in cache:
+            raise ValueError(f"{name} must hold {z} (the source head's output)")
+    W_O = model.W_O[src_layer, src_head]  # [d_head d_model]
+    delta = jnp.asarray(clean_cache[z])[:, :, src_head] @ W_O - jnp.asarray(corrupted_cache[z])[:, :, src_head] @ W_O
+    out = np.zeros((cfg.n_layers, cfg.n_heads), np.float32)
+    for layer in range(src_layer + 1, cfg.n_layers):
+        name = f"blocks.{layer}.hook_{component}_input"
+        for head in range(cfg.n_heads):
+            hook = partial(_add_to_head, delta=delta, head=jnp.asarray(head, jnp.int32))
+            logits = model.run_with_hooks(corrupted_tokens, attention_mask=attention_mask, fwd_hooks=[(name, hook)])
+            out[layer, head] = float(patching_metric(logits))
+    return jnp.asarray(out)
+
+
+def get_act_patch_direct_path_all_sources(model: Any, corrupted_tokens: Any, clean_cache: Any, corrupted_cache: Any,
+                                          patching_metric: Metric, component: str = "q", verbose: bool = True, *,
+                                          attention_mask: Any = None) -> jax.Array:
+    """[n_layers n_heads n_layers n_heads]: `get_act_patch_direct_path` from every source head;
+    results[sl, sh, dl, dh], 0 where dl <= sl."""
+    cfg = model.cfg
+    _check_direct_path(cfg, 0, component)
+    return jnp.stack([jnp.stack([get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_cache,
+                                                           patching_metric, sl, sh, component, verbose,
+                                                           attention_mask=attention_mask)
+                                 for sh in range(cfg.n_heads)]) for sl in range(cfg.n_layers)])
+
+
+__all__ += ["get_act_patch_direct_path", "get_act_patch_direct_path_all_sources"]
