@@ -29,6 +29,7 @@ from jaxlens.model import factored_matrix, processing
 from jaxlens import utils
 from jaxlens.model.factored_matrix import FactoredMatrix
 from jaxlens.cache.logit_lens import logit_lens, logit_readout
+from jaxlens.cache.dla import direct_logit_attribution
 
 __version__ = "0.1.0"
 
@@ -71,6 +72,6 @@ if not any(isinstance(f, _ShortNameFinder) for f in sys.meta_path):
 __all__ = ["ActivationCache", "ModelConfig", "HookedTransformer", "from_pretrained", "from_pretrained_no_processing",
            "forward", "forward_jit",
            "Hooks", "HookPoint", "get_act_name", "hook_names", "make_hooks", "resolve_names",
-           "FactoredMatrix", "SHORT_NAMES", "logit_lens", "logit_readout",
+           "FactoredMatrix", "SHORT_NAMES", "logit_lens", "logit_readout", "direct_logit_attribution",
            "analysis", "aggregate", "head_detector", "slice", "extraction", "gradients", "hook_points",
            "interventions", "patching", "generate", "kv_cache", "factored_matrix", "processing", "utils"]
