@@ -819,6 +819,25 @@ class HookedTransformer:
 
         return FactoredMatrix(self.W_V, self.W_O)
 
+    def all_composition_scores(self, mode: str) -> jax.Array:
+        """[n_layers n_heads n_layers n_heads]: how much head (l, h)'s OV output composes into head
+        (l', h')'s queries (mode "Q"), keys ("K") or values ("V"), 0 unless l < l' (TransformerLens's,
+        Elhage et al. 2021); computed one source layer at a time from the factors."""
+        from jaxlens.model.factored_matrix import FactoredMatrix, composition_scores
+
+        if mode not in ("Q", "K", "V"):
+            raise ValueError(f"mode must be one of ['Q', 'K', 'V'] not {mode!r}")
+        W_V, W_O = self.W_V, self.W_O
+        if mode == "V":
+            right = FactoredMatrix(W_V, W_O)
+        else:
+            qk = (self.W_Q, jnp.swapaxes(self.W_K, -1, -2))
+            right = FactoredMatrix(*qk) if mode == "Q" else FactoredMatrix(*qk).T
+        scores = jnp.stack([composition_scores(FactoredMatrix(W_V[l], W_O[l]), right)
+                            for l in range(self.cfg.n_layers)])
+        layer = jnp.arange(self.cfg.n_layers)
+        return jnp.where(layer[:, None, None, None] < layer[None, None, :, None], scores, 0.0)
+
     def tokens_to_residual_directions(self, tokens: Any) -> jax.Array:
         """The unembedding direction (column of W_U) of each token: [..., d_model] for token ids of any
         shape, [d_model] for one token (a string, an int, or, as in TransformerLens, a one-element array).

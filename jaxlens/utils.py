@@ -16,9 +16,10 @@ import numpy as np
 from jaxlens.hooked import lm_loss
 from jaxlens.hooks import get_act_name
 from jaxlens.cache.slice import Slice, SliceInput
+from jaxlens.model.factored_matrix import composition_scores
 
 __all__ = ["get_act_name", "test_prompt", "to_numpy", "get_corner", "get_device", "lm_cross_entropy_loss",
-           "lm_accuracy", "remove_batch_dim", "Slice", "SliceInput"]
+           "lm_accuracy", "remove_batch_dim", "Slice", "SliceInput", "composition_scores"]
 
 
 def to_numpy(tensor: Any) -> np.ndarray:

@@ -285,6 +285,22 @@ def test_qk_ov_circuits(hf_root, family):
         assert_close(ours.A, _n(theirs.A), f"{name}.A")
         assert_close(ours.B, _n(theirs.B), f"{name}.B")
         assert_close(ours.AB, _n(theirs.AB), f"{name}.AB")
+    # composition scores (Elhage et al.): every head pair, Q / K / V, and the utils function
+    from transformer_lens import utilities as tl_utils
+
+    for mode in "QKV":
+        with torch.no_grad():
+            want = bridge.all_composition_scores(mode).scores.numpy()
+        got = model.all_composition_scores(mode)
+        assert got.shape == (cfg.n_layers, cfg.n_heads, cfg.n_layers, cfg.n_heads)
+        assert_close(got, want, f"{mode} composition scores", atol=1e-6)
+        assert np.asarray(got)[0, :, 1].min() > 0 and not np.asarray(got)[1].any()  # only later layers
+    with torch.no_grad():
+        want = tl_utils.composition_scores(bridge.OV[0], bridge.QK[1]).numpy()
+    assert_close(jaxlens.utils.composition_scores(model.OV[0], model.QK[1]), want, "utils.composition_scores",
+                 atol=1e-6)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.all_composition_scores("O")
 
 
 def test_tokens_to_residual_directions(shipped):

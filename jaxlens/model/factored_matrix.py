@@ -25,7 +25,7 @@ import numpy as np
 from jaxlens.config import ModelConfig
 from jaxlens.model.forward import is_scanned
 
-__all__ = ["FactoredMatrix", "refactor_factored_attn_matrices"]
+__all__ = ["FactoredMatrix", "composition_scores", "refactor_factored_attn_matrices"]
 
 
 def _T(x: jax.Array) -> jax.Array:
@@ -332,6 +332,31 @@ class FactoredMatrix:
 # ---------------------------------------------------------------------------------------------
 # Weight processing: refactor_factored_attn_matrices
 # ---------------------------------------------------------------------------------------------
+
+def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_dims: bool = True) -> jax.Array:
+    """||left @ right||_F / (||left||_F ||right||_F) (TransformerLens's `utils.composition_scores`),
+    from the factors: with L = A B and R = C D, ||L R||_F^2 = tr(M^T (A^T A) M (D D^T)) for
+    M = B C, so nothing larger than the inner dimensions is formed. `broadcast_dims`: every
+    left/right pair, left's leading dims first."""
+    if not isinstance(left, FactoredMatrix) or not isinstance(right, FactoredMatrix):
+        raise TypeError("composition_scores takes two FactoredMatrix objects")
+    if left.rdim != right.ldim:
+        raise ValueError(f"composition scores need left.rdim == right.ldim, got shapes {left.shape} and {right.shape}")
+    A, B = (_upcast(x) for x in left.pair)
+    C, D = (_upcast(x) for x in right.pair)
+    if broadcast_dims:
+        nl, nr = A.ndim - 2, C.ndim - 2
+        A, B = (x.reshape(x.shape[:-2] + (1,) * nr + x.shape[-2:]) for x in (A, B))
+        C, D = (x.reshape((1,) * nl + x.shape) for x in (C, D))
+    hi = jax.lax.Precision.HIGHEST
+    G = jnp.matmul(_T(A), A, precision=hi)  # [.. m m]
+    H = jnp.matmul(D, _T(D), precision=hi)  # [.. k k]
+    M = jnp.matmul(B, C, precision=hi)  # [.. m k]
+    comp = jnp.einsum("...mk,...mn,...nl,...lk->...", M, G, M, H, precision=hi)
+    l_norm = jnp.einsum("...mn,...nm->...", G, jnp.matmul(B, _T(B), precision=hi), precision=hi)
+    r_norm = jnp.einsum("...kl,...lk->...", H, jnp.matmul(_T(C), C, precision=hi), precision=hi)
+    return jnp.sqrt(jnp.maximum(comp, 0)) / jnp.sqrt(l_norm) / jnp.sqrt(r_norm)
+
 
 def refactor_factored_attn_matrices(params: dict[str, Any], cfg: ModelConfig) -> tuple[dict[str, Any], ModelConfig]:
     """TransformerLens's `refactor_factored_attn_matrices` on a jaxlens params tree: new (params, cfg).
