@@ -26,8 +26,10 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "l
                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
 # where the model's arrays live and what they hold: set by HookedTransformer, not architecture (not
 # compared, hashed or saved, so a moved or cast model reuses its compiled programs' cache keys)
-RUNTIME_FIELDS = ("device", "dtype", "tokenizer_prepends_bos", "use_attn_result", "use_hook_mlp_in",
-                  "use_split_qkv_input", "use_attn_in")
+RUNTIME_FIELDS = ("device", "dtype", "tokenizer_prepends_bos")
+# TransformerLens's opt-in hook switches: compared and hashed (they decide which names a default
+# filter resolves to), but not saved with the architecture
+HOOK_SWITCHES = ("use_attn_result", "use_hook_mlp_in", "use_split_qkv_input", "use_attn_in")
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The architecture as plain data (runtime fields left out: they describe one loaded copy)."""
         d = dataclasses.asdict(self)
-        for k in RUNTIME_FIELDS:
+        for k in RUNTIME_FIELDS + HOOK_SWITCHES:
             d.pop(k)
         return d
 
@@ -237,4 +239,4 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 __all__ = ["NormType", "PosType", "ActFn", "ACT_FNS", "AttnType", "NormPlacement", "QKNormScope", "RopeType",
-           "RopeScaling", "ARCHITECTURES", "RUNTIME_FIELDS", "ModelConfig"]
+           "RopeScaling", "ARCHITECTURES", "RUNTIME_FIELDS", "HOOK_SWITCHES", "ModelConfig"]

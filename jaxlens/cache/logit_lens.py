@@ -199,9 +199,21 @@ def _read_chunk(x, W_U, b_U, sel, rows, *, return_type: str, mode: str, top_k: i
     return values, entropy, ranks, top
 
 
+def _check_selectors(return_type: str, vocab: Any, targets: Any, top_k: Any) -> None:
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+    if sum(x is not None for x in (vocab, targets, top_k)) > 1:
+        raise ValueError("pass at most one of vocab, targets and top_k")
+
+
+def _shared_items(targets: Any) -> list[Any]:
+    """Shared targets as a list: a bare token (string, id, 0-d array) is a list of one."""
+    return [targets] if isinstance(targets, (str, int, np.integer)) or np.ndim(targets) == 0 else list(targets)
+
+
 def _token_list(cache: Any, targets: Any) -> list[int]:
     """Shared targets (a single-token string or id, or a sequence of them) -> ids."""
-    items = [targets] if isinstance(targets, (str, int, np.integer)) or np.ndim(targets) == 0 else list(targets)
+    items = _shared_items(targets)
     if not items:
         raise ValueError("targets must contain at least one token")
     out = []
@@ -231,10 +243,7 @@ def logit_readout(cache: Any, vectors: Any, *, apply_ln: bool = True, vocab: Seq
     """
     del enable_grad
     cfg = cache._need_cfg("logit_readout")
-    if return_type not in RETURN_TYPES:
-        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
-    if sum(x is not None for x in (vocab, targets, top_k)) > 1:
-        raise ValueError("pass at most one of vocab, targets and top_k")
+    _check_selectors(return_type, vocab, targets, top_k)
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     missing = [k for k in ("W_U", "b_U") if k not in cache.weights]
@@ -339,10 +348,7 @@ def logit_lens(model: Any, input: Any = None, *, cache: Any = None, layers: Sequ
         _, cache = model.run_with_cache(input, names_filter=_residual_names(model.cfg.n_layers, incl_mid))
     if incl_mid and cache.cfg.parallel_attn_mlp:
         raise ValueError("incl_mid=True needs hook_resid_mid, which a parallel block has not; use incl_mid=False")
-    if return_type not in RETURN_TYPES:  # cheap checks before the stack is built
-        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
-    if sum(x is not None for x in (vocab, targets, top_k)) > 1:
-        raise ValueError("pass at most one of vocab, targets and top_k")
+    _check_selectors(return_type, vocab, targets, top_k)  # cheap checks before the stack is built
     pos = positions if isinstance(positions, Slice) else Slice(positions)
     batch = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
     stack, labels = cache.accumulated_resid(layer=None, incl_mid=incl_mid, apply_ln=False, pos_slice=pos,
@@ -365,8 +371,7 @@ def logit_lens(model: Any, input: Any = None, *, cache: Any = None, layers: Sequ
                             top_k=top_k, chunk_size=chunk_size, enable_grad=enable_grad)
     names = None
     if targets is not None and not _per_row(targets):
-        items = [targets] if isinstance(targets, (str, int, np.integer)) or np.ndim(targets) == 0 else list(targets)
-        names = [t if isinstance(t, str) else None for t in items]
+        names = [t if isinstance(t, str) else None for t in _shared_items(targets)]
     return LogitLensResult(readout=readout, labels=labels, has_batch_dim=has_batch_dim, target_names=names)
 
 

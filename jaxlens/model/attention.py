@@ -46,7 +46,7 @@ class Attention(nn.Module):
     Returns (attn_out [batch pos d_model] before hook_attn_out, the updated LayerKV or None).
 
     `heads_in` (q, k, v inputs [batch pos head|kv_head d_model], normed): per-head inputs in place
-    of x for the projections (TransformerLens's split q/k/v input; see `Block`).
+    of x for the projections (TransformerLens's split q/k/v input; see `Block._forked_inputs`).
 
     `rows` (static positions of this call, or None for all): queries only there, keys and values
     at every position; attn_out is then [batch len(rows) d_model] (the last block when only some
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         take = (lambda a: a) if rows is None else (lambda a: a[:, jnp.asarray(rows, jnp.int32)])  # query rows
         if heads_in is None:
             q, k, v = _project(take(x), W_Q), _project(x, W_K), _project(x, W_V)
-        else:  # per-head inputs [batch pos head|kv_head d_model] (`Block._forked_attention`)
+        else:  # per-head inputs [batch pos head|kv_head d_model] (`Block._forked_inputs`)
             q_in, k_in, v_in = heads_in
             q = weight_einsum("bphm,hmd->bphd", take(q_in), W_Q)
             k, v = weight_einsum("bphm,hmd->bphd", k_in, W_K), weight_einsum("bphm,hmd->bphd", v_in, W_V)

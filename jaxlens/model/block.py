@@ -33,27 +33,24 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     def _normed(self, n: int, sublayer, y: jax.Array, ctx: RunCtx):
-        """Run `sublayer` on `y` with block norm `ln{n}` before and/or `ln{n}_post` after it."""
+        """Run `sublayer(normed y, ln{n} or None)` with block norm `ln{n}` before and/or
+        `ln{n}_post` after it (the norm is passed on for inputs it must norm again: `_forked_inputs`)."""
         cfg = self.cfg
-        if cfg.norm_placement != "post":
-            y = Norm(cfg, f"{B}.ln{n}", name=f"ln{n}")(y, ctx)
-        out, extra = sublayer(y)
+        norm = Norm(cfg, f"{B}.ln{n}", name=f"ln{n}") if cfg.norm_placement != "post" else None
+        out, extra = sublayer(y if norm is None else norm(y, ctx), norm)
         if cfg.norm_placement != "pre":
             out = Norm(cfg, f"{B}.ln{n}_post", foldable=False, name=f"ln{n}_post")(out, ctx)
         return out, extra
 
-    def _forked_attention(self, attn, x, allowed, rotary, ctx: RunCtx, kv, rows):
+    def _forked_inputs(self, x: jax.Array, ln1: Norm | None, ctx: RunCtx) -> tuple[jax.Array, jax.Array, jax.Array]:
         """TransformerLens's per-head copies of the attention input (its use_split_qkv_input /
         use_attn_in), built only when one of them is captured or edited: resid_pre repeated over
         heads [batch pos head d_model] as `hook_attn_in` (query heads; keys and values read its
         first n_kv_heads) or `hook_q_input` / `hook_k_input` / `hook_v_input` (kv heads for K/V),
         each then normed by ln1 per head (ln1's own hooks see the shared input, once), so an edit
-        reaches one path. Unedited, the numbers are the plain path's."""
+        reaches one path. Unedited, the numbers are the plain path's. Returns the (q, k, v) inputs."""
         cfg = self.cfg
         b, p, m = x.shape
-        pre = cfg.norm_placement != "post"
-        ln1 = Norm(cfg, f"{B}.ln1", name="ln1") if pre else None
-        y = ln1(x, ctx) if pre else x
         split = any(ctx.wants(f"{B}.hook_{w}_input") for w in "qkv")
         if split and ctx.hooks and any(ctx.hooks.touches(n) for n in ctx.names_for(f"{B}.hook_attn_in")):
             raise ValueError("hook_attn_in cannot be edited in a run that also reads hook_q_input / hook_k_input / "
@@ -63,20 +60,15 @@ class Block(nn.Module):
         def fork(name: str, n: int) -> jax.Array:
             return hook_point(self, f"{B}.{name}", jnp.broadcast_to(x[:, :, None], (b, p, n, m)), ctx)
 
-        def norm(f: jax.Array) -> jax.Array:  # ln1 per head, its hooks silent (they saw y)
-            return ln1(f, RunCtx()) if pre else f
+        def norm(f: jax.Array) -> jax.Array:  # ln1 per head, its hooks silent (they saw the shared input)
+            return f if ln1 is None else ln1(f, RunCtx())
 
         heads = fork("hook_attn_in", cfg.n_heads) if ctx.wants(f"{B}.hook_attn_in") else None
         if split:
-            q_in, k_in, v_in = (norm(fork(f"hook_{w}_input", n)) for w, n in
-                                (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)))
-        else:
-            q_in = norm(heads)
-            k_in = v_in = q_in[:, :, :cfg.n_kv_heads]
-        out, new_kv = attn(y, allowed, rotary, ctx, kv, rows, heads_in=(q_in, k_in, v_in))
-        if cfg.norm_placement != "pre":
-            out = Norm(cfg, f"{B}.ln1_post", foldable=False, name="ln1_post")(out, ctx)
-        return out, new_kv
+            return tuple(norm(fork(f"hook_{w}_input", n)) for w, n in
+                         (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)))
+        q_in = norm(heads)
+        return q_in, q_in[:, :, :cfg.n_kv_heads], q_in[:, :, :cfg.n_kv_heads]
 
     @nn.compact
     def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None, rows: tuple[int, ...] | None = None):
@@ -84,10 +76,9 @@ class Block(nn.Module):
         attn = Attention(cfg, name="attn")
         mlp = (MoE if cfg.num_experts else MLP)(cfg, name="mlp")
         x = hook_point(self, f"{B}.hook_resid_pre", x, ctx)
-        if any(ctx.wants(f"{B}.hook_{n}") for n in FORKS):
-            attn_out, new_kv = self._forked_attention(attn, x, allowed, rotary, ctx, kv, rows)
-        else:
-            attn_out, new_kv = self._normed(1, lambda y: attn(y, allowed, rotary, ctx, kv, rows), x, ctx)
+        forked = any(ctx.wants(f"{B}.hook_{n}") for n in FORKS)
+        attn_out, new_kv = self._normed(1, lambda y, ln1: attn(
+            y, allowed, rotary, ctx, kv, rows, heads_in=self._forked_inputs(x, ln1, ctx) if forked else None), x, ctx)
         if rows is not None:  # the residual stream continues at the query rows only
             x = x[:, jnp.asarray(rows, jnp.int32)]
         attn_out = hook_point(self, f"{B}.hook_attn_out", attn_out, ctx)
@@ -96,7 +87,7 @@ class Block(nn.Module):
         else:
             mid = hook_point(self, f"{B}.hook_resid_mid", x + attn_out, ctx)
         mlp_in = hook_point(self, f"{B}.hook_mlp_in", mid, ctx)  # the MLP branch's input (an edit leaves the residual)
-        mlp_out, _ = self._normed(2, lambda y: (mlp(y, ctx), None), mlp_in, ctx)
+        mlp_out, _ = self._normed(2, lambda y, _: (mlp(y, ctx), None), mlp_in, ctx)
         mlp_out = hook_point(self, f"{B}.hook_mlp_out", mlp_out, ctx)
         out = (x + attn_out + mlp_out) if cfg.parallel_attn_mlp else mid + mlp_out
         out = hook_point(self, f"{B}.hook_resid_post", out, ctx)
