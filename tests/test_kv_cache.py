@@ -93,7 +93,7 @@ def test_fork_repeats_each_row():
 def test_cache_is_a_pytree_and_keeps_dtype(gpt2):
     c = KVCache.init(gpt2.cfg, 2, 5, jnp.bfloat16)
     assert len(jax.tree.leaves(c)) == 4
-    assert c.keys.shape == (gpt2.cfg.n_layers, 2, 5, gpt2.cfg.n_kv_heads, gpt2.cfg.d_head)
+    assert c.keys.shape == (gpt2.cfg.n_layers, 2, gpt2.cfg.n_kv_heads, 5, gpt2.cfg.d_head)
     assert c.keys.dtype == jnp.bfloat16 and c.mask.dtype == jnp.int32
     moved = jax.jit(lambda x: x)(c)
     assert isinstance(moved, KVCache) and moved.max_len == 5

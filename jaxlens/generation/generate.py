@@ -28,6 +28,7 @@ import numpy as np
 from jaxlens.fingerprint import retry_static
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import Hooks
+from jaxlens.model.forward import is_scanned
 from jaxlens.generation.kv_cache import KVCache, check_cache, forward_cached
 from jaxlens.tokens import check_tokens
 from jaxlens.validate import check_key
@@ -196,8 +197,10 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
     done0 = mask.sum(axis=1) == 0  # batch-padding rows (no prompt) never hold up an early stop
     counts0 = token_counts(tokens, mask, cfg.d_vocab) if sampler.use_freq_penalty else None
     state = (jnp.zeros((), jnp.int32), tokens[:, -1], mask[:, -1], done0,
-             jnp.full((batch, n_buf), pad_id, jnp.int32), cache, acts0, logits0, counts0)
+             jnp.full((batch, n_buf), pad_id, jnp.int32),
+             cache if is_scanned(params) else cache.split(), acts0, logits0, counts0)  # see KVCache.split
     n_steps, _, _, done, out, cache, acts, logits, _ = jax.lax.while_loop(cond, body, state)
+    cache = cache.stacked()
     gen_mask = (jnp.arange(n_buf) < n_steps).astype(mask.dtype)
     return GenerateOutput(jnp.concatenate([tokens, out], axis=1),
                           jnp.concatenate([mask, jnp.broadcast_to(gen_mask, (batch, n_buf))], axis=1),

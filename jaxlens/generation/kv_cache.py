@@ -31,7 +31,7 @@ def check_cache(cache: KVCache, cfg: ModelConfig, batch: int, n_new: int) -> Non
     if not isinstance(cache, KVCache):
         raise ValueError(f"kv_cache must be a jaxlens KVCache (KVCache.init(cfg, batch, max_len)), got {type(cache).__name__}")
     want = (cfg.n_layers, cfg.n_kv_heads, cfg.d_head)
-    got = (cache.keys.shape[0], cache.keys.shape[3], cache.keys.shape[4])
+    got = (cache.keys.shape[0], cache.keys.shape[2], cache.keys.shape[4])
     if got != want or cache.values.shape != cache.keys.shape:
         raise ValueError(f"KVCache has (layers, kv_heads, d_head)={got} but the model needs {want}; "
                          "build it with KVCache.init(model.cfg, batch, max_len)")

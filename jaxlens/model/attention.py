@@ -85,35 +85,41 @@ class Attention(nn.Module):
             cos, sin = rotary
             q = hook_point(self, f"{P}.hook_rot_q", apply_rotary(q, take(cos), take(sin), cfg.rotary_dim), ctx)
             k = hook_point(self, f"{P}.hook_rot_k", apply_rotary(k, cos, sin, cfg.rotary_dim), ctx)
+        b, q_len = q.shape[:2]
         if kv is not None:  # write the new keys/values; attend to the cached ones and the new
-            kv, k, v = kv.update(k, v, dt)
+            kv, kn, vn = kv.update(k, v, dt)  # [batch*kv_head max_len d_head], as a split buffer lies
+        else:
+            kn, vn = (a.transpose(0, 2, 1, 3).reshape(b * K, a.shape[1], D) for a in (k, v))
         if rows is not None:
             allowed = allowed[:, :, jnp.asarray(rows, jnp.int32)]
-        # [batch head pos d_head]; grouped heads repeat their kv head (query head h uses h // group)
-        qh = q.transpose(0, 2, 1, 3)
-        kh = repeat_kv(k.transpose(0, 2, 1, 3), H // K, axis=1)
-        vh = repeat_kv(v.transpose(0, 2, 1, 3), H // K, axis=1)
-        long = qh.shape[2] >= KEY_BLOCK and kh.shape[2] >= 2 * KEY_BLOCK  # (a decode step's row is small anyway)
+        # grouped heads: query head h reads kv head h // group, so [batch head q d_head] reshapes to
+        # [batch*kv_head group*q d_head] and every dot has one batch axis, that of the buffer
+        G, n_k = H // K, kn.shape[1]
+        qn = q.transpose(0, 2, 1, 3).reshape(b * K, G * q_len, D)
+        long = q_len >= KEY_BLOCK and n_k >= 2 * KEY_BLOCK  # (a decode step's row is small anyway)
         if long and not (ctx.wants(f"{P}.hook_attn_scores") or ctx.wants(f"{P}.hook_pattern")):
             # long sequences and nobody reads or edits the scores: never materialise [batch head query key]
-            z = blocked_attention(qh, kh, vh, allowed, cfg.scale, cfg.attn_scores_soft_cap)
+            heads = lambda a: repeat_kv(a.reshape(b, K, n_k, D), G, axis=1)  # noqa: E731
+            z = blocked_attention(q.transpose(0, 2, 1, 3), heads(kn), heads(vn), allowed, cfg.scale,
+                                  cfg.attn_scores_soft_cap)
         else:
             # scores, their scaling, cap and softmax in float32 whatever the model dtype (a bf16
             # model keeps 8 mantissa bits in its weights, not in its softmax statistics), so
             # hook_attn_scores is float32; the pattern is cast back to the model dtype
             f32 = jnp.float32
-            scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=f32) / jnp.asarray(cfg.scale, f32)
+            scores = jnp.einsum("nqd,nkd->nqk", qn, kn, preferred_element_type=f32).reshape(b, H, q_len, n_k)
+            scores = scores / jnp.asarray(cfg.scale, f32)
             if cfg.attn_scores_soft_cap is not None:  # Gemma 2: after scaling, before the mask
                 scores = soft_cap(scores, cfg.attn_scores_soft_cap)
             scores = hook_point(self, f"{P}.hook_attn_scores", jnp.where(allowed, scores, -jnp.inf), ctx)
             pattern = hook_point(self, f"{P}.hook_pattern", masked_softmax(scores, allowed).astype(dt), ctx)
-            z = jnp.einsum("bhqk,bhkd->bqhd", pattern, vh, preferred_element_type=f32).astype(dt)
+            z = jnp.einsum("nqk,nkd->nqd", pattern.reshape(b * K, G * q_len, n_k), vn, preferred_element_type=f32)
+            z = z.astype(dt).reshape(b, H, q_len, D).transpose(0, 2, 1, 3)
         z = hook_point(self, f"{P}.hook_z", z, ctx)
         if ctx.wants(f"{P}.hook_result"):
             result = hook_point(self, f"{P}.hook_result", jnp.einsum("bqhd,hdm->bqhm", z, W_O), ctx)
             out = result.sum(axis=2)
         else:  # contract (head, d_head) as one axis of length H*D: W_O is read in place, not transposed
-            b, q_len = z.shape[:2]
             out = weight_einsum("rk,km->rm", z.reshape(b * q_len, H * D), W_O.reshape(H * D, M)).reshape(b, q_len, M)
         if cfg.use_o_bias:
             out = out + self.param("b_O", nn.initializers.zeros, (M,), dt)

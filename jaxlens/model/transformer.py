@@ -21,7 +21,7 @@ _init = nn.initializers.normal(0.02)
 
 class _ScanBody(nn.Module):
     """One scanned layer: carry is the residual, xs are (layer index, this layer's keys and
-    values [batch max_len kv_head d_head], or None). Returns the layer's updated `LayerKV`."""
+    values [batch kv_head max_len d_head], or None). Returns the layer's updated `LayerKV`."""
 
     cfg: ModelConfig
     kind: bool | None = None  # every scanned layer local (True) or global (False); None: mixed, read from xs
@@ -130,6 +130,8 @@ class Transformer(nn.Module):
             x = tokens.astype(self.dtype)
 
         rows = self._last_block_rows(ctx, first, last)
+        if kv is not None and (self.scan_layers or self.start_at_layer is not None):
+            kv = kv.stacked()  # these paths slice and re-stack layers themselves
         if self.scan_layers and last > first:
             scan = nn.scan(
                 _ScanBody,
@@ -142,7 +144,7 @@ class Transformer(nn.Module):
             xs = (jnp.arange(first, last), jnp.asarray(local_layers), kv_xs)
             kind = local_layers[0] if len(set(local_layers)) == 1 else None  # one kind: chosen statically
             x, new = scan(cfg, kind, name="blocks")(x, xs, kinds, ctx, offset)
-            if kv is not None:  # the scan stacked the per-layer buffers back: [layer batch max_len ...]
+            if kv is not None:  # the scan stacked the per-layer buffers back: [layer batch kv_head max_len d_head]
                 keys, values = new.keys, new.values
                 if (first, last) != (0, cfg.n_layers):  # a partial run: the other layers' buffers unchanged
                     keys = jax.lax.dynamic_update_slice_in_dim(kv.keys, keys, first, axis=0)
@@ -170,7 +172,7 @@ class Transformer(nn.Module):
                                                              None if kv is None else kv.at_layer(l),
                                                              rows if l == last - 1 else None)
                 if layer_kv is not None:
-                    kv = KVCache(layer_kv.keys, layer_kv.values, kv.mask, kv.length)
+                    kv = kv.written(l, layer_kv)
         if self.stop_at_layer is not None:
             return x, None
         if self.logit_positions is not None and rows is None:  # norms and unembedding act per position
