@@ -12,7 +12,7 @@ from jaxlens.config import ModelConfig
 from jaxlens.hooks import EVERY_HOOK, RunCtx, hook_point
 from jaxlens.model.block import Block
 from jaxlens.model.kv import KVCache, LayerKV
-from jaxlens.model.layers import positions_from_mask, soft_cap
+from jaxlens.model.layers import positions_from_mask, soft_cap, weight_einsum
 from jaxlens.model.rope import rotary_angles
 from jaxlens.model.norms import Norm
 
@@ -179,10 +179,12 @@ class Transformer(nn.Module):
             x = x[:, jnp.asarray(self.logit_positions, jnp.int32)]
 
         x = Norm(cfg, "ln_final", name="ln_final")(x, ctx)
+        # weight_einsum: a bf16 unembedding accumulates in f32 and, from two rows up, is XLA:CPU's
+        # native bf16 dot (a plain bf16 einsum widened the table to f32 on every decode step)
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("bpd,vd->bpv", x, W_E)  # not x @ W_E.T: XLA would copy the transpose every call
+            logits = weight_einsum("bpd,vd->bpv", x, W_E)  # not x @ W_E.T: XLA would copy the transpose every call
         else:
-            logits = x @ self.param("W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype)
+            logits = weight_einsum("bpd,dv->bpv", x, self.param("W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype))
         logits = logits + self.param("b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
         if cfg.output_logits_soft_cap is not None:  # Gemma 2: after the unembedding (TL's hook_unembed is before)
             logits = soft_cap(logits, cfg.output_logits_soft_cap)
