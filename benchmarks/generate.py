@@ -13,8 +13,8 @@ The physical bound for batch 1: a decode step reads every weight once (the block
 embedding as unembedding), so steps/s <= read bandwidth / weight bytes. The bandwidth is probed
 between the runs (numpy max over a 512 MB array split over all cores) and the best probe is used,
 which gives the highest, most demanding bound; each round's decode rate is also held against the
-probes right beside it (`paired_shares`), which resists the neighbours' use of memory. jaxlens's batch-1 decode rate is measured apart
-from its prefill: the time for n new tokens minus the time for n/2 + 1, which run the same
+probes right beside it (`paired_shares`), which resists the neighbours' use of memory. jaxlens's
+batch-1 decode rate is measured apart from its prefill: the time for n new tokens minus the time for n/2 + 1, which run the same
 compiled program (the step count is a traced loop bound).
 
     .venv/bin/python benchmarks/generate.py [--rounds 1] [--jl-reps 3] [--new 32 128] [--batch 1 8]

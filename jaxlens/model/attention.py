@@ -95,7 +95,6 @@ class Attention(nn.Module):
         # grouped heads: query head h reads kv head h // group, so [batch head q d_head] reshapes to
         # [batch*kv_head group*q d_head] and every dot has one batch axis, that of the buffer
         G, n_k = H // K, kn.shape[1]
-        qn = q.transpose(0, 2, 1, 3).reshape(b * K, G * q_len, D)
         long = q_len >= KEY_BLOCK and n_k >= 2 * KEY_BLOCK  # (a decode step's row is small anyway)
         if long and not (ctx.wants(f"{P}.hook_attn_scores") or ctx.wants(f"{P}.hook_pattern")):
             # long sequences and nobody reads or edits the scores: never materialise [batch head query key]
@@ -107,6 +106,7 @@ class Attention(nn.Module):
             # model keeps 8 mantissa bits in its weights, not in its softmax statistics), so
             # hook_attn_scores is float32; the pattern is cast back to the model dtype
             f32 = jnp.float32
+            qn = q.transpose(0, 2, 1, 3).reshape(b * K, G * q_len, D)
             scores = jnp.einsum("nqd,nkd->nqk", qn, kn, preferred_element_type=f32).reshape(b, H, q_len, n_k)
             scores = scores / jnp.asarray(cfg.scale, f32)
             if cfg.attn_scores_soft_cap is not None:  # Gemma 2: after scaling, before the mask

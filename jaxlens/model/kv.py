@@ -2,9 +2,9 @@
 
 TransformerLens keeps a per-layer list of growing tensors (concatenated every step) and a
 `freeze` flag so a prefix can be reused. Here the buffers are allocated once,
-`[layer batch kv_head max_len d_head]` (head-major: the layout attention reads, so a decode step
-never re-lays out the whole buffer; the new keys are transposed instead), and each forward writes its new keys and values with
-`dynamic_update_slice` at `length`, returning a *new* cache: the old one is untouched, so a
+`[layer batch kv_head max_len d_head]` (head-major, the layout attention reads: a decode step
+transposes its new keys, never the whole buffer), and each forward writes its new keys and
+values with `dynamic_update_slice` at `length`, returning a *new* cache: the old one is untouched, so a
 prefix cache built once serves any number of continuations (`fork` broadcasts it to a batch).
 
 Rows share the buffer index (`length`, a traced scalar, so one compiled program serves every
@@ -157,15 +157,11 @@ class LayerKV:
         read by attention as it lies (see `KVCache.split`)."""
         b, q, n_kv, d = k.shape
         k, v = k.transpose(0, 2, 1, 3).astype(self.keys.dtype), v.transpose(0, 2, 1, 3).astype(self.values.dtype)
-        if self.layer is None and self.keys.ndim == 3:  # a split cache's buffer [batch*kv_head max_len d_head]
-            at = (0, self.index, 0)
-            keys = jax.lax.dynamic_update_slice(self.keys, k.reshape(b * n_kv, q, d), at)
-            values = jax.lax.dynamic_update_slice(self.values, v.reshape(b * n_kv, q, d), at)
-            k_all, v_all = keys, values
-        elif self.layer is None:  # a scan's slice [batch kv_head max_len d_head]
-            at = (0, 0, self.index, 0)
-            keys = jax.lax.dynamic_update_slice(self.keys, k, at)
-            values = jax.lax.dynamic_update_slice(self.values, v, at)
+        if self.layer is None:  # this layer's own buffer: a split cache's (3-D) or a scan's slice (4-D)
+            lead = self.keys.shape[:-2]  # (batch*kv_head,) or (batch, kv_head)
+            at = (0,) * len(lead) + (self.index, 0)
+            keys = jax.lax.dynamic_update_slice(self.keys, k.reshape(*lead, q, d), at)
+            values = jax.lax.dynamic_update_slice(self.values, v.reshape(*lead, q, d), at)
             k_all, v_all = keys, values
         else:
             at = (self.layer, 0, 0, self.index, 0)
