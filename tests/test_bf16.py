@@ -104,3 +104,64 @@ def test_bf16_greedy_generation_matches_rounded_f32(models):
     assert out_b.kv_cache.keys.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out_b.tokens)[0, : prompt.shape[1] + n_clear],
                                   np.asarray(out_r.tokens)[0, : prompt.shape[1] + n_clear])
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [("rk,kn->rn", (1, 48), (48, 40)),            # MLP, one row
+                                                  ("bpm,hmd->bphd", (1, 1, 48), (3, 48, 8)),    # q/k/v projection
+                                                  ("bphm,hmd->bphd", (1, 1, 3, 48), (3, 48, 8)),  # split q/k/v input
+                                                  ("bpd,vd->bpv", (1, 1, 48), (97, 48)),         # tied unembedding
+                                                  ("bpd,vd->bpv", (2, 3, 48), (97, 48))])        # several rows: as is
+def test_weight_einsum_bf16_equals_f32_accumulation(spec, x_shape, w_shape):
+    """A bf16 weight product (one row padded to two on CPU) is the float32 product of the same bf16
+    values, rounded once to bf16: the padding row changes nothing, and the result keeps x's dtype."""
+    from jaxlens.model.layers import weight_einsum
+
+    kx, kw = jax.random.split(jax.random.PRNGKey(3))
+    x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
+    W = jax.random.normal(kw, w_shape).astype(jnp.bfloat16)
+    got = jax.jit(weight_einsum, static_argnums=0)(spec, x, W)
+    ref = jnp.einsum(spec, x.astype(jnp.float32), W.astype(jnp.float32), precision="highest")
+    assert got.dtype == jnp.bfloat16 and got.shape == ref.shape
+    # one bf16 rounding of the f32 sum (relative step 2**-8), plus f32 summation-order noise
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), rtol=2**-8, atol=1e-5)
+
+
+def test_take_rows_is_exact_indexing():
+    """`take_rows` (a bf16 table gathered through its 16-bit view) is bit-for-bit `table[idx]`,
+    for bf16, float16 and float32 tables, inside jit and with a [batch pos] index."""
+    from jaxlens.model.layers import take_rows
+
+    idx = jnp.asarray([[0, 5, 96], [3, 3, 1]])
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        table = (jax.random.normal(jax.random.PRNGKey(0), (97, 16)) * 100).astype(dtype)
+        got = jax.jit(take_rows)(table, idx)
+        assert got.dtype == table.dtype
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(table[idx].astype(jnp.float32)))
+
+
+def test_bf16_split_qkv_input_runs(models):
+    """A bf16 model with TransformerLens's split q/k/v input, edited per head (a head axis in both
+    operands of the projection: XLA:CPU has no batched bf16 dot with f32 output), runs and matches
+    the float32 run on the same weights with the same edit (compared at hook_z, where it acts)."""
+    _, b16, rounded = models["llama"]
+
+    def per_head(act, hook):  # [batch pos head d_model], before ln1: a different direction added per head
+        h, m = act.shape[2:]
+        shift = jnp.arange(h, dtype=jnp.float32)[:, None] * jnp.cos(jnp.arange(m, dtype=jnp.float32))[None]
+        return act + shift.astype(act.dtype)
+
+    hooks = [("blocks.0.hook_q_input", per_head), ("blocks.0.hook_v_input", per_head), ("blocks.1.hook_k_input", per_head)]
+    names = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+    z = {}
+    for name, m in (("bf16", b16), ("f32", rounded), ("unedited", rounded)):
+        m.set_use_split_qkv_input(True)
+        try:
+            _, cache = m.run_with_cache(TOKS, attention_mask=MASK, names_filter=names,
+                                        fwd_hooks=[] if name == "unedited" else hooks)
+        finally:
+            m.set_use_split_qkv_input(False)
+        z[name] = [np.asarray(cache[n].astype(jnp.float32)) for n in names]
+    real = MASK.astype(bool)
+    for l in range(2):
+        assert _rel_err(z["unedited"][l], z["f32"][l], real) > 10 * ARITH_TOL  # the edit matters
+        assert _rel_err(z["f32"][l], z["bf16"][l], real) < ARITH_TOL

@@ -122,11 +122,34 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
 def weight_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
     """`einsum(spec, x, W)` for an activation x and a weight W, in x's dtype. float32 weights: the
     plain einsum; lower-precision weights (bf16) accumulate in float32 (`preferred_element_type`),
-    as torch's bf16 matmuls do. (XLA:CPU has no bf16 dot: it widens the weight to f32 and runs an
-    f32 dot; a decode loop hoists that widening out of its steps, so each step reads f32 weights.)"""
+    as torch's bf16 matmuls do.
+
+    Two XLA:CPU limits shape the bf16 path there. Its native bf16 dot starts at two rows and its
+    one-row bf16 dot is a scalar loop (~40x slower; a decode loop would widen every weight to f32
+    once per call and read f32 weights every step), so one row is padded to two. And it has no
+    batched bf16 dot with f32 output (a head axis in both operands, the split q/k/v input), so
+    that one runs on the weights widened to f32: the same products and f32 sums."""
     if W.dtype == jnp.float32:
         return jnp.einsum(spec, x, W)
-    return jnp.einsum(spec, x, W, preferred_element_type=jnp.float32).astype(x.dtype)
+    (xs, ws), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu and any(a in ws and a in out for a in xs):  # a batch axis
+        return jnp.einsum(spec, x.astype(jnp.float32), W.astype(jnp.float32)).astype(x.dtype)
+    if on_cpu and x.shape[0] == 1 and all(n == 1 for a, n in zip(xs, x.shape) if a not in ws):
+        # one row: x's first axis leads the output in every caller
+        y = jnp.einsum(spec, jnp.concatenate([x, jnp.zeros_like(x)]), W, preferred_element_type=jnp.float32)[:1]
+    else:
+        y = jnp.einsum(spec, x, W, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def take_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
+    """`table[idx]` (an embedding lookup). A bf16 table is gathered through its 16-bit integer view:
+    XLA:CPU widens a bf16 gather's whole table to f32 first (154 MB for GPT-2's W_E on every call)."""
+    if table.dtype.itemsize != 2 or not jnp.issubdtype(table.dtype, jnp.floating):
+        return table[idx]
+    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+    return jax.lax.bitcast_convert_type(bits[idx], table.dtype)
 
 
 def repeat_kv(x: jax.Array, n_rep: int, axis: int) -> jax.Array:
@@ -140,4 +163,4 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 __all__ = ["ACTIVATIONS", "activation", "apply_rotary", "soft_cap", "KEY_BLOCK", "blocked_attention", "masked_softmax", "repeat_kv",
-           "positions_from_mask", "weight_einsum"]
+           "positions_from_mask", "take_rows", "weight_einsum"]

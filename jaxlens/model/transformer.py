@@ -12,7 +12,7 @@ from jaxlens.config import ModelConfig
 from jaxlens.hooks import EVERY_HOOK, RunCtx, hook_point
 from jaxlens.model.block import Block
 from jaxlens.model.kv import KVCache, LayerKV
-from jaxlens.model.layers import positions_from_mask, soft_cap, weight_einsum
+from jaxlens.model.layers import positions_from_mask, soft_cap, take_rows, weight_einsum
 from jaxlens.model.rope import rotary_angles
 from jaxlens.model.norms import Norm
 
@@ -119,13 +119,13 @@ class Transformer(nn.Module):
             rotary_local = rotary_angles(positions, cfg, local=True)
         kinds = LayerKinds(allowed, allowed_local, rotary, rotary_local)
         if self.start_at_layer is None:
-            embed = W_E[tokens]
+            embed = take_rows(W_E, tokens)
             if cfg.embed_scale is not None:
                 embed = embed * jnp.asarray(cfg.embed_scale, embed.dtype)
             x = hook_point(self, "hook_embed", embed, ctx)
             if cfg.has_pos_embed:
                 W_pos = self.param("W_pos", _init, (cfg.n_ctx, cfg.d_model), self.dtype)
-                x = x + hook_point(self, "hook_pos_embed", W_pos[positions], ctx)
+                x = x + hook_point(self, "hook_pos_embed", take_rows(W_pos, positions), ctx)
         else:  # the residual stream entering block `first` (positions already in it, or rotary)
             x = tokens.astype(self.dtype)
 
