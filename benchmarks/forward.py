@@ -1,11 +1,12 @@
 """Forward and run_with_cache throughput on a GPT-2-small shape, jaxlens vs HF PyTorch vs TransformerLens.
 
-Random weights, batch 8 x 128 tokens, f32, interleaved in one process; prints the machine, tokens/s,
+Random weights, batch 8 x 128 tokens, f32 (or `--dtype bfloat16`: every side's weights in bf16,
+like with like), interleaved in one process; prints the machine, tokens/s,
 the ratios (or "noisy" when other processes shared the cores), and the compiled peak memory of a
 patterns-only cache vs no cache. torch runs at its best (`common.torch_best`: threads = cores,
 `inference_mode`; HF with sdpa attention).
 
-    .venv/bin/python benchmarks/forward.py [--rounds 5] [--batch 8] [--seq 128] [--devices N]
+    .venv/bin/python benchmarks/forward.py [--rounds 5] [--batch 8] [--seq 128] [--devices N] [--dtype bfloat16]
     .venv/bin/python benchmarks/forward.py --isolate [--isolate-runs 2]   # each side in its own process
 
 --isolate runs the jaxlens side and the torch side (HF + TransformerLens) each in a fresh process,
@@ -31,6 +32,7 @@ ap.add_argument("--seq", type=int, default=128)
 ap.add_argument("--devices", type=int, default=1)
 ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
 ap.add_argument("--device", default="cpu", help="torch device (cuda on a GPU machine)")
+ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="every side's weight dtype")
 add_isolate_args(ap, SIDES)
 args = ap.parse_args()
 if args.devices > 1:
@@ -61,7 +63,7 @@ def jaxlens_fns() -> tuple[dict, object]:
     import jaxlens
     from jaxlens.model.forward import forward_jit
 
-    model = jaxlens.from_pretrained_no_processing(gpt2_small_dir(), precision=None)
+    model = jaxlens.from_pretrained_no_processing(gpt2_small_dir(), args.dtype, precision=None)
     toks = jnp.asarray(tokens())
     mask = jnp.ones_like(toks)
     if args.devices > 1:
@@ -100,7 +102,8 @@ def torch_fns() -> dict:
     dev = args.device
     path = gpt2_small_dir()
     torch_best()  # threads = cores before anything runs
-    hf = transformers.GPT2LMHeadModel.from_pretrained(str(path), attn_implementation="sdpa").eval().to(dev)
+    dtype = getattr(torch, args.dtype)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(path), attn_implementation="sdpa").eval().to(dev, dtype)
     toks_t = torch.tensor(tokens(), dtype=torch.long, device=dev)
     sync = (lambda: torch.cuda.synchronize()) if dev.startswith("cuda") else (lambda: None)
 
@@ -113,7 +116,7 @@ def torch_fns() -> dict:
     if not args.no_tl:
         from transformer_lens.model_bridge import TransformerBridge
 
-        bridge = TransformerBridge.boot_transformers(str(path), device=dev, dtype=torch.float32)
+        bridge = TransformerBridge.boot_transformers(str(path), device=dev, dtype=dtype)
         bridge.enable_compatibility_mode(no_processing=True)
 
         def tl(names_filter):
@@ -131,7 +134,7 @@ def torch_fns() -> dict:
 def report(med: dict[str, float], quiet: Quiet | bool, how: str) -> None:
     ntok = args.batch * args.seq
     rows = [[k, f"{v * 1e3:.0f}", f"{ntok / v:,.0f}"] for k, v in med.items()]
-    print(f"\nGPT-2-small shape, random weights, batch {args.batch}x{args.seq}, f32, {how}\n")
+    print(f"\nGPT-2-small shape, random weights, batch {args.batch}x{args.seq}, {args.dtype} on every side, {how}\n")
     print(fmt_table(rows, ["run", "ms (median)", "tokens/s"]))
     print("\nratios (>1 means jaxlens faster):")
     for ours, theirs, label in RATIOS:
