@@ -271,3 +271,17 @@ def test_cache_too_small_for_generation(gpt2):
         gpt2.generate(np.array([PROMPTS[0]]), 4, do_sample=False, kv_cache=cache)
     with pytest.raises(ValueError, match="pass one or the other"):
         gpt2.generate(np.array([PROMPTS[0]]), 4, do_sample=False, kv_cache=cache, max_len=32)
+
+
+def test_first_argmax_is_argmax():
+    """Greedy decoding's `first_argmax` is `jnp.argmax`: the first of tied maxima, the first NaN
+    of a row that has one, +inf, an all -inf row (index 0), f32 and bf16, one and several rows."""
+    from jaxlens.generation.generate import first_argmax
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 1000))
+    x = x.at[0, [700, 30]].set(9.0).at[1, [500, 12]].set(jnp.nan).at[2, 99].set(jnp.inf).at[3].set(-jnp.inf)
+    for a in (x, x.astype(jnp.bfloat16), x[:1], x[1:2]):
+        got = jax.jit(first_argmax)(a)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(a, -1)))
+    np.testing.assert_array_equal(np.asarray(first_argmax(x)), [30, 12, 99, 0])

@@ -77,6 +77,16 @@ class Sampler:
     use_freq_penalty: bool = False
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` as int32 (the first maximum; the first NaN if any), as a max and a
+    min-reduction: XLA:CPU's variadic argmax reduce is scalar, 3x slower over a 50k vocabulary
+    (1 ms of a 27 ms batch-8 decode step)."""
+    top = logits.max(-1, keepdims=True)  # NaN if the row has one
+    hit = (logits == top) | jnp.isnan(logits)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, logits.shape[-1]), axis=-1)
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperature: jax.Array | float = 1.0,
                   top_p: jax.Array | float = 1.0, freq_penalty: jax.Array | float = 0.0,
                   counts: jax.Array | None = None) -> jax.Array:
@@ -87,7 +97,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperatu
     top-k / top-p. Greedy decoding ignores it, as TransformerLens's `sample_logits` does.
     """
     if sampler.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     x = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
     if sampler.use_freq_penalty:
         x = x - jnp.asarray(freq_penalty, jnp.float32) * counts.astype(jnp.float32)
@@ -463,5 +473,5 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     acts = out.acts if unused == 0 else {n: trim(n, a) for n, a in out.acts.items()}
     return result, ActivationCache(acts, model.cfg, True, model.cache_weights())
 
-__all__ = ["filter_logits", "Sampler", "sample_logits", "token_counts", "GenerateOutput", "compile_count",
+__all__ = ["filter_logits", "first_argmax", "Sampler", "sample_logits", "token_counts", "GenerateOutput", "compile_count",
            "bucket", "generate_tokens", "RETURN_TYPES", "generate"]
