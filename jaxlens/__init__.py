@@ -28,6 +28,7 @@ from jaxlens.generation import generate, kv_cache
 from jaxlens.model import factored_matrix, processing
 from jaxlens import utils
 from jaxlens.model.factored_matrix import FactoredMatrix
+from jaxlens.model.svd_interpreter import SVDInterpreter
 from jaxlens.cache.logit_lens import logit_lens, logit_readout
 from jaxlens.cache.dla import direct_logit_attribution
 
@@ -43,6 +44,7 @@ SHORT_NAMES = {
     "kv_cache": "jaxlens.generation.kv_cache", "generate": "jaxlens.generation.generate",
     "forward": "jaxlens.model.forward", "processing": "jaxlens.model.processing",
     "factored_matrix": "jaxlens.model.factored_matrix",
+    "svd_interpreter": "jaxlens.model.svd_interpreter",
     "cli": "jaxlens.apps.cli", "demo": "jaxlens.apps.demo", "report": "jaxlens.apps.report",
     "data": "jaxlens.apps.data", "export": "jaxlens.apps.export", "probes": "jaxlens.apps.probes",
 }
@@ -72,6 +74,6 @@ if not any(isinstance(f, _ShortNameFinder) for f in sys.meta_path):
 __all__ = ["ActivationCache", "ModelConfig", "HookedTransformer", "from_pretrained", "from_pretrained_no_processing",
            "forward", "forward_jit",
            "Hooks", "HookPoint", "get_act_name", "hook_names", "make_hooks", "resolve_names",
-           "FactoredMatrix", "SHORT_NAMES", "logit_lens", "logit_readout", "direct_logit_attribution",
+           "FactoredMatrix", "SVDInterpreter", "SHORT_NAMES", "logit_lens", "logit_readout", "direct_logit_attribution",
            "analysis", "aggregate", "head_detector", "slice", "extraction", "gradients", "hook_points",
            "interventions", "patching", "generate", "kv_cache", "factored_matrix", "processing", "utils"]
