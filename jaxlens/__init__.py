@@ -25,7 +25,7 @@ from jaxlens.hooks import Hooks, HookPoint, get_act_name, hook_names, make_hooks
 from jaxlens.cache import analysis, aggregate, head_detector, slice  # noqa: A004 (module name)
 from jaxlens.edits import extraction, gradients, hook_points, interventions, patching
 from jaxlens.generation import generate, kv_cache
-from jaxlens.model import factored_matrix, processing
+from jaxlens.model import factored_matrix, processing, svd_interpreter
 from jaxlens import utils
 from jaxlens.model.factored_matrix import FactoredMatrix
 from jaxlens.model.svd_interpreter import SVDInterpreter
@@ -76,4 +76,5 @@ __all__ = ["ActivationCache", "ModelConfig", "HookedTransformer", "from_pretrain
            "Hooks", "HookPoint", "get_act_name", "hook_names", "make_hooks", "resolve_names",
            "FactoredMatrix", "SVDInterpreter", "SHORT_NAMES", "logit_lens", "logit_readout", "direct_logit_attribution",
            "analysis", "aggregate", "head_detector", "slice", "extraction", "gradients", "hook_points",
-           "interventions", "patching", "generate", "kv_cache", "factored_matrix", "processing", "utils"]
+           "interventions", "patching", "generate", "kv_cache", "factored_matrix", "processing", "svd_interpreter",
+           "utils"]

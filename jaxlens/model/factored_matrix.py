@@ -25,7 +25,7 @@ import numpy as np
 from jaxlens.config import ModelConfig
 from jaxlens.model.forward import is_scanned
 
-__all__ = ["FactoredMatrix", "composition_scores", "refactor_factored_attn_matrices"]
+__all__ = ["FactoredMatrix", "composition_scores", "refactor_factored_attn_matrices", "upcast_for_linalg"]
 
 
 def _T(x: jax.Array) -> jax.Array:
@@ -33,7 +33,7 @@ def _T(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -1, -2)
 
 
-def _upcast(x: jax.Array) -> jax.Array:
+def upcast_for_linalg(x: jax.Array) -> jax.Array:
     """16-bit floats to float32 for linear algebra (as TransformerLens's `upcast_for_linalg`)."""
     return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
 
@@ -43,7 +43,7 @@ def _thin_svd(A: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
 
     SVD each factor, then the small core diag(Sa) Vha Ub diag(Sb); nothing of size ldim x rdim is formed.
     """
-    A, B = _upcast(A), _upcast(B)
+    A, B = upcast_for_linalg(A), upcast_for_linalg(B)
     Ua, Sa, Vha = jnp.linalg.svd(A, full_matrices=False)
     Ub, Sb, Vhb = jnp.linalg.svd(B, full_matrices=False)
     core = Sa[..., :, None] * (Vha @ Ub) * Sb[..., None, :]
@@ -253,7 +253,7 @@ class FactoredMatrix:
     @property
     def eigenvalues(self) -> jax.Array:
         """Eigenvalues of A@B (complex, [... mdim]) from the small B@A: they agree up to zeros."""
-        return jnp.linalg.eigvals(_upcast(self.BA))
+        return jnp.linalg.eigvals(upcast_for_linalg(self.BA))
 
     def norm(self) -> jax.Array:
         """Frobenius norm of every matrix in the batch: sqrt of the sum of squared singular values."""
@@ -342,8 +342,8 @@ def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_di
         raise TypeError("composition_scores takes two FactoredMatrix objects")
     if left.rdim != right.ldim:
         raise ValueError(f"composition scores need left.rdim == right.ldim, got shapes {left.shape} and {right.shape}")
-    A, B = (_upcast(x) for x in left.pair)
-    C, D = (_upcast(x) for x in right.pair)
+    A, B = (upcast_for_linalg(x) for x in left.pair)
+    C, D = (upcast_for_linalg(x) for x in right.pair)
     if broadcast_dims:
         nl, nr = A.ndim - 2, C.ndim - 2
         A, B = (x.reshape(x.shape[:-2] + (1,) * nr + x.shape[-2:]) for x in (A, B))

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlens.model.factored_matrix import FactoredMatrix, _upcast
+from jaxlens.model.factored_matrix import FactoredMatrix, upcast_for_linalg
 
 VECTOR_TYPES = ("OV", "w_in", "w_out")
 
@@ -48,17 +48,17 @@ class SVDInterpreter:
                 raise NotImplementedError(f"SVDInterpreter cannot analyze {vector_type} for layer {layer}: a sparse "
                                           "MoE layer has no single dense MLP weight (pick one expert's weights)")
             if vector_type == "w_in":
-                matrix = _upcast(block.mlp.W_in).T  # [d_mlp d_model]
+                matrix = upcast_for_linalg(block.mlp.W_in).T  # [d_mlp d_model]
                 if "w" in block.ln2._params():  # an unfolded norm's gain scales the MLP's input
-                    matrix = matrix * _upcast(block.ln2.w)
+                    matrix = matrix * upcast_for_linalg(block.ln2.w)
             else:
-                matrix = _upcast(block.mlp.W_out)  # [d_mlp d_model]
+                matrix = upcast_for_linalg(block.mlp.W_out)  # [d_mlp d_model]
             V = jnp.linalg.svd(matrix, full_matrices=False)[2]  # rows: right singular vectors
         if isinstance(num_vectors, bool) or not isinstance(num_vectors, int) or not 1 <= num_vectors <= V.shape[0]:
             raise ValueError(f"num_vectors must be an int in 1..{V.shape[0]} (the matrix's rank bound), got "
                              f"{num_vectors!r}")
         W_U = self.model.W_U
-        vectors = jnp.matmul(_upcast(W_U).T, V[:num_vectors].T, precision="highest")  # [d_vocab num_vectors]
+        vectors = jnp.matmul(upcast_for_linalg(W_U).T, V[:num_vectors].T, precision="highest")  # [d_vocab num_vectors]
         return vectors[:, None, :]
 
     @staticmethod
