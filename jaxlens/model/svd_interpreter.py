@@ -49,8 +49,10 @@ class SVDInterpreter:
                                           "MoE layer has no single dense MLP weight (pick one expert's weights)")
             if vector_type == "w_in":
                 matrix = upcast_for_linalg(block.mlp.W_in).T  # [d_mlp d_model]
-                if "w" in block.ln2._params():  # an unfolded norm's gain scales the MLP's input
+                try:  # an unfolded norm's gain scales the MLP's input
                     matrix = matrix * upcast_for_linalg(block.ln2.w)
+                except AttributeError:  # folded into W_in (LNPre / RMSPre), or no norm before the MLP
+                    pass
             else:
                 matrix = upcast_for_linalg(block.mlp.W_out)  # [d_mlp d_model]
             V = jnp.linalg.svd(matrix, full_matrices=False)[2]  # rows: right singular vectors
