@@ -25,7 +25,7 @@ from jaxlens.hooks import Hooks, HookPoint, get_act_name, hook_names, make_hooks
 from jaxlens.cache import analysis, aggregate, head_detector, slice  # noqa: A004 (module name)
 from jaxlens.edits import extraction, gradients, hook_points, interventions, patching
 from jaxlens.generation import generate, kv_cache
-from jaxlens.model import factored_matrix, processing, svd_interpreter
+from jaxlens.model import factored_matrix, processing, projection_kernel, svd_interpreter
 from jaxlens import utils
 from jaxlens.model.factored_matrix import FactoredMatrix
 from jaxlens.model.svd_interpreter import SVDInterpreter
@@ -44,7 +44,7 @@ SHORT_NAMES = {
     "kv_cache": "jaxlens.generation.kv_cache", "generate": "jaxlens.generation.generate",
     "forward": "jaxlens.model.forward", "processing": "jaxlens.model.processing",
     "factored_matrix": "jaxlens.model.factored_matrix",
-    "svd_interpreter": "jaxlens.model.svd_interpreter",
+    "svd_interpreter": "jaxlens.model.svd_interpreter", "projection_kernel": "jaxlens.model.projection_kernel",
     "cli": "jaxlens.apps.cli", "demo": "jaxlens.apps.demo", "report": "jaxlens.apps.report",
     "data": "jaxlens.apps.data", "export": "jaxlens.apps.export", "probes": "jaxlens.apps.probes",
 }
@@ -77,4 +77,4 @@ __all__ = ["ActivationCache", "ModelConfig", "HookedTransformer", "from_pretrain
            "FactoredMatrix", "SVDInterpreter", "SHORT_NAMES", "logit_lens", "logit_readout", "direct_logit_attribution",
            "analysis", "aggregate", "head_detector", "slice", "extraction", "gradients", "hook_points",
            "interventions", "patching", "generate", "kv_cache", "factored_matrix", "processing", "svd_interpreter",
-           "utils"]
+           "projection_kernel", "utils"]
