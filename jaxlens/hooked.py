@@ -645,6 +645,57 @@ class HookedTransformer:
         """{TransformerLens name: array} (see `named_parameters`); `model.params` is the real tree."""
         return dict(self.named_parameters())
 
+    # TransformerLens 4's names for the same dictionary and iterator (what its SVDInterpreter and
+    # other analysis tools read). One difference: after fold_ln the bridge still lists identity
+    # norm weights; these list none, as HookedTransformer's LNPre has none.
+    tl_named_parameters = named_parameters
+
+    def tl_parameters(self) -> dict[str, jax.Array]:
+        """{TransformerLens name: array}, as TransformerLens 4's `tl_parameters` (= `state_dict()`)."""
+        return self.state_dict()
+
+    get_params = tl_parameters
+
+    # --- TransformerLens 4's per-block queries (every jaxlens family has attention and an MLP in
+    # every block; the bridge needs them for hybrid models, where some blocks have neither) -------
+    _BLOCK_SUBMODULES = ("attn", "mlp")
+
+    def blocks_with(self, submodule: str) -> list[tuple[int, Any]]:
+        """(layer, `model.blocks[layer]`) for the blocks that have `submodule` ("attn" or "mlp")."""
+        if submodule not in self._BLOCK_SUBMODULES:
+            raise ValueError(f"submodule must be one of {list(self._BLOCK_SUBMODULES)} (every block has both), "
+                             f"got {submodule!r}")
+        return [(l, self.blocks[l]) for l in range(self.cfg.n_layers)]
+
+    def stack_params_for(self, submodule: str, attr_path: str, reshape_fn: Any = None) -> tuple[list[int], jax.Array]:
+        """(layer indices, the parameter at `attr_path` (e.g. "attn.W_Q") of those blocks stacked
+        on a new first axis), for the blocks that have `submodule`; `reshape_fn` maps each first."""
+        idx, arrays = [], []
+        for l, block in self.blocks_with(submodule):
+            w = block
+            for part in attr_path.split("."):
+                w = getattr(w, part)
+            arrays.append(w if reshape_fn is None else reshape_fn(w))
+            idx.append(l)
+        return idx, jnp.stack(arrays)
+
+    def composition_layer_indices(self) -> list[int]:
+        """The layers with attention: the positions `all_composition_scores` indexes."""
+        return [l for l, _ in self.blocks_with("attn")]
+
+    @property
+    def attn_head_labels(self) -> list[str]:
+        """Labels of the attention layers' heads, in `all_composition_scores`'s order."""
+        return [f"L{l}H{h}" for l in self.composition_layer_indices() for h in range(self.cfg.n_heads)]
+
+    def QK_for_attn_layers(self) -> tuple[list[int], "FactoredMatrix"]:
+        """(attention layers, their QK circuits): `model.QK` with the layer indices it spans."""
+        return self.composition_layer_indices(), self.QK
+
+    def OV_for_attn_layers(self) -> tuple[list[int], "FactoredMatrix"]:
+        """(attention layers, their OV circuits): `model.OV` with the layer indices it spans."""
+        return self.composition_layer_indices(), self.OV
+
     # --- stateful hooks (TransformerLens's HookedRootModule; jaxlens/hook_points.py) -----------
     def add_hook(self, name: NamesFilter, hook: Any, dir: str = "fwd", is_permanent: bool = False,
                  level: int | None = None, prepend: bool = False) -> None:
