@@ -72,6 +72,48 @@ def tokenizer_prepends_bos(tokenizer: Any) -> bool | None:
     return len(ids) > 1 and ids[0] in lead
 
 
+def _batchless(fn: Any) -> Any:
+    """`run_with_hooks(remove_batch_dim=True)`: fn sees a leading axis of 1 squeezed away."""
+    def wrapped(x, hook):
+        if x.shape[0] != 1:
+            return fn(x, hook=hook)
+        out = fn(x[0], hook=hook)
+        return out[None] if out is not None and out.ndim == x.ndim - 1 else out
+    return wrapped
+
+
+# the MoE router hooks see the routed tokens flattened, [batch*pos ...]: no position axis to slice
+_FLAT_TOKEN_HOOKS = ("mlp.gate.hook_out", "mlp.hook_expert_weights", "mlp.hook_expert_indices",
+                     "mlp.hook_expert_outputs")
+
+
+def _pos_axis(name: str) -> int | None:
+    """Position axis of the activation `name` in its batched layout (None: tokens flattened)."""
+    base = name.removesuffix("_grad")
+    if base.endswith(("hook_pattern", "hook_attn_scores")):
+        return -2  # [batch head query key]: the query position
+    if base.endswith(("hook_q_normed", "hook_k_normed")) or ".q_norm." in base or ".k_norm." in base:
+        return 2  # [batch head pos d_head]
+    if base.endswith(_FLAT_TOKEN_HOOKS):
+        return None
+    return 1
+
+
+def _pos_sliced(acts: dict[str, Any], pos_slice: Any) -> dict[str, Any]:
+    """`run_with_cache(pos_slice=...)`: every activation sliced along its position axis."""
+    from jaxlens.cache.slice import Slice
+
+    sl = Slice.unwrap(pos_slice)
+    out = {}
+    for name, x in acts.items():
+        axis = _pos_axis(name) if x.ndim >= 2 else 0
+        if axis is None:
+            raise ValueError(f"pos_slice cannot slice {name}: MoE router hooks hold the routed tokens flattened "
+                             "[batch*pos ...]; leave them out of names_filter, or slice them after reshaping")
+        out[name] = sl.check(x.shape[axis], f"pos_slice for {name}").apply(x, axis) if x.ndim >= 2 else x
+    return out
+
+
 class HookedTransformer:
     """A converted model: `cfg`, `params` (a pytree), the linen `module`, and a `tokenizer`.
 
@@ -213,11 +255,12 @@ class HookedTransformer:
         """The padding side a call uses: its own, else the tokenizer's (TransformerLens's rule)."""
         return padding_side or getattr(self.tokenizer, "padding_side", None) or "right"
 
-    def to_str_tokens(self, input: Any, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
+    def to_str_tokens(self, input: Any, prepend_bos: bool | None = None,
+                      padding_side: str | None = None) -> list[str] | list[list[str]]:
         if isinstance(input, str):
-            input = self.to_tokens(input, prepend_bos)[0]
+            input = self.to_tokens(input, prepend_bos, padding_side=padding_side)[0]
         elif isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
-            return [self.to_str_tokens(s, prepend_bos) for s in input]
+            return [self.to_str_tokens(s, prepend_bos, padding_side) for s in input]
         arr = np.asarray(input)
         if arr.ndim == 2:
             if arr.shape[0] != 1:
@@ -423,7 +466,8 @@ class HookedTransformer:
                        padding_side: str | None = None, fwd_hooks: Any = None, bwd_hooks: Any = None,
                        remove_batch_dim: bool = False, incl_bwd: bool = False, loss_per_token: bool = False,
                        start_at_layer: int | None = None, stop_at_layer: int | None = None,
-                       tokens: Any = None) -> tuple[Any, ActivationCache]:
+                       tokens: Any = None, return_cache_object: bool = True, pos_slice: Any = None,
+                       reset_hooks_end: bool = True, clear_contexts: bool = False) -> tuple[Any, ActivationCache]:
         """(output, ActivationCache). Only activations matched by `names_filter` are computed
         into the result; under jit the rest are never materialised. With stop/start_at_layer only
         the blocks that run are in the cache (and no embedding / final-norm hooks outside them).
@@ -434,6 +478,13 @@ class HookedTransformer:
         mean next-token loss); the forward and backward run as one compiled program. Stored and
         `bwd_hooks=` backward hooks act in that backward pass (a replaced gradient shows upstream
         of its hook point; the point's own `_grad` is the gradient arriving there).
+
+        As TransformerLens 4: `return_cache_object=False` returns a plain {name: array} dict;
+        `pos_slice` (a `Slice` or its input; an int keeps the axis) slices every cached activation
+        along its position axis (the query axis of hook_pattern / hook_attn_scores, axis 2 of the
+        [batch head pos d] q/k-norm hooks), before `remove_batch_dim`. `reset_hooks_end` and
+        `clear_contexts` are accepted for TransformerLens's signature: a run here adds no hook that
+        outlives it and hook points keep no context.
         """
         capture = resolve_names(names_filter, self.cfg)
         if incl_bwd:
@@ -452,19 +503,27 @@ class HookedTransformer:
                                   start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens)
         order = {n: i for i, n in enumerate(hook_names(self.cfg))}  # forward order, as TransformerLens's cache
         acts = dict(sorted(acts.items(), key=lambda kv: (kv[0].endswith("_grad"), order.get(kv[0].removesuffix("_grad"), 0))))
+        if pos_slice is not None:
+            acts = _pos_sliced(acts, pos_slice)
         cache = ActivationCache(acts, self.cfg, True, self.cache_weights(), tokenizer=self.tokenizer)
-        return out, (cache.remove_batch_dim() if remove_batch_dim else cache)
+        cache = cache.remove_batch_dim() if remove_batch_dim else cache
+        return out, (cache if return_cache_object else dict(cache.items()))
 
     def run_with_hooks(self, input: Any, fwd_hooks: Any = (), bwd_hooks: Any = (), reset_hooks_end: bool = True,
                        clear_contexts: bool = False, attention_mask: Any = None, return_type: str | None = "logits",
-                       **kw: Any) -> Any:
+                       remove_batch_dim: bool = False, **kw: Any) -> Any:
         """Run with TransformerLens-style `fwd_hooks=[(name_or_filter, fn)]` applied inside jit,
         after any stored hooks. `bwd_hooks=[(name, fn)]`: `fn(grad, hook)` sees the gradient of the
         loss at that point and may return a replacement that flows further back; they need
         `return_type="loss"` (the backward pass runs inside this call, so unlike TransformerLens
         there is no `.backward()` to call and no need for `reset_hooks_end=False`). With
         `reset_hooks_end=False` the call's hooks stay on the model afterwards, as in TransformerLens.
+        `remove_batch_dim=True`, as TransformerLens 4: a hook whose tensor has a leading axis of 1
+        sees it without that axis (and a result of that rank gets it back); others see it as is.
         """
+        if remove_batch_dim:
+            fwd_hooks = [(n, _batchless(fn)) for n, fn in fwd_hooks]
+            bwd_hooks = [(n, _batchless(fn)) for n, fn in bwd_hooks]
         self._backward_runs(return_type, kw.get("loss_per_token", False), kw.get("stop_at_layer"), bool(bwd_hooks))
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
             return self(input, attention_mask, return_type, **kw)
@@ -697,14 +756,18 @@ class HookedTransformer:
         return self.composition_layer_indices(), self.OV
 
     # --- stateful hooks (TransformerLens's HookedRootModule; jaxlens/hook_points.py) -----------
-    def add_hook(self, name: NamesFilter, hook: Any, dir: str = "fwd", is_permanent: bool = False,
-                 level: int | None = None, prepend: bool = False) -> None:
+    def add_hook(self, name: NamesFilter, hook: Any = None, dir: str = "fwd", is_permanent: bool = False,
+                 level: int | None = None, prepend: bool = False, *, hook_fn: Any = None) -> None:
         """Register `hook` on the hook point `name` (or every point a filter callable / list /
         regex selects) for every later run until `reset_hooks()`; `is_permanent` hooks survive it.
-        dir="bwd" hooks get `(grad, hook)` in runs that differentiate the loss."""
+        dir="bwd" hooks get `(grad, hook)` in runs that differentiate the loss. `hook_fn=` is
+        TransformerLens 4's name for `hook` (HookedTransformer's)."""
         check_dir(dir)
         if name is None:
             raise ValueError("add_hook needs a hook name or a names filter, not None")
+        if (hook is None) == (hook_fn is None):
+            raise ValueError("add_hook needs the hook function once: as `hook` (positional) or `hook_fn=`")
+        hook = hook if hook is not None else hook_fn
         self._store(make_hooks([(name, hook)], self.cfg), dir, is_permanent, level, prepend)
 
     def add_perma_hook(self, name: NamesFilter, hook: Any, dir: str = "fwd") -> None:

@@ -1,0 +1,96 @@
+"""TransformerLens 4's run arguments on the model, against the bridge on the same checkpoint:
+`run_with_cache(pos_slice=, return_cache_object=False)`, `run_with_hooks(remove_batch_dim=True)`,
+`to_str_tokens(padding_side=)`, `add_hook(hook_fn=)`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import jaxlens
+from conftest import PROMPTS, assert_close, boot_bridge, built
+
+TOKS = np.asarray([PROMPTS[0], [0, 17, 250, 8, 3, 9, 4, 6, 1, 2]], np.int32)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen3"])
+def pair(request, hf_root):
+    path, _ = built(request.param, hf_root)
+    return request.param, jaxlens.from_pretrained_no_processing(path), boot_bridge(path, processed=False)
+
+
+@pytest.mark.parametrize("pos_slice", [-1, (1, 4), [0, 2, 7]])
+def test_run_with_cache_pos_slice_matches_the_bridge(pair, pos_slice):
+    family, model, bridge = pair
+    _, ours = model.run_with_cache(TOKS, pos_slice=pos_slice)
+    _, theirs = bridge.run_with_cache(torch.tensor(TOKS, dtype=torch.long), pos_slice=pos_slice)
+    for k in ours.keys():  # every jaxlens key is a bridge key (tests/test_hook_names.py)
+        assert_close(ours[k], theirs[k].detach().numpy(), f"{family} {k} pos_slice={pos_slice}")
+    if family == "qwen3":  # [batch head pos d_head] q/k-norm hooks are sliced along positions
+        assert ours["blocks.0.attn.hook_q_normed"].shape[2] == (1 if pos_slice == -1 else 3)
+
+
+def test_pos_slice_then_remove_batch_dim_and_plain_dicts(pair):
+    family, model, bridge = pair
+    one = TOKS[:1]
+    _, ours = model.run_with_cache(one, pos_slice=-1, remove_batch_dim=True, return_cache_object=False)
+    _, theirs = bridge.run_with_cache(torch.tensor(one, dtype=torch.long), pos_slice=-1, remove_batch_dim=True,
+                                      return_cache_object=False)
+    assert type(ours) is dict and type(theirs) is dict
+    for k in ours:
+        assert_close(ours[k], theirs[k].detach().numpy(), f"{family} {k}")
+
+
+def test_pos_slice_refuses_flattened_router_hooks(hf_root):
+    path, _ = built("qwen3_moe", hf_root)
+    model = jaxlens.from_pretrained_no_processing(path)
+    with pytest.raises(ValueError, match="pos_slice cannot slice blocks.0.mlp.gate.hook_out"):
+        model.run_with_cache(TOKS, pos_slice=-1)
+    _, cache = model.run_with_cache(TOKS, pos_slice=-1, names_filter=lambda n: "mlp.gate" not in n and "expert" not in n)
+    assert cache["blocks.0.hook_resid_pre"].shape[1] == 1
+    with pytest.raises(ValueError, match="pos_slice for blocks.0.hook_resid_pre index 99 is out of range"):
+        model.run_with_cache(TOKS, pos_slice=99, names_filter="blocks.0.hook_resid_pre")
+
+
+def test_run_with_hooks_remove_batch_dim_matches_the_bridge(pair):
+    """A hook sees [pos d_model] at batch 1 and its edit of position 0 lands there; at batch 2 it
+    sees the batch axis, as in TransformerLens."""
+    family, model, bridge = pair
+
+    def ours_fn(ndim):
+        def fn(x, hook):
+            if x.ndim != ndim:  # jaxlens hooks may not record: check the shape where it is seen
+                raise AssertionError(f"hook saw shape {x.shape}, expected {ndim} axes")
+            return x.at[0].multiply(3.0)
+        return fn
+
+    def theirs_fn(x, hook):
+        x = x.clone()
+        x[0] *= 3.0
+        return x
+
+    for toks, ndim in ((TOKS[:1], 2), (TOKS, 3)):
+        got = model.run_with_hooks(toks, fwd_hooks=[("blocks.1.hook_resid_pre", ours_fn(ndim))], remove_batch_dim=True)
+        want = bridge.run_with_hooks(torch.tensor(toks, dtype=torch.long), remove_batch_dim=True,
+                                     fwd_hooks=[("blocks.1.hook_resid_pre", theirs_fn)])
+        assert_close(got, want.detach().numpy(), f"{family} batch {toks.shape[0]}")
+
+
+def test_to_str_tokens_padding_side_and_add_hook_fn(pair):
+    family, model, bridge = pair
+    assert model.to_str_tokens(TOKS[1], padding_side="left") == bridge.to_str_tokens(torch.tensor(TOKS[1]),
+                                                                                    padding_side="left")
+    model.add_hook("blocks.0.hook_resid_pre", hook_fn=lambda x, hook: x * 0)
+    try:
+        zeroed = model(TOKS)
+    finally:
+        model.reset_hooks()
+    bridge.add_hook("blocks.0.hook_resid_pre", hook_fn=lambda x, hook: x * 0)
+    try:
+        want = bridge(torch.tensor(TOKS, dtype=torch.long))
+    finally:
+        bridge.reset_hooks()
+    assert_close(zeroed, want.detach().numpy(), family)
+    with pytest.raises(ValueError, match="needs the hook function once"):
+        model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: x, hook_fn=lambda x, hook: x)
