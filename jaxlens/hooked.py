@@ -553,7 +553,8 @@ class HookedTransformer:
     def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,
                  eos_token_id: Any = None, do_sample: bool = True, top_k: int | None = None,
                  top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
-                 use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 repetition_penalty: float = 1.0, use_past_kv_cache: bool = True, prepend_bos: bool | None = None,
+                 padding_side: str | None = None,
                  return_type: str = "input", verbose: bool = True, *, key: Any = None, attention_mask: Any = None,
                  names_filter: NamesFilter = None, fwd_hooks: Any = None, kv_cache: Any = None,
                  max_len: int | None = None) -> Any:
@@ -562,7 +563,8 @@ class HookedTransformer:
 
         Sampling without `key` uses `jax.random.key(0)` (warned once), so it is reproducible.
         `freq_penalty` subtracts `freq_penalty * count` of each token so far from the
-        temperature-scaled logits when sampling (greedy ignores it, as in TransformerLens).
+        temperature-scaled logits when sampling (greedy ignores it, as in TransformerLens);
+        `repetition_penalty` is HF's, applied before it, greedy included.
         `use_past_kv_cache=False` gives the same tokens: the loop always keeps a KV cache.
         `verbose` is accepted and ignored: the loop is one XLA program, with no per-step bar.
         With `names_filter` returns (output, ActivationCache over the generated steps); stored
@@ -572,7 +574,8 @@ class HookedTransformer:
 
         return generate(self, input, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
                         do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
-                        freq_penalty=freq_penalty, use_past_kv_cache=use_past_kv_cache, key=key,
+                        freq_penalty=freq_penalty, repetition_penalty=repetition_penalty,
+                        use_past_kv_cache=use_past_kv_cache, key=key,
                         prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask,
                         return_type=return_type, verbose=verbose, names_filter=names_filter,
                         fwd_hooks=self._compose_hooks(fwd_hooks, None), kv_cache=kv_cache, max_len=max_len)

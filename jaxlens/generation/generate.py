@@ -75,6 +75,7 @@ class Sampler:
     top_k: int | None = None
     use_top_p: bool = False
     use_freq_penalty: bool = False
+    use_repetition_penalty: bool = False
 
 
 def first_argmax(logits: jax.Array) -> jax.Array:
@@ -89,13 +90,20 @@ def first_argmax(logits: jax.Array) -> jax.Array:
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler, temperature: jax.Array | float = 1.0,
                   top_p: jax.Array | float = 1.0, freq_penalty: jax.Array | float = 0.0,
-                  counts: jax.Array | None = None) -> jax.Array:
+                  counts: jax.Array | None = None, repetition_penalty: jax.Array | float = 1.0,
+                  seen: jax.Array | None = None) -> jax.Array:
     """Next tokens [batch] int32 from last-position logits [batch vocab].
 
+    With `sampler.use_repetition_penalty`, HF's and TransformerLens's repetition penalty first,
+    greedy decoding included: the logit of every token in `seen` [batch vocab] (bool: it occurs in
+    the row so far) is divided by the penalty when positive, multiplied by it when not.
     With `sampler.use_freq_penalty`, TransformerLens's frequency penalty: `logits / temperature
     - freq_penalty * counts` (counts [batch vocab]: occurrences of each token so far) before
     top-k / top-p. Greedy decoding ignores it, as TransformerLens's `sample_logits` does.
     """
+    if sampler.use_repetition_penalty:
+        x, rp = logits.astype(jnp.float32), jnp.asarray(repetition_penalty, jnp.float32)
+        logits = jnp.where(seen, jnp.where(x > 0, x / rp, x * rp), x)
     if sampler.greedy:
         return first_argmax(logits)
     x = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
@@ -155,14 +163,16 @@ def _write(buf: jax.Array, x: jax.Array, step: jax.Array, axis: int) -> jax.Arra
 @retry_static
 @partial(jax.jit, static_argnames=("cfg", "sampler", "n_buf", "cache_len", "capture", "precision", "return_logits"))
 def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None, n_new, key, temperature, top_p,
-                   pad_id, eos, hooks: Hooks, freq_penalty=0.0, *, sampler: Sampler, n_buf: int, cache_len: int,
-                   capture: frozenset[str], precision: str | None, return_logits: bool):
+                   pad_id, eos, hooks: Hooks, freq_penalty=0.0, repetition_penalty=1.0, seen_mask=None, *,
+                   sampler: Sampler, n_buf: int, cache_len: int, capture: frozenset[str], precision: str | None,
+                   return_logits: bool):
     """Prefill all but the last prompt token, then decode up to `n_new` (<= n_buf) tokens.
 
     `eos` [n] int32 are the stop tokens (n = 0: never stop early). Without `cache`, an empty one
     of `cache_len` slots is made here (inside the program: no separate allocation to compile).
     With `sampler.use_freq_penalty`, per-row token counts (prompt's real tokens, then each new
-    one) are carried through the loop for `sample_logits`.
+    one) are carried through the loop for `sample_logits`; with `sampler.use_repetition_penalty`,
+    which tokens each row holds (the prompt's columns where `seen_mask` is 1, then each new one).
     """
     batch, p = tokens.shape
     if cache is None:
@@ -189,27 +199,30 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
         return go & ~jnp.all(done) if stops else go
 
     def body(state):
-        step, cur, cur_mask, done, out, cache, acts, logits_buf, counts = state
+        step, cur, cur_mask, done, out, cache, acts, logits_buf, counts, seen = state
         logits, step_acts, cache = run(cur[:, None], cur_mask[:, None], cache, capture=capture)
         nxt = sample_logits(logits[:, 0], jax.random.fold_in(key, step), sampler, temperature, top_p,
-                            freq_penalty, counts)
+                            freq_penalty, counts, repetition_penalty, seen)
         if stops:
             nxt = jnp.where(done, pad_id, nxt)
             done = done | jnp.isin(nxt, eos)
         if counts is not None:
             counts = counts.at[jnp.arange(batch), nxt].add(1)
+        if seen is not None:
+            seen = seen.at[jnp.arange(batch), nxt].set(True)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), step))
         acts = {n: _write(acts[n], step_acts[n], step, _pos_axis(n)) for n in acts}
         if return_logits:
             logits_buf = _write(logits_buf, logits, step, 1)
-        return step + 1, nxt, jnp.ones_like(cur_mask), done, out, cache, acts, logits_buf, counts
+        return step + 1, nxt, jnp.ones_like(cur_mask), done, out, cache, acts, logits_buf, counts, seen
 
     done0 = mask.sum(axis=1) == 0  # batch-padding rows (no prompt) never hold up an early stop
     counts0 = token_counts(tokens, mask, cfg.d_vocab) if sampler.use_freq_penalty else None
+    seen0 = token_counts(tokens, seen_mask, cfg.d_vocab) > 0 if sampler.use_repetition_penalty else None
     state = (jnp.zeros((), jnp.int32), tokens[:, -1], mask[:, -1], done0,
              jnp.full((batch, n_buf), pad_id, jnp.int32),
-             cache if is_scanned(params) else cache.split(), acts0, logits0, counts0)  # see KVCache.split
-    n_steps, _, _, done, out, cache, acts, logits, _ = jax.lax.while_loop(cond, body, state)
+             cache if is_scanned(params) else cache.split(), acts0, logits0, counts0, seen0)  # see KVCache.split
+    n_steps, _, _, done, out, cache, acts, logits, _, _ = jax.lax.while_loop(cond, body, state)
     cache = cache.stacked()
     gen_mask = (jnp.arange(n_buf) < n_steps).astype(mask.dtype)
     return GenerateOutput(jnp.concatenate([tokens, out], axis=1),
@@ -262,13 +275,16 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
                     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                     capture: frozenset[str] = frozenset(), hooks: Hooks = Hooks(), kv_cache: KVCache | None = None,
                     max_len: int | None = None, return_logits: bool = False, precision: str | None = None,
-                    bucket_shapes: bool = True, freq_penalty: float = 0.0) -> GenerateOutput:
+                    bucket_shapes: bool = True, freq_penalty: float = 0.0,
+                    repetition_penalty: float = 1.0) -> GenerateOutput:
     """Generate `max_new_tokens` after left-padded prompts `tokens` [batch pos] (mask 0 = padding).
 
     temperature 0 is greedy (argmax); otherwise sampling from `filter_logits` needs an explicit
     `key`, and `freq_penalty` > 0 subtracts `freq_penalty * count` of every token so far in the
     row (its real prompt tokens and the generated ones; a `kv_cache` prefix is not counted) from
-    the temperature-scaled logits, as TransformerLens does. With `stop_at_eos`, a row stops after
+    the temperature-scaled logits, as TransformerLens does. `repetition_penalty` != 1 is HF's and
+    TransformerLens's (greedy too): every token the row holds so far, its prompt columns padding
+    included as theirs, has its logit divided by the penalty if positive, else multiplied. With `stop_at_eos`, a row stops after
     emitting one of `eos_token_id` (default the model's) and is padded with `pad_token_id`
     (default the model's pad, else the first EOS).
     `capture` (from `resolve_names`) and `hooks` act at every step, prefill included.
@@ -279,6 +295,8 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
     _check_args(max_new_tokens, temperature, top_k, top_p)
     if not np.isfinite(float(freq_penalty)) or float(freq_penalty) < 0:
         raise ValueError(f"freq_penalty must be a finite number >= 0 (0: no penalty), got {freq_penalty!r}")
+    if isinstance(repetition_penalty, bool) or not np.isfinite(float(repetition_penalty)) or float(repetition_penalty) <= 0:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1: no penalty), got {repetition_penalty!r}")
     if key is not None:
         check_key(key)
     toks, mask = check_tokens(tokens, cfg, attention_mask)
@@ -339,14 +357,16 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
     toks_b = np.full((b_pad, p_pad), pad, np.int32)
     mask_b = np.zeros((b_pad, p_pad), np.int32)
     toks_b[:batch, left:], mask_b[:batch, left:] = toks, mask
+    seen_b = np.zeros((b_pad, p_pad), np.int32)
+    seen_b[:batch, left:] = 1  # the prompt's own columns (its padding too, as HF's input_ids), not the buckets'
     # inputs go in as numpy and outputs are cut on the host or in one jitted `_trim`: eager jnp
     # ops would each compile a small program of their own on the first call of every shape
     out = _generate_core(params, cfg, toks_b, mask_b, kv_cache, np.int32(max_new_tokens),
                          _default_key() if key is None else key, np.float32(1.0 if greedy else temperature),
                          np.float32(1.0 if top_p is None else top_p), np.int32(pad), np.asarray(eos, np.int32), hooks,
-                         np.float32(freq_penalty),
+                         np.float32(freq_penalty), np.float32(repetition_penalty), seen_b,
                          sampler=Sampler(greedy, None if greedy else top_k, (not greedy) and top_p is not None,
-                                         (not greedy) and float(freq_penalty) > 0),
+                                         (not greedy) and float(freq_penalty) > 0, float(repetition_penalty) != 1.0),
                          n_buf=n_buf, cache_len=cache_len, capture=capture, precision=precision,
                          return_logits=return_logits)
     cols = slice(left, p_pad + max_new_tokens)
@@ -403,7 +423,8 @@ RETURN_TYPES = ("input", "str", "tokens")
 def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: bool = True,
              eos_token_id: int | Sequence[int] | None = None, do_sample: bool = True, top_k: int | None = None,
              top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
-             use_past_kv_cache: bool = True, key: jax.Array | None = None, prepend_bos: bool | None = None,
+             repetition_penalty: float = 1.0, use_past_kv_cache: bool = True, key: jax.Array | None = None,
+             prepend_bos: bool | None = None,
              padding_side: str | None = None, attention_mask: Any = None, return_type: str = "input",
              verbose: bool = True, names_filter: Any = None, fwd_hooks: Any = None,
              kv_cache: KVCache | None = None, max_len: int | None = None) -> Any:
@@ -414,6 +435,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     `attention_mask` for left padding). do_sample=False (or temperature 0) is greedy. Sampling
     without `key` uses `jax.random.key(0)` and warns once: the same call gives the same text.
     freq_penalty: TransformerLens's frequency penalty (see `generate_tokens`); greedy ignores it.
+    repetition_penalty: HF's and TransformerLens's (see `generate_tokens`); greedy applies it.
     use_past_kv_cache: accepted; False gives the same tokens (the loop always uses its KV cache).
     verbose: accepted and ignored (the loop is one XLA program: no per-step progress bar).
     return_type "input" gives text for text input and tokens for tokens; "str" decodes (special
@@ -448,7 +470,8 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
                           temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
                           stop_at_eos=stop_at_eos, eos_token_id=eos, pad_token_id=pad, capture=capture,
                           hooks=make_hooks(fwd_hooks, model.cfg), kv_cache=kv_cache, max_len=max_len,
-                          precision=model.precision, freq_penalty=freq_penalty)
+                          precision=model.precision, freq_penalty=freq_penalty,
+                          repetition_penalty=repetition_penalty)
     n_steps = int(out.n_steps)
     width = out.tokens.shape[1] - max_new_tokens + n_steps
     tokens_h = np.asarray(out.tokens)[:, :width]  # cut on the host: no program per output width
