@@ -554,8 +554,9 @@ class HookedTransformer:
                  eos_token_id: Any = None, do_sample: bool = True, top_k: int | None = None,
                  top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
                  repetition_penalty: float = 1.0, use_past_kv_cache: bool = True, prepend_bos: bool | None = None,
-                 padding_side: str | None = None,
-                 return_type: str = "input", verbose: bool = True, *, key: Any = None, attention_mask: Any = None,
+                 padding_side: str | None = None, return_type: str = "input", verbose: bool = True,
+                 output_logits: bool = False, return_cache: bool = False, return_input_tokens: bool = False,
+                 *, key: Any = None, attention_mask: Any = None,
                  names_filter: NamesFilter = None, fwd_hooks: Any = None, kv_cache: Any = None,
                  max_len: int | None = None) -> Any:
         """TransformerLens's `generate` (its arguments, in its order) as one compiled loop; see
@@ -567,8 +568,9 @@ class HookedTransformer:
         `repetition_penalty` is HF's, applied before it, greedy included.
         `use_past_kv_cache=False` gives the same tokens: the loop always keeps a KV cache.
         `verbose` is accepted and ignored: the loop is one XLA program, with no per-step bar.
-        With `names_filter` returns (output, ActivationCache over the generated steps); stored
-        hooks and `fwd_hooks` act at every step.
+        `output_logits`, `return_cache` and `return_input_tokens` are TransformerLens 4's (see
+        `jaxlens.generate.generate`). With `names_filter` and no `return_cache`, returns (output,
+        ActivationCache over the generated steps); stored hooks and `fwd_hooks` act at every step.
         """
         from jaxlens.generation.generate import generate
 
@@ -577,7 +579,8 @@ class HookedTransformer:
                         freq_penalty=freq_penalty, repetition_penalty=repetition_penalty,
                         use_past_kv_cache=use_past_kv_cache, key=key,
                         prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask,
-                        return_type=return_type, verbose=verbose, names_filter=names_filter,
+                        return_type=return_type, verbose=verbose, output_logits=output_logits,
+                        return_cache=return_cache, return_input_tokens=return_input_tokens, names_filter=names_filter,
                         fwd_hooks=self._compose_hooks(fwd_hooks, None), kv_cache=kv_cache, max_len=max_len)
 
     # --- weights (TransformerLens layout, stacked over layers) -------------------------------

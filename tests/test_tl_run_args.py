@@ -117,3 +117,42 @@ def test_generate_repetition_penalty_matches_the_bridge(pair, penalty):
             assert not np.array_equal(plain, ours), "the penalty must change these greedy continuations"
     with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
         model.generate(TOKS[:1], max_new_tokens=2, do_sample=False, repetition_penalty=0.0)
+
+
+def test_generate_output_logits_return_cache_and_input_tokens_match_the_bridge(pair):
+    """TransformerLens 4's `output_logits` (sequences and one [batch vocab] logits array per step),
+    `return_cache` (run_with_cache over the output, the prompt mask extended over the new columns)
+    and `return_input_tokens`, on a left-padded batch, against the bridge's uncached loop."""
+    from conftest import padded
+
+    family, model, bridge = pair
+    toks, mask = padded("left")
+    kw = dict(max_new_tokens=5, do_sample=False, stop_at_eos=False)
+    names = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]
+    t_toks, t_mask = torch.tensor(toks, dtype=torch.long), torch.tensor(mask)
+    ours = model.generate(toks, attention_mask=mask, output_logits=True, **kw)
+    theirs = bridge.generate(t_toks, attention_mask=t_mask, output_logits=True, verbose=False, use_past_kv_cache=False,
+                             **kw)
+    np.testing.assert_array_equal(np.asarray(ours.sequences), theirs.sequences.numpy())
+    np.testing.assert_array_equal(np.asarray(ours["sequences"]), np.asarray(ours.sequences))
+    assert len(ours.logits) == len(theirs.logits) == 5
+    for i, (a, b) in enumerate(zip(ours.logits, theirs.logits)):
+        real = mask.sum(1) > 0
+        assert_close(np.asarray(a)[real], b.numpy()[real], f"{family} step {i} logits")
+    one, one_t = TOKS[:1], torch.tensor(TOKS[:1], dtype=torch.long)  # TL: return_cache is single-prompt only
+    out, cache, inputs = model.generate(one, return_cache=True, return_input_tokens=True, names_filter=names,
+                                        return_type="tokens", **kw)
+    t_out, t_cache, t_inputs = bridge.generate(one_t, return_cache=True, return_input_tokens=True, names_filter=names,
+                                               return_type="tokens", verbose=False, use_past_kv_cache=False, **kw)
+    np.testing.assert_array_equal(np.asarray(out), t_out.numpy())
+    np.testing.assert_array_equal(np.asarray(inputs), t_inputs.numpy())
+    assert sorted(cache.keys()) == sorted(names)
+    for name in names:
+        assert_close(cache[name], t_cache[name].detach().numpy(), f"{family} {name}")
+    # a batch (beyond TL, which refuses it): the cache is run_with_cache over the output and its mask
+    out, cache = model.generate(toks, attention_mask=mask, return_cache=True, names_filter=names,
+                                return_type="tokens", **kw)
+    full_mask = np.concatenate([mask, np.ones((mask.shape[0], 5), mask.dtype)], 1)
+    _, ref = model.run_with_cache(np.asarray(out), names_filter=names, attention_mask=full_mask)
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(cache[name]), np.asarray(ref[name]))

@@ -426,7 +426,8 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
              repetition_penalty: float = 1.0, use_past_kv_cache: bool = True, key: jax.Array | None = None,
              prepend_bos: bool | None = None,
              padding_side: str | None = None, attention_mask: Any = None, return_type: str = "input",
-             verbose: bool = True, names_filter: Any = None, fwd_hooks: Any = None,
+             verbose: bool = True, output_logits: bool = False, return_cache: bool = False,
+             return_input_tokens: bool = False, names_filter: Any = None, fwd_hooks: Any = None,
              kv_cache: KVCache | None = None, max_len: int | None = None) -> Any:
     """`HookedTransformer.generate`: TransformerLens's signature, one compiled loop.
 
@@ -442,8 +443,14 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     tokens skipped; one row gives a string, more a list, as TransformerLens 4); "tokens" gives
     [batch prompt+new] ids. Columns after
     the last step any row ran are dropped.
-    names_filter: also return {hook: activation over the generated steps} (see
-    `GenerateOutput.acts`), as an `ActivationCache` whose position axis runs over the steps.
+    output_logits (TransformerLens 4 / HF): return a `GenerateLogitsOutput` (`.sequences`, the
+    tokens; `.logits`, one [batch vocab] array of the model's logits per step run) instead.
+    return_cache (TransformerLens 4): also return `run_with_cache` over the output, its mask the
+    prompt's extended over the generated columns, restricted by `names_filter`.
+    return_input_tokens: also return the prompt tokens fed to the model (after BOS handling).
+    Tuples are (output, cache, input_tokens), leaving out what was not asked for.
+    names_filter without return_cache (jaxlens): also return {hook: activation over the generated
+    steps} (see `GenerateOutput.acts`), an `ActivationCache` whose position axis runs over the steps.
     fwd_hooks: TransformerLens-style hooks applied at every step (prefill included).
     """
     from jaxlens.cache.activation_cache import ActivationCache
@@ -458,7 +465,8 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
         key = _default_key()
         _warn_default_key()
     toks, mask = parse_input(model.tokenizer, input, model.cfg, attention_mask, prepend_bos, "left")
-    capture = resolve_names(names_filter, model.cfg) if names_filter is not None else frozenset()
+    per_step = names_filter is not None and not return_cache
+    capture = resolve_names(names_filter, model.cfg) if per_step else frozenset()
     tok = model.tokenizer
     eos = eos_token_id
     if stop_at_eos and eos is None and model.cfg.eos_token_id is None and tok is not None:
@@ -471,7 +479,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
                           stop_at_eos=stop_at_eos, eos_token_id=eos, pad_token_id=pad, capture=capture,
                           hooks=make_hooks(fwd_hooks, model.cfg), kv_cache=kv_cache, max_len=max_len,
                           precision=model.precision, freq_penalty=freq_penalty,
-                          repetition_penalty=repetition_penalty)
+                          repetition_penalty=repetition_penalty, return_logits=output_logits)
     n_steps = int(out.n_steps)
     width = out.tokens.shape[1] - max_new_tokens + n_steps
     tokens_h = np.asarray(out.tokens)[:, :width]  # cut on the host: no program per output width
@@ -485,16 +493,38 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
         result: Any = texts[0] if len(texts) == 1 else texts  # one row: a string, as TransformerLens 4
     else:
         result = tokens_out
-    if names_filter is None:
-        return result
-    unused = max_new_tokens - n_steps  # trailing columns no row reached: dropped from steps and keys
+    if output_logits:  # as TransformerLens 4, in place of the output of any return_type
+        logits = np.asarray(out.logits)
+        result = GenerateLogitsOutput(tokens_out, tuple(jax.device_put(logits[:, i]) for i in range(n_steps)))
+    extra: list[Any] = []
+    if return_cache:
+        mask_out = np.asarray(out.attention_mask)[:, :width]
+        extra.append(model.run_with_cache(tokens_out, names_filter=names_filter, attention_mask=mask_out)[1])
+    elif per_step:
+        unused = max_new_tokens - n_steps  # trailing columns no row reached: dropped from steps and keys
 
-    def trim(name: str, a: jax.Array) -> jax.Array:
-        a = jax.lax.slice_in_dim(a, 0, n_steps, axis=_pos_axis(name))
-        return a[..., : a.shape[-1] - unused] if _pos_axis(name) == 2 else a
+        def trim(name: str, a: jax.Array) -> jax.Array:
+            a = jax.lax.slice_in_dim(a, 0, n_steps, axis=_pos_axis(name))
+            return a[..., : a.shape[-1] - unused] if _pos_axis(name) == 2 else a
 
-    acts = out.acts if unused == 0 else {n: trim(n, a) for n, a in out.acts.items()}
-    return result, ActivationCache(acts, model.cfg, True, model.cache_weights())
+        acts = out.acts if unused == 0 else {n: trim(n, a) for n, a in out.acts.items()}
+        extra.append(ActivationCache(acts, model.cfg, True, model.cache_weights()))
+    if return_input_tokens:
+        extra.append(jax.device_put(np.asarray(toks)))
+    return (result, *extra) if extra else result
 
-__all__ = ["filter_logits", "first_argmax", "Sampler", "sample_logits", "token_counts", "GenerateOutput", "compile_count",
+
+@dataclass(frozen=True)
+class GenerateLogitsOutput:
+    """`generate(output_logits=True)`: HF's GenerateDecoderOnlyOutput fields, read as attributes
+    or keys: `sequences` [batch prompt+new] and `logits`, one [batch vocab] array per step run."""
+
+    sequences: jax.Array
+    logits: tuple[jax.Array, ...]
+
+    def __getitem__(self, key: str | int) -> Any:
+        return getattr(self, key) if isinstance(key, str) else (self.sequences, self.logits)[key]
+
+__all__ = ["filter_logits", "first_argmax", "Sampler", "sample_logits", "token_counts", "GenerateOutput",
+           "GenerateLogitsOutput", "compile_count",
            "bucket", "generate_tokens", "RETURN_TYPES", "generate"]
