@@ -16,7 +16,7 @@ from jaxlens.devices import resolve_device
 from jaxlens.distributed import batch_multiple, batch_sharding, make_mesh, pad_batch, place, shard_params
 from jaxlens.model.forward import forward_jit, is_scanned, resolve_layer_range, stack_layers, unstack_layers
 from jaxlens.edits.hook_points import HookPointRef, StoredHook, check_dir, compose, removable, without_name
-from jaxlens.hooks import Hooks, NamesFilter, hook_names, make_hooks, resolve_names
+from jaxlens.hooks import Hooks, NamesFilter, hook_names, make_hooks, pos_axis, resolve_names
 from jaxlens.model import Transformer
 from jaxlens.model.layers import repeat_kv
 from jaxlens.model.views import BlocksView, EmbedView, NormView, PosEmbedView, UnembedView
@@ -82,23 +82,6 @@ def _batchless(fn: Any) -> Any:
     return wrapped
 
 
-# the MoE router hooks see the routed tokens flattened, [batch*pos ...]: no position axis to slice
-_FLAT_TOKEN_HOOKS = ("mlp.gate.hook_out", "mlp.hook_expert_weights", "mlp.hook_expert_indices",
-                     "mlp.hook_expert_outputs")
-
-
-def _pos_axis(name: str) -> int | None:
-    """Position axis of the activation `name` in its batched layout (None: tokens flattened)."""
-    base = name.removesuffix("_grad")
-    if base.endswith(("hook_pattern", "hook_attn_scores")):
-        return -2  # [batch head query key]: the query position
-    if base.endswith(("hook_q_normed", "hook_k_normed")) or ".q_norm." in base or ".k_norm." in base:
-        return 2  # [batch head pos d_head]
-    if base.endswith(_FLAT_TOKEN_HOOKS):
-        return None
-    return 1
-
-
 def _pos_sliced(acts: dict[str, Any], pos_slice: Any) -> dict[str, Any]:
     """`run_with_cache(pos_slice=...)`: every activation sliced along its position axis."""
     from jaxlens.cache.slice import Slice
@@ -106,7 +89,7 @@ def _pos_sliced(acts: dict[str, Any], pos_slice: Any) -> dict[str, Any]:
     sl = Slice.unwrap(pos_slice)
     out = {}
     for name, x in acts.items():
-        axis = _pos_axis(name) if x.ndim >= 2 else 0
+        axis = pos_axis(name) if x.ndim >= 2 else 0
         if axis is None:
             raise ValueError(f"pos_slice cannot slice {name}: MoE router hooks hold the routed tokens flattened "
                              "[batch*pos ...]; leave them out of names_filter, or slice them after reshaping")

@@ -175,6 +175,26 @@ _ACT_ALIAS = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "quer
 _LAYER_TYPE_ALIAS = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
 
 
+# hooks whose activation is [batch head query key]: the position axes are the query (2) and key (3)
+SCORE_HOOKS = ("hook_attn_scores", "hook_pattern")
+# the MoE router hooks see the routed tokens flattened, [batch*pos ...]: no position axis
+FLAT_TOKEN_HOOKS = ("mlp.gate.hook_out", "mlp.hook_expert_weights", "mlp.hook_expert_indices", "mlp.hook_expert_outputs")
+
+
+def pos_axis(name: str) -> int | None:
+    """The (query) position axis of hook `name`'s batched activation (a `_grad` name as its hook):
+    2 for scores and patterns and for the [batch head pos d_head] q/k-norm hooks, 1 for the rest,
+    None for the MoE router hooks, whose tokens are flattened."""
+    base = name.removesuffix("_grad")
+    if base.endswith(SCORE_HOOKS):
+        return 2
+    if base.endswith(("hook_q_normed", "hook_k_normed")) or ".q_norm." in base or ".k_norm." in base:
+        return 2
+    if base.endswith(FLAT_TOKEN_HOOKS):
+        return None
+    return 1
+
+
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
     """TransformerLens's `utils.get_act_name`: ("pattern", 3) -> "blocks.3.attn.hook_pattern".
 
@@ -432,6 +452,6 @@ def collect_intermediates(inter: Any, capture: frozenset[str]) -> dict[str, jax.
     walk(inter)
     return out
 
-__all__ = ["LAYER", "WILDCARD", "EVERY_HOOK", "hook_names", "block_hook_templates", "NamesFilter",
+__all__ = ["SCORE_HOOKS", "FLAT_TOKEN_HOOKS", "pos_axis", "LAYER", "WILDCARD", "EVERY_HOOK", "hook_names", "block_hook_templates", "NamesFilter",
            "resolve_names", "did_you_mean", "get_act_name", "HookPoint", "HookFn", "Hooks", "make_hooks",
            "RunCtx", "hook_point", "collect_intermediates"]

@@ -285,3 +285,28 @@ def test_first_argmax_is_argmax():
         assert got.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(a, -1)))
     np.testing.assert_array_equal(np.asarray(first_argmax(x)), [30, 12, 99, 0])
+
+
+def test_capture_every_step_of_qk_norm_hooks(hf_root):
+    """The [batch head pos d_head] q/k-norm hooks (Qwen3) are captured along their position axis
+    (axis 2, not the head axis) and equal run_with_cache over the output; the MoE router hooks,
+    whose tokens are flattened, are refused by name."""
+    import jaxlens
+
+    path, _ = built("qwen3", hf_root)
+    model = jaxlens.from_pretrained_no_processing(path)
+    names = ["blocks.0.attn.hook_q_normed", "blocks.1.attn.k_norm.hook_scale", "blocks.1.attn.hook_pattern"]
+    toks = np.array([PROMPTS[0]], np.int32)
+    out, steps = model.generate(toks, N_NEW, do_sample=False, stop_at_eos=False, names_filter=names)
+    out = np.asarray(out)
+    _, cache = model.run_with_cache(out, names_filter=names)
+    p = toks.shape[1]
+    for name in names:
+        got, ref = np.asarray(steps[name]), np.asarray(cache[name])[:, :, p - 1:p - 1 + N_NEW]
+        if name.endswith("hook_pattern"):
+            got = got[..., : out.shape[1]]
+        assert_close(got, ref, name)
+    moe_path, _ = built("qwen3_moe", hf_root)
+    moe = jaxlens.from_pretrained_no_processing(moe_path)
+    with pytest.raises(ValueError, match="blocks.0.mlp.gate.hook_out cannot be captured step by step"):
+        moe.generate(toks, 2, do_sample=False, names_filter="blocks.0.mlp.gate.hook_out")

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxlens.fingerprint import retry_static
 from jaxlens.config import ModelConfig
-from jaxlens.hooks import Hooks
+from jaxlens.hooks import SCORE_HOOKS, Hooks, pos_axis
 from jaxlens.model.forward import is_scanned
 from jaxlens.generation.kv_cache import KVCache, check_cache, forward_cached
 from jaxlens.tokens import check_tokens
@@ -148,11 +148,6 @@ class GenerateOutput(NamedTuple):
     kv_cache: KVCache
 
 
-def _pos_axis(name: str) -> int:
-    """Which axis of a hook's activation is the query position."""
-    return 2 if name.endswith(("hook_attn_scores", "hook_pattern")) else 1
-
-
 def _write(buf: jax.Array, x: jax.Array, step: jax.Array, axis: int) -> jax.Array:
     """Write one position (axis size 1) of `x` into `buf` at `step` along `axis`."""
     idx = [jnp.zeros((), jnp.int32)] * buf.ndim
@@ -189,7 +184,7 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
         shape[axis] = n_buf
         return jnp.zeros(shape, sd.dtype)
 
-    acts0 = {n: grow(sd, _pos_axis(n)) for n, sd in acts_sd.items()}
+    acts0 = {n: grow(sd, pos_axis(n)) for n, sd in acts_sd.items()}
     logits0 = grow(logits_sd, 1) if return_logits else None
     stops = eos.shape[0] > 0
 
@@ -211,7 +206,7 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
         if seen is not None:
             seen = seen.at[jnp.arange(batch), nxt].set(True)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), step))
-        acts = {n: _write(acts[n], step_acts[n], step, _pos_axis(n)) for n in acts}
+        acts = {n: _write(acts[n], step_acts[n], step, pos_axis(n)) for n in acts}
         if return_logits:
             logits_buf = _write(logits_buf, logits, step, 1)
         return step + 1, nxt, jnp.ones_like(cur_mask), done, out, cache, acts, logits_buf, counts, seen
@@ -297,6 +292,11 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
         raise ValueError(f"freq_penalty must be a finite number >= 0 (0: no penalty), got {freq_penalty!r}")
     if isinstance(repetition_penalty, bool) or not np.isfinite(float(repetition_penalty)) or float(repetition_penalty) <= 0:
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1: no penalty), got {repetition_penalty!r}")
+    flat = sorted(n for n in capture if pos_axis(n) is None)
+    if flat:
+        raise ValueError(f"{flat[0]} cannot be captured step by step: MoE router hooks hold the routed tokens "
+                         "flattened [batch*pos ...]; read them with run_with_cache over the output (or "
+                         "generate(return_cache=True))")
     if key is not None:
         check_key(key)
     toks, mask = check_tokens(tokens, cfg, attention_mask)
@@ -385,8 +385,8 @@ def _trim(acts: dict[str, jax.Array], logits: jax.Array | None, cache: KVCache, 
           keys: tuple[int, int]) -> tuple[dict[str, jax.Array], jax.Array | None, KVCache]:
     """Drop the bucket padding: extra rows, extra steps, and key columns outside the output."""
     def act(name: str, a: jax.Array) -> jax.Array:
-        a = jax.lax.slice_in_dim(a[:batch], 0, steps, axis=_pos_axis(name))
-        return a[..., keys[0]:keys[1]] if _pos_axis(name) == 2 else a
+        a = jax.lax.slice_in_dim(a[:batch], 0, steps, axis=pos_axis(name))
+        return a[..., keys[0]:keys[1]] if name.endswith(SCORE_HOOKS) else a
 
     cache = KVCache(cache.keys[:, :batch], cache.values[:, :batch], cache.mask[:batch], cache.length)
     return ({n: act(n, a) for n, a in acts.items()}, None if logits is None else logits[:batch, :steps], cache)
@@ -504,8 +504,8 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
         unused = max_new_tokens - n_steps  # trailing columns no row reached: dropped from steps and keys
 
         def trim(name: str, a: jax.Array) -> jax.Array:
-            a = jax.lax.slice_in_dim(a, 0, n_steps, axis=_pos_axis(name))
-            return a[..., : a.shape[-1] - unused] if _pos_axis(name) == 2 else a
+            a = jax.lax.slice_in_dim(a, 0, n_steps, axis=pos_axis(name))
+            return a[..., : a.shape[-1] - unused] if name.endswith(SCORE_HOOKS) else a
 
         acts = out.acts if unused == 0 else {n: trim(n, a) for n, a in out.acts.items()}
         extra.append(ActivationCache(acts, model.cfg, True, model.cache_weights()))
