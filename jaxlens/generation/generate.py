@@ -279,7 +279,8 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
     row (its real prompt tokens and the generated ones; a `kv_cache` prefix is not counted) from
     the temperature-scaled logits, as TransformerLens does. `repetition_penalty` != 1 is HF's and
     TransformerLens's (greedy too): every token the row holds so far, its prompt columns padding
-    included as theirs, has its logit divided by the penalty if positive, else multiplied. With `stop_at_eos`, a row stops after
+    included as theirs, has its logit divided by the penalty if positive, else multiplied.
+    With `stop_at_eos`, a row stops after
     emitting one of `eos_token_id` (default the model's) and is padded with `pad_token_id`
     (default the model's pad, else the first EOS).
     `capture` (from `resolve_names`) and `hooks` act at every step, prefill included.
