@@ -29,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["ENV", "OFF_VALUES", "cache_dir", "enable", "disable"]
+__all__ = ["ENV", "OFF_VALUES", "cache_dir", "enable", "disable", "user_cache_root"]
 
 ENV = "JAXLENS_COMPILE_CACHE"
 OFF_VALUES = frozenset({"0", "off", "false", "no", "none", "disable", "disabled"})
@@ -47,8 +47,13 @@ def cache_dir(path: str | os.PathLike[str] | None = None) -> Path | None:
         return None
     if env:
         return Path(env).expanduser()
+    return user_cache_root() / "xla"
+
+
+def user_cache_root() -> Path:
+    """jaxlens's folder in the user's cache: `$XDG_CACHE_HOME/jaxlens`, else `~/.cache/jaxlens`."""
     base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "jaxlens" / "xla"
+    return Path(base).expanduser() / "jaxlens"
 
 
 def enable(path: str | os.PathLike[str] | None = None, *, warn: bool = False) -> Path | None:

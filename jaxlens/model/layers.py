@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.config import ACT_FNS
+from jaxlens.model import cpu_kernels
 
 
 def _gelu_tanh(x: jax.Array) -> jax.Array:
@@ -124,9 +125,10 @@ def weight_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
     plain einsum; lower-precision weights (bf16) accumulate in float32 (`preferred_element_type`),
     as torch's bf16 matmuls do.
 
-    Two XLA:CPU limits shape the bf16 path there. Its native bf16 dot starts at two rows and its
-    one-row bf16 dot is a scalar loop (~40x slower; a decode loop would widen every weight to f32
-    once per call and read f32 weights every step), so one row is padded to two. And it has no
+    Two XLA:CPU limits shape the bf16 path there. It has no fast one-row bf16 product (its one-row
+    bf16 dot is a scalar loop, ~40x slower; its native one from two rows up reads about half the
+    bytes per second of the one-row f32 dot), so one row goes to jaxlens's kernel
+    (`cpu_kernels`: the weight read as bf16, f32 sums), else is padded to two rows. And it has no
     batched bf16 dot with f32 output (a head axis in both operands, the split q/k/v input), so
     that one runs on the weights widened to f32: the same products and f32 sums."""
     if W.dtype == jnp.float32:
@@ -136,6 +138,10 @@ def weight_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
     if on_cpu and any(a in ws and a in out for a in xs):  # a batch axis
         return jnp.einsum(spec, x.astype(jnp.float32), W.astype(jnp.float32)).astype(x.dtype)
     if on_cpu and x.shape[0] == 1 and all(n == 1 for a, n in zip(xs, x.shape) if a not in ws):
+        plan = cpu_kernels.matvec_plan(spec, x.shape, W.shape) if W.dtype == jnp.bfloat16 else None
+        # (no sharding rule: on a CPU mesh XLA gathers a sharded weight for it; correct, not fast)
+        if plan is not None and cpu_kernels.available():
+            return cpu_kernels.bf16_matvec(spec, x, W).astype(x.dtype)
         # one row: x's first axis leads the output in every caller
         y = jnp.einsum(spec, jnp.concatenate([x, jnp.zeros_like(x)]), W, preferred_element_type=jnp.float32)[:1]
     else:

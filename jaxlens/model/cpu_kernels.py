@@ -1,0 +1,198 @@
+"""A CPU kernel for one activation row times a bf16 weight: bf16 decoding faster than f32 on CPU.
+
+XLA:CPU has no fast one-row bf16 matrix product: its one-row bf16 dot is a scalar loop, and its
+native bf16 dot (from two rows up) reads about half the bytes per second of its one-row f32 dot.
+So bf16 weights, half the bytes, decoded slower than f32 ones. `bf16_matvec.cc` reads the bf16
+weight where it lies, widens it in registers and accumulates in f32 (the exact products, f32
+sums, as `preferred_element_type=float32` asks), on XLA's intra-op threads through the XLA FFI.
+
+It is built on first use with the C++ compiler of the machine that runs it (`$CXX`, else g++,
+c++ or clang++; `-march=native`), into `~/.cache/jaxlens/kernels` (`$XDG_CACHE_HOME` honoured),
+keyed by the source, jaxlib's version and this CPU, so a home folder shared by different machines
+never loads a build for another CPU. Without a compiler, or with `JAXLENS_CPU_KERNELS=0`, the
+XLA path runs instead: the same results up to f32 summation order, only slower.
+`layers.weight_einsum` is the one caller; `status()` says whether the kernel is in use and why
+not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from jaxlens.compile_cache import OFF_VALUES, user_cache_root
+
+__all__ = ["ENV", "TARGET", "MatVecPlan", "available", "bf16_matvec", "library_path", "matvec_plan", "status"]
+
+log = logging.getLogger(__name__)
+ENV = "JAXLENS_CPU_KERNELS"
+TARGET = "jaxlens_bf16_matvec"
+_SOURCE = Path(__file__).with_name("bf16_matvec.cc")
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool, "why": str, "lib": the loaded library (kept alive)
+
+
+def _cpu_signature() -> str:
+    """This CPU's model and feature flags (what -march=native compiles for)."""
+    parts = [platform.machine(), platform.processor()]
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features", "CPU part")):
+                parts.append(line)
+            if not line.strip() and len(parts) > 2:
+                break  # the first processor's entry
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+def library_path(cxx: str) -> Path:
+    """Where the build for this source, jaxlib, compiler and CPU lives (a new key for any of them)."""
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), cxx.encode(), _cpu_signature().encode()):
+        key.update(len(part).to_bytes(8, "little") + part)
+    return user_cache_root() / "kernels" / f"bf16_matvec-{key.hexdigest()[:20]}.so"
+
+
+def _build() -> Path:
+    """Compile the kernel (once per source, jaxlib and CPU) and return the shared library's path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (set $CXX, or install g++)")
+    lib = library_path(cxx)
+    if lib.exists():
+        return lib
+    folder = lib.parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    base = [cxx, "-std=c++17", "-O3", "-fPIC", "-shared", "-I", jax.ffi.include_dir(), str(_SOURCE)]
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        for flags in (["-march=native"], []):  # some compilers (Apple clang on arm64) refuse -march=native
+            run = subprocess.run([*base, *flags, "-o", tmp], capture_output=True, text=True, timeout=300)
+            if run.returncode == 0:
+                os.replace(tmp, lib)  # atomic: a concurrent build of the same key writes the same file
+                return lib
+        raise RuntimeError(f"{cxx} failed: {run.stderr.strip()[-500:]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def status() -> str:
+    """'ok', or why the kernel is not in use (off by env, not a CPU, a failed build: the reason)."""
+    if os.environ.get(ENV, "").strip().lower() in OFF_VALUES:
+        return f"off (${ENV}={os.environ[ENV]})"
+    with _lock:
+        if not _state:
+            try:
+                path = _build()
+                handle = ctypes.cdll.LoadLibrary(str(path))
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.JaxlensBf16MatVec), platform="cpu")
+                _state.update(ok=True, why="ok", lib=handle)
+            except Exception as e:  # noqa: BLE001 - any failure means the XLA path, said once
+                _state.update(ok=False, why=f"not built: {e}")
+                log.info("jaxlens CPU bf16 kernel unavailable, using XLA's dot: %s", e)
+        return _state["why"]
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (built on the first call)."""
+    return status() == "ok"
+
+
+@dataclass(frozen=True)
+class MatVecPlan:
+    """How an einsum maps onto the kernel: x as [rows, K]; W as [G, K, N] or, trans, [N, K]."""
+
+    rows: int
+    K: int
+    G: int
+    N: int
+    trans: bool
+    out_shape: tuple[int, ...]
+
+
+def matvec_plan(spec: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> MatVecPlan | None:
+    """The kernel's view of `einsum(spec, x, W)`, or None when the einsum is not a plain matrix
+    product with the contracted axes trailing in x and contiguous in W (a batch axis, an axis
+    order the output permutes, a repeated or summed-away axis)."""
+    (xs, ws), out = spec.replace(" ", "").split("->")[0].split(","), spec.replace(" ", "").split("->")[1]
+    if len(set(xs)) != len(xs) or len(set(ws)) != len(ws) or len(xs) != len(x_shape) or len(ws) != len(w_shape):
+        return None
+    contracted = "".join(a for a in xs if a in ws)
+    if not contracted or any(a in out for a in contracted) or not xs.endswith(contracted) or contracted not in ws:
+        return None
+    free_x = xs[: len(xs) - len(contracted)]
+    i = ws.index(contracted)
+    lead, tail = ws[:i], ws[i + len(contracted):]
+    size = dict(zip(xs, x_shape)) | dict(zip(ws, w_shape))
+    if out != free_x + lead + tail or not (lead or tail):
+        return None
+    n = lambda axes: math.prod(size[a] for a in axes)  # noqa: E731
+    out_shape = tuple(size[a] for a in out)
+    if tail:  # W [G.., K.., N..]
+        return MatVecPlan(n(free_x), n(contracted), n(lead), n(tail), False, out_shape)
+    return MatVecPlan(n(free_x), n(contracted), 1, n(lead), True, out_shape)  # W [N.., K..]
+
+
+def _xla_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, x, W, preferred_element_type=jnp.float32)
+
+
+def _kernel_call(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
+    p = matvec_plan(spec, x.shape, W.shape)
+    w = W.reshape(p.N, p.K) if p.trans else W.reshape(p.G, p.K, p.N)
+    y_shape = (p.rows, p.N) if p.trans else (p.rows, p.G, p.N)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(y_shape, jnp.float32))
+    return call(x.reshape(p.rows, p.K).astype(jnp.float32), w, trans=p.trans).reshape(p.out_shape)
+
+
+def _unbatched(spec: str):
+    """The kernel call, with a vmap rule that runs XLA's batched product instead (under vmap the
+    rows multiply, or the weight gains an axis: not the one-row case the kernel is for)."""
+
+    @jax.custom_batching.custom_vmap
+    def f(x, W):
+        return _kernel_call(spec, x, W)
+
+    @f.def_vmap
+    def _rule(axis_size, in_batched, x, W):
+        axes = tuple(0 if b else None for b in in_batched)
+        return jax.vmap(partial(_xla_einsum, spec), in_axes=axes)(x, W), True
+
+    return f
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def bf16_matvec(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
+    """`einsum(spec, x, W)` in float32 through the kernel, for a bf16 W and a `matvec_plan`-able
+    spec (check `available()` and the plan first). Differentiable (the tangents go through XLA's
+    einsum) and vmappable (XLA's batched einsum)."""
+    return _unbatched(spec)(x, W)
+
+
+@bf16_matvec.defjvp
+def _bf16_matvec_jvp(spec, primals, tangents):
+    x, W = primals
+    dx, dW = tangents
+    return bf16_matvec(spec, x, W), _xla_einsum(spec, dx, W) + _xla_einsum(spec, x, dW)
