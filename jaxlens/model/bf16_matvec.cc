@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -133,7 +134,10 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), j->n_tiles - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([j] { work(*j); });
   work(*j);
-  while (j->done.load(std::memory_order_acquire) < j->n_tiles) cpu_relax();
+  // Wait for tiles still in a helper's hands; yield after a while so that a helper sharing this
+  // core (more threads than cores) can finish.
+  for (int64_t spins = 0; j->done.load(std::memory_order_acquire) < j->n_tiles; ++spins)
+    if (spins < 20000) cpu_relax(); else std::this_thread::yield();
   return ffi::Error::Success();
 }
 
