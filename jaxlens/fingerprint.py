@@ -511,7 +511,8 @@ class Fn:
     def __init__(self, fn: Any, _aux: _Aux | None = None, _swaps: list | None = None):
         self.fn = fn.fn if isinstance(fn, Fn) else fn
         self._aux = _aux
-        self._swaps = _swaps or []
+        # re-wrapping a rebuilt Fn keeps its swapped-in contents (see tree_flatten)
+        self._swaps = _swaps or (fn._swaps if isinstance(fn, Fn) else [])
 
     @property
     def __name__(self) -> str:  # for error messages
@@ -523,12 +524,22 @@ class Fn:
         return self._aux.torch if self._aux is not None else ()
 
     def tree_flatten_with_keys(self):
-        leaves, aux = _split(self.fn)
+        leaves, aux = self.tree_flatten()
         return [(jax.tree_util.SequenceKey(i), x) for i, x in enumerate(leaves)], aux
 
     def tree_flatten(self):
-        leaves, aux = _split(self.fn)
-        return leaves, aux
+        # A rebuilt Fn keeps the containers it reads in place and swaps their (traced) contents in
+        # only while it runs. Flattening it again (nn.scan re-flattens what it broadcasts) must
+        # read those contents, not the originals: else the first call's arrays become constants
+        # of the compiled program and every later call reuses them (a stale result).
+        saved = [(obj, _snapshot(obj)) for obj, _ in self._swaps]
+        for obj, contents in self._swaps:
+            _restore(obj, contents)
+        try:
+            return _split(self.fn)
+        finally:
+            for obj, snap in saved:
+                _restore(obj, snap)
 
     @classmethod
     def tree_unflatten(cls, aux: _Aux, leaves: list[Any]) -> "Fn":

@@ -536,3 +536,41 @@ def test_function_in_a_static_pytree_field_is_keyed(model, toks):
         np.testing.assert_allclose(outs[-1], fresh(model, toks, [(RESID, edit)]), rtol=1e-5, atol=1e-5)
     SCALE = 1.0
     assert np.abs(outs[1] - outs[0]).max() > 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class AddDeltas:
+    """A hook that is a pytree (its arrays are data fields), as jaxlens's own Perturb is."""
+
+    deltas: dict
+
+    def __call__(self, x, hook):
+        return x + self.deltas[hook.name]
+
+
+jax.tree_util.register_dataclass(AddDeltas, data_fields=["deltas"], meta_fields=[])
+
+
+def test_scanned_model_reads_this_calls_arrays(toks):
+    """nn.scan re-flattens the hooks it broadcasts; a hook that reads a dict (a closure's, or a pytree
+    hook's field) once handed it the first call's arrays, which became constants of the program:
+    every later call returned the first result."""
+    scanned = jaxlens.from_pretrained(model_dir(), scan_layers=True)
+    names = ["blocks.0.hook_resid_pre", RESID]
+    shape = (1, toks.shape[1], scanned.cfg.d_model)
+    table = {}
+
+    def from_table(x, hook):
+        return x + table[hook.name]
+
+    outs = {"closure": [], "pytree": []}
+    for scale in (1.0, 0.0, 2.0):
+        deltas = {n: jax.random.normal(jax.random.key(i), shape) * scale for i, n in enumerate(names)}
+        table.update(deltas)
+        for kind, fn in (("closure", from_table), ("pytree", AddDeltas(deltas))):
+            hooks = [(n, fn) for n in names]
+            out = np.asarray(scanned.run_with_hooks(toks, fwd_hooks=hooks))
+            np.testing.assert_allclose(out, fresh(scanned, toks, hooks), rtol=1e-5, atol=1e-5, err_msg=f"{kind} {scale}")
+            outs[kind].append(out)
+    for kind, (a, zero, b) in outs.items():
+        assert np.abs(a - zero).max() > 1e-3 and np.abs(b - a).max() > 1e-3, kind
