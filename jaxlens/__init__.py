@@ -23,7 +23,7 @@ from jaxlens.model.forward import forward, forward_jit
 from jaxlens.hooked import HookedTransformer, from_pretrained, from_pretrained_no_processing
 from jaxlens.hooks import Hooks, HookPoint, get_act_name, hook_names, make_hooks, resolve_names
 from jaxlens.cache import analysis, aggregate, head_detector, slice  # noqa: A004 (module name)
-from jaxlens.edits import extraction, gradients, hook_points, interventions, patching
+from jaxlens.edits import edge_attribution, extraction, gradients, hook_points, interventions, patching
 from jaxlens.generation import generate, kv_cache
 from jaxlens.model import factored_matrix, processing, projection_kernel, svd_interpreter
 from jaxlens import utils
@@ -31,6 +31,8 @@ from jaxlens.model.factored_matrix import FactoredMatrix
 from jaxlens.model.svd_interpreter import SVDInterpreter
 from jaxlens.cache.logit_lens import logit_lens, logit_readout
 from jaxlens.cache.dla import direct_logit_attribution
+from jaxlens.edits.edge_attribution import (EdgeAttributionConfig, FaithfulnessConfig, Node, attribution_patch,
+                                           faithfulness)
 
 __version__ = "0.1.0"
 
@@ -40,7 +42,7 @@ SHORT_NAMES = {
     "slice": "jaxlens.cache.slice", "head_detector": "jaxlens.cache.head_detector",
     "interventions": "jaxlens.edits.interventions", "patching": "jaxlens.edits.patching",
     "gradients": "jaxlens.edits.gradients", "extraction": "jaxlens.edits.extraction",
-    "hook_points": "jaxlens.edits.hook_points",
+    "hook_points": "jaxlens.edits.hook_points", "edge_attribution": "jaxlens.edits.edge_attribution",
     "kv_cache": "jaxlens.generation.kv_cache", "generate": "jaxlens.generation.generate",
     "forward": "jaxlens.model.forward", "processing": "jaxlens.model.processing",
     "factored_matrix": "jaxlens.model.factored_matrix",
@@ -75,6 +77,7 @@ __all__ = ["ActivationCache", "ModelConfig", "HookedTransformer", "from_pretrain
            "forward", "forward_jit",
            "Hooks", "HookPoint", "get_act_name", "hook_names", "make_hooks", "resolve_names",
            "FactoredMatrix", "SVDInterpreter", "SHORT_NAMES", "logit_lens", "logit_readout", "direct_logit_attribution",
+           "attribution_patch", "faithfulness", "Node", "EdgeAttributionConfig", "FaithfulnessConfig", "edge_attribution",
            "analysis", "aggregate", "head_detector", "slice", "extraction", "gradients", "hook_points",
            "interventions", "patching", "generate", "kv_cache", "factored_matrix", "processing", "svd_interpreter",
            "projection_kernel", "utils"]

@@ -1,5 +1,6 @@
 """Edits of a run: interventions (easyroutine's hooks), patching grids, gradients through
-hook points (attribution patching), easyroutine extraction, and TransformerLens's stateful
-hook points. Submodules: `interventions`, `patching`, `gradients`, `extraction`, `hook_points`."""
+hook points (attribution patching), TransformerLens 4.3's node/edge attribution patching and
+faithfulness, easyroutine extraction, and TransformerLens's stateful hook points. Submodules:
+`interventions`, `patching`, `gradients`, `edge_attribution`, `extraction`, `hook_points`."""
 
 __all__: list[str] = []
