@@ -23,7 +23,7 @@ from jaxlens.model.forward import forward, forward_jit
 from jaxlens.hooked import HookedTransformer, from_pretrained, from_pretrained_no_processing
 from jaxlens.hooks import Hooks, HookPoint, get_act_name, hook_names, make_hooks, resolve_names
 from jaxlens.cache import analysis, aggregate, head_detector, slice  # noqa: A004 (module name)
-from jaxlens.edits import edge_attribution, extraction, gradients, hook_points, interventions, patching
+from jaxlens.edits import edge_attribution, extraction, gradients, hook_points, interchange, interventions, patching
 from jaxlens.generation import generate, kv_cache
 from jaxlens.model import factored_matrix, processing, projection_kernel, svd_interpreter
 from jaxlens import utils
@@ -43,6 +43,7 @@ SHORT_NAMES = {
     "interventions": "jaxlens.edits.interventions", "patching": "jaxlens.edits.patching",
     "gradients": "jaxlens.edits.gradients", "extraction": "jaxlens.edits.extraction",
     "hook_points": "jaxlens.edits.hook_points", "edge_attribution": "jaxlens.edits.edge_attribution",
+    "interchange": "jaxlens.edits.interchange",
     "kv_cache": "jaxlens.generation.kv_cache", "generate": "jaxlens.generation.generate",
     "forward": "jaxlens.model.forward", "processing": "jaxlens.model.processing",
     "factored_matrix": "jaxlens.model.factored_matrix",
@@ -77,7 +78,7 @@ __all__ = ["ActivationCache", "ModelConfig", "HookedTransformer", "from_pretrain
            "forward", "forward_jit",
            "Hooks", "HookPoint", "get_act_name", "hook_names", "make_hooks", "resolve_names",
            "FactoredMatrix", "SVDInterpreter", "SHORT_NAMES", "logit_lens", "logit_readout", "direct_logit_attribution",
-           "attribution_patch", "faithfulness", "Node", "EdgeAttributionConfig", "FaithfulnessConfig", "edge_attribution",
+           "attribution_patch", "faithfulness", "Node", "EdgeAttributionConfig", "FaithfulnessConfig", "edge_attribution", "interchange",
            "analysis", "aggregate", "head_detector", "slice", "extraction", "gradients", "hook_points",
            "interventions", "patching", "generate", "kv_cache", "factored_matrix", "processing", "svd_interpreter",
            "projection_kernel", "utils"]
