@@ -128,3 +128,69 @@ def test_errors(pair):
         ic.run_with_intervention(model, "blocks.1.hook_nothing", iv, BASE, src, task, positions=POS)
     with pytest.raises(ValueError, match="pass one position index per example"):
         ic.collect_activations(model, NAME, SOURCE)
+
+
+@pytest.fixture(scope="module")
+def das_task(pair):
+    """Pairs whose high-level label is the base's prediction with the logit-difference direction
+    of the final residual taken from the source: the aligned subspace is known."""
+    model, _ = pair
+    rng = np.random.default_rng(0)
+    n, name = 32, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    base, src = (np.concatenate([np.zeros((n, 1), int), rng.integers(1, 290, (n, 5))], 1) for _ in range(2))
+    ids, sign = jnp.asarray([5, 7]), jnp.array([1.0, -1.0])
+    offset = jnp.median(model(np.concatenate([base, src]))[:, -1, ids] @ sign)  # balance the two classes
+    task = lambda t: model(t)[:, -1, ids] - jnp.array([offset, 0.0])  # noqa: E731
+    W_U = np.asarray(model.W_U)
+    true = jnp.asarray((W_U[:, 5] - W_U[:, 7]) / np.linalg.norm(W_U[:, 5] - W_U[:, 7]))[:, None]
+    pos = np.full(n, 5)
+    source = ic.collect_activations(model, name, src, positions=pos)
+    targets = np.asarray(jnp.argmax(ic.intervened_logits(model, name, ic.SubspaceInterchange(true), base, source, task,
+                                                         positions=pos), -1))
+    assert 0.3 < targets.mean() < 0.7  # both classes
+    accuracy = lambda B: float((np.asarray(jnp.argmax(ic.intervened_logits(  # noqa: E731
+        model, name, ic.SubspaceInterchange(B), base, source, task, positions=pos), -1)) == targets).mean())
+    return dict(model=model, name=name, base=base, src=src, targets=targets, task=task, pos=pos, true=true,
+                accuracy=accuracy)
+
+
+def test_das_learns_the_aligned_direction(das_task):
+    t = das_task
+    res = ic.fit_das(t["model"], t["name"], t["base"], t["src"], t["targets"], t["task"], rank=1, base_positions=t["pos"],
+                     source_positions=t["pos"], epochs=15, batch_size=16, lr=0.05, seed=0)
+    assert res.basis.shape == (t["model"].cfg.d_model, 1) and res.rank == 1 and res.hook_name == t["name"]
+    np.testing.assert_allclose(np.asarray(res.basis.T @ res.basis), [[1.0]], atol=1e-5)
+    assert len(res.losses) == 15 and res.losses[-1] < res.losses[0] - 0.15
+    assert t["accuracy"](res.basis) >= 0.85 > 0.75 >= t["accuracy"](ic.random_basis(t["model"].cfg.d_model, 1, 3))
+    assert float(jnp.abs(res.basis.T @ t["true"]).squeeze()) > 0.6
+
+
+def test_das_micro_batches_take_the_same_steps(das_task):
+    t = das_task
+    kw = dict(rank=2, base_positions=t["pos"], source_positions=t["pos"], epochs=2, batch_size=16, lr=0.05, seed=1)
+    whole = ic.fit_das(t["model"], t["name"], t["base"], t["src"], t["targets"], t["task"], **kw)
+    split = ic.fit_das(t["model"], t["name"], t["base"], t["src"], t["targets"], t["task"], micro_batch_size=5, **kw)
+    np.testing.assert_allclose(whole.losses, split.losses, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(whole.basis), np.asarray(split.basis), atol=1e-5)
+    with pytest.raises(ValueError, match="same length"):
+        ic.fit_das(t["model"], t["name"], t["base"], t["src"][:3], t["targets"], t["task"], rank=1)
+    with pytest.raises(ValueError, match="one integer class per pair"):
+        ic.fit_das(t["model"], t["name"], t["base"], t["src"], t["targets"] * 1.0, t["task"], rank=1)
+    with pytest.raises(ValueError, match="rank must be in"):
+        ic.fit_das(t["model"], t["name"], t["base"], t["src"], t["targets"], t["task"], rank=0, base_positions=t["pos"],
+                   source_positions=t["pos"])
+
+
+def test_controls(pair):
+    from transformer_lens.tools.analysis import interchange as tic
+
+    keys = ["a cat", "a dog", "a cat", 3, (1, 2)]
+    np.testing.assert_array_equal(ic.arbitrary_targets(keys, 3, 7), tic.arbitrary_targets(keys, 3, 7).numpy())
+    model, _ = pair
+    before = jax.tree.map(np.asarray, model.params)
+    fresh, again, other = ic.reinitialized(model, 0), ic.reinitialized(model, 0), ic.reinitialized(model, 1)
+    assert jax.tree.structure(fresh.params) == jax.tree.structure(model.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, model.params), before)  # untouched
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, fresh.params), jax.tree.map(np.asarray, again.params))
+    out = [np.asarray(m(BASE)) for m in (model, fresh, other)]
+    assert np.abs(out[0] - out[1]).max() > 0.1 and np.abs(out[1] - out[2]).max() > 0.1

@@ -6,11 +6,18 @@ for an orthonormal basis B [d_model rank] (`projection_kernel.orthonormal_subspa
 convention). Bases: the difference of class means, a probe's weights, MLP neurons, random ones
 (placebos), and a norm-matched random-subspace placebo.
 
-JAX differences: random bases take a PRNG key (an int seed is turned into `jax.random.key(seed)`;
-the draws are not torch's); activations are read with `run_with_cache`, so `collect_activations`
-needs no `task_logits` (it is accepted, for TransformerLens's signature). The interventions are
-pytrees, so a hook holding one is compiled once and never goes stale. Not built: DAS
-(`fit_das`) and its controls (`arbitrary_targets`, `reinitialized`, `random_init_bridge`).
+`fit_das` learns the basis instead (distributed alignment search): an orthonormal basis trained
+with Adam (optax) so that the interchange gives the high-level model's predicted classes; its
+controls are `arbitrary_targets` (TransformerLens's exact labels) and `reinitialized` (the same
+architecture with freshly initialised weights).
+
+JAX differences: random draws (bases, DAS's initial basis, `reinitialized`) take a PRNG key or
+an int seed and are not torch's; the learned basis is the Q factor of a free matrix (torch's
+`orthogonal` parametrisation is another map onto the same set); activations are read with
+`run_with_cache`, so `collect_activations` needs no `task_logits` (accepted, for
+TransformerLens's signature). The interventions are pytrees, so a hook holding one compiles once
+and never goes stale. Not built: `random_init_bridge` (a TransformerLens bridge; `reinitialized`
+is jaxlens's random-init control).
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional, Sequence
 
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.model.projection_kernel import orthonormal_subspace
 
-__all__ = ["NormMatchedPlacebo", "SubspaceInterchange", "collect_activations", "intervened_logits",
-           "mean_difference_basis", "neuron_basis", "probe_basis", "random_basis", "random_neuron_basis",
-           "run_with_intervention"]
+__all__ = ["DASResult", "LearnedSubspace", "NormMatchedPlacebo", "SubspaceInterchange", "arbitrary_targets",
+           "collect_activations", "fit_das", "intervened_logits", "mean_difference_basis", "neuron_basis", "probe_basis",
+           "random_basis", "random_neuron_basis", "reinitialized", "run_with_intervention"]
 
 TaskLogits = Callable[[Any], jax.Array]
 Intervention = Callable[[jax.Array, jax.Array], jax.Array]
@@ -242,3 +251,124 @@ def intervened_logits(model: Any, hook_name: str, intervention: Intervention, ba
                               source_activations[s:s + batch_size], task_logits,
                               positions=None if pos is None else pos[s:s + batch_size])
         for s in range(0, n, batch_size)])
+
+
+# --- distributed alignment search -------------------------------------------------------------
+@dataclass(frozen=True)
+class LearnedSubspace:
+    """A trainable rank-`rank` subspace: `basis` is the Q factor of the free matrix `weight`
+    [d_model rank] (signs fixed by R's diagonal, so the map is smooth), always orthonormal."""
+
+    weight: jax.Array
+
+    @property
+    def basis(self) -> jax.Array:
+        q, r = jnp.linalg.qr(self.weight)
+        return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)
+
+    @classmethod
+    def init(cls, d_model: int, rank: int, key: Any) -> "LearnedSubspace":
+        if not 0 < rank <= d_model:
+            raise ValueError(f"rank must be in [1, {d_model}], got {rank}")
+        return cls(jax.random.normal(_key(key), (d_model, rank)) / np.sqrt(d_model))
+
+
+jax.tree_util.register_dataclass(LearnedSubspace, data_fields=["weight"], meta_fields=[])
+
+
+@dataclass(frozen=True)
+class DASResult:
+    """What `fit_das` learned: the subspace, the mean training loss per epoch, where, what rank."""
+
+    subspace: LearnedSubspace
+    losses: tuple[float, ...]
+    hook_name: str
+    rank: int
+
+    @property
+    def basis(self) -> jax.Array:
+        return self.subspace.basis
+
+
+def _cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[:, None], axis=-1).sum()
+
+
+def fit_das(model: Any, hook_name: str, base_inputs: Any, source_inputs: Any, targets: Any, task_logits: TaskLogits, *,
+            rank: int, base_positions: Any = None, source_positions: Any = None, epochs: int = 20,
+            batch_size: int = 128, lr: float = 1e-2, strength: float = 1.0, seed: Any = 0,
+            micro_batch_size: int | None = None) -> DASResult:
+    """Learn the subspace whose interchange makes the model output `targets` (DAS): Adam on the
+    cross-entropy of the task logits under the interchange, `epochs` passes in a seeded order
+    (numpy's, as TransformerLens's). `targets[i]` is the high-level model's class for base i with
+    the aligned variable taken from source i. `micro_batch_size` splits each step into parts with
+    the same summed gradient. The model's weights are not trained."""
+    try:
+        import optax
+    except ImportError as e:  # pragma: no cover - optax ships with the train extra
+        raise ImportError("fit_das trains with optax: pip install 'jaxlens[train]' (or optax)") from e
+    labels = np.asarray(targets.detach().cpu().numpy() if hasattr(targets, "detach") else targets)
+    if not (len(base_inputs) == len(source_inputs) == len(labels)):
+        raise ValueError("base_inputs, source_inputs and targets must have the same length")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"targets must be one integer class per pair, got shape {labels.shape} of dtype {labels.dtype}")
+    if epochs < 1 or batch_size < 1 or (micro_batch_size is not None and micro_batch_size < 1):
+        raise ValueError("epochs, batch_size and micro_batch_size must be positive")
+    micro = micro_batch_size or batch_size
+    bpos = _positions(base_positions, len(labels))
+    source = collect_activations(model, hook_name, source_inputs, positions=source_positions, batch_size=micro)
+    seed_int = int(seed) if isinstance(seed, (int, np.integer)) else 0
+    rng = np.random.default_rng(seed_int)
+    subspace = LearnedSubspace.init(int(source.shape[-1]), rank, seed)
+    opt = optax.adam(lr)
+    state = opt.init(subspace)
+
+    def loss_sum(sub: LearnedSubspace, idx: np.ndarray) -> jax.Array:
+        logits = run_with_intervention(model, hook_name, SubspaceInterchange(sub.basis, strength), base_inputs[idx],
+                                       source[idx], task_logits, positions=None if bpos is None else bpos[idx])
+        return _cross_entropy_sum(logits, jnp.asarray(labels[idx]))
+
+    grad_fn = jax.value_and_grad(loss_sum)
+    losses = []
+    for _ in range(epochs):
+        order, total = rng.permutation(len(labels)), 0.0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            grads, value = None, 0.0
+            for part in range(0, len(batch), micro):  # summed, then / len(batch): split steps give equal gradients
+                v, g = grad_fn(subspace, batch[part:part + micro])
+                value += float(v)
+                grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+            grads = jax.tree.map(lambda g: g / len(batch), grads)
+            updates, state = opt.update(grads, state, subspace)
+            subspace = optax.apply_updates(subspace, updates)
+            total += value
+        losses.append(total / len(order))
+    return DASResult(subspace, tuple(losses), hook_name, rank)
+
+
+def arbitrary_targets(keys: Sequence[Hashable], n_classes: int, seed: int) -> np.ndarray:
+    """A fixed pseudo-random class per key (equal keys, equal classes): the arbitrary-label control
+    for `fit_das`, TransformerLens's exact draw (sha256 of f"{seed}:{key!r}")."""
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be positive, got {n_classes}")
+    return np.array([int.from_bytes(hashlib.sha256(f"{seed}:{k!r}".encode()).digest()[:8], "big") % n_classes
+                     for k in keys], dtype=np.int64)
+
+
+def reinitialized(model: Any, seed: Any) -> Any:
+    """A copy of `model` with freshly initialised weights (the architecture's own initialisers;
+    norms at 1, biases at 0): the random-init control for `fit_das`. `model` is not modified."""
+    from jaxlens.hooks import RunCtx
+    from jaxlens.model.forward import is_scanned
+    from jaxlens.model.transformer import Transformer
+
+    params = model.params
+    module = Transformer(model.cfg, scan_layers=is_scanned(params), dtype=params["W_E"].dtype)
+    toks = jnp.zeros((1, 2), jnp.int32)
+    fresh = module.init(_key(seed), toks, jnp.ones((1, 2), jnp.int32), RunCtx())["params"]
+    if jax.tree.structure(fresh) != jax.tree.structure(params):
+        raise ValueError("reinitialized: the fresh parameters do not match the model's layout")
+    fresh = jax.tree.map(lambda new, old: new.astype(old.dtype), fresh, params)
+    return type(model)(model.cfg, fresh, model.tokenizer, precision=model.precision)
