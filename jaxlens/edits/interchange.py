@@ -340,7 +340,7 @@ def fit_das(model: Any, hook_name: str, base_inputs: Any, source_inputs: Any, ta
                 v, g = grad_fn(subspace, batch[part:part + micro])
                 value += float(v)
                 grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-            grads = jax.tree.map(lambda g: g / len(batch), grads)
+            grads = jax.tree.map(lambda g, n=len(batch): g / n, grads)
             updates, state = opt.update(grads, state, subspace)
             subspace = optax.apply_updates(subspace, updates)
             total += value
