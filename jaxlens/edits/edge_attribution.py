@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.edits.gradients import value_and_grads
+from jaxlens.edits.gradients import Perturb, value_and_grads
 from jaxlens.fingerprint import Fn, call_metric
 from jaxlens.hooks import Hooks, resolve_names
 from jaxlens.model.forward import forward_jit
@@ -495,19 +495,6 @@ def _edge_class(edge: tuple[Node, Node]) -> EdgeClass:
             "logits": "into_logits"}[kind]
 
 
-@dataclass(frozen=True)
-class _AddAt:
-    """Add a fixed [1 pos (head) d_model] delta at each reader hook (the ablation's rebuild)."""
-
-    deltas: dict[str, jax.Array]
-
-    def __call__(self, x: jax.Array, hook: Any) -> jax.Array:
-        return x + self.deltas[hook.name].astype(x.dtype)
-
-
-jax.tree_util.register_dataclass(_AddAt, data_fields=["deltas"], meta_fields=[])
-
-
 def _split_readers(d: jax.Array, n_layers: int) -> dict[str, jax.Array]:
     per_layer = (d.shape[2] - 1) // n_layers
     heads = (per_layer - 1) // 3
@@ -585,7 +572,7 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circ
                 excluded[w.position, w_idx[(w.kind, w.layer, w.head)], r_idx[(r.kind, r.layer, r.head)]] = 1.0
         live = clean_writers
         for _ in range(2 * n_layers + 1):  # the k-th writer stage (heads 0, MLP 0, heads 1, ...) is final after k passes
-            hooks = Hooks(((frozenset(_reader_hook_names(n_layers)), _AddAt(_split_readers(
+            hooks = Hooks(((frozenset(_reader_hook_names(n_layers)), Perturb(_split_readers(
                 _delta(excluded, replacement, live), n_layers))),))
             value, acts, _ = _run(model, cfg, clean_t, metric_fn, writers, extra=hooks)
             new = _stack_writers(acts, n_layers)
