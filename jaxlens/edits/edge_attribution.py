@@ -544,9 +544,20 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circ
     _check_head_sum(corrupt_acts, n_layers)
     n_heads, seq = int(cfg.n_heads), int(clean_t.shape[1])
     graph = _graph(n_layers, n_heads, seq, bool(cfg.parallel_attn_mlp))
-    edges = [(w, r) for r, ws in graph for w in ws]
-    known = set(edges)
-    unknown = [e for e in kept if e not in known]
+    w_idx, r_idx = _writer_index(n_layers, n_heads), _reader_index(n_layers, n_heads)
+    in_graph = np.zeros((seq, len(w_idx), len(r_idx)), np.float32)  # [pos writer reader]: the graph's edges
+    for r, ws in graph:
+        in_graph[r.position, [w_idx[(w.kind, w.layer, w.head)] for w in ws], r_idx[(r.kind, r.layer, r.head)]] = 1.0
+
+    def cell(edge: tuple[Any, Any]) -> tuple[int, int, int] | None:
+        """The edge's [pos writer reader] cell, or None when it is not an edge of this graph."""
+        w, r = edge
+        if not (isinstance(w, Node) and isinstance(r, Node)) or w.position != r.position or not 0 <= w.position < seq:
+            return None
+        at = (w.position, w_idx.get((w.kind, w.layer, w.head)), r_idx.get((r.kind, r.layer, r.head)))
+        return at if None not in at and in_graph[at] else None
+
+    unknown = [e for e in kept if cell(e) is None]
     if unknown:
         raise ValueError(f"circuit holds {len(unknown)} edge(s) that are not in the graph, starting with {unknown[0]}; "
                          "a stale or mistyped circuit would otherwise ablate nothing.")
@@ -561,15 +572,12 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circ
     if gap == 0.0:
         raise ValueError("the clean and corrupt runs produce the same metric, so the recovered fraction is undefined; "
                          "choose a pair the metric separates.")
-    w_idx, r_idx = _writer_index(n_layers, n_heads), _reader_index(n_layers, n_heads)
     clean_writers = _stack_writers(clean_acts, n_layers)
 
     def ablated(keep: Collection[tuple[Node, Node]]) -> float:
-        keep = set(keep)
-        excluded = np.zeros((seq, len(w_idx), len(r_idx)), np.float32)
-        for w, r in edges:
-            if (w, r) not in keep:
-                excluded[w.position, w_idx[(w.kind, w.layer, w.head)], r_idx[(r.kind, r.layer, r.head)]] = 1.0
+        excluded = in_graph.copy()
+        for edge in keep:
+            excluded[cell(edge)] = 0.0
         live = clean_writers
         for _ in range(2 * n_layers + 1):  # the k-th writer stage (heads 0, MLP 0, heads 1, ...) is final after k passes
             hooks = Hooks(((frozenset(_reader_hook_names(n_layers)), Perturb(_split_readers(
@@ -584,13 +592,14 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circ
     ablated_metric = ablated(kept)
     recovered = (ablated_metric - corrupt_metric) / gap
     counts: dict[EdgeClass, int] = {}
-    for e in edges:
-        counts[_edge_class(e)] = counts.get(_edge_class(e), 0) + 1
+    for r, ws in graph:
+        c = _edge_class((ws[0], r))
+        counts[c] = counts.get(c, 0) + len(ws)
     kept_classes = {_edge_class(e) for e in kept}
     by_class = {c: (recovered if c not in kept_classes else
                     (ablated([e for e in kept if _edge_class(e) != c]) - corrupt_metric) / gap) for c in counts}
     return FaithfulnessResult(recovered=recovered, full_metric=clean_metric, corrupt_metric=corrupt_metric,
-                              circuit_size=len(kept), total_edges=len(edges), edge_class_recovered=by_class,
+                              circuit_size=len(kept), total_edges=int(in_graph.sum()), edge_class_recovered=by_class,
                               edge_class_counts=counts)
 
 
