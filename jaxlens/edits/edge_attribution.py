@@ -33,6 +33,7 @@ from jaxlens.edits.gradients import Perturb, value_and_grads
 from jaxlens.fingerprint import Fn, call_metric
 from jaxlens.hooks import Hooks, resolve_names
 from jaxlens.model.forward import forward_jit
+from jaxlens.utils import to_numpy
 
 __all__ = ["AttributionResult", "EdgeAttributionConfig", "FaithfulnessConfig", "FaithfulnessResult", "GradientCache",
            "Node", "attribution_patch", "cache_activation_and_gradient", "capture_writer_outputs", "enumerate_edges",
@@ -165,15 +166,53 @@ def _node_hook_names(n_layers: int) -> list[str]:
     return ["hook_embed"] + [n for l in range(n_layers) for n in (f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out")]
 
 
+def _writer_layout(n_layers: int) -> list[tuple[str, str, int | None, bool]]:
+    """The writers' (hook, kind, layer, per head) in the order of the stacked writer tensor."""
+    out = [("hook_embed", "embed", None, False)]
+    for l in range(n_layers):
+        out += [(f"blocks.{l}.attn.hook_result", "attn_head_out", l, True), (f"blocks.{l}.hook_mlp_out", "mlp_out", l, False)]
+    return out
+
+
+def _reader_layout(n_layers: int) -> list[tuple[str, str, int | None, bool]]:
+    """The readers' (hook, kind, layer, per head) in the order of the stacked reader tensor."""
+    out = []
+    for l in range(n_layers):
+        out += [(f"blocks.{l}.hook_{k}_input", f"{k}_input", l, True) for k in "qkv"]
+        out.append((f"blocks.{l}.hook_mlp_in", "mlp_in", l, False))
+    return out + [(f"blocks.{n_layers - 1}.hook_resid_post", "logits", n_layers - 1, False)]
+
+
 def _writer_hook_names(n_layers: int) -> list[str]:
-    return ["hook_embed"] + [n for l in range(n_layers) for n in (f"blocks.{l}.attn.hook_result",
-                                                                   f"blocks.{l}.hook_mlp_out")]
+    return [name for name, *_ in _writer_layout(n_layers)]
 
 
 def _reader_hook_names(n_layers: int) -> list[str]:
-    names = [f"blocks.{l}.{n}" for l in range(n_layers)
-             for n in ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")]
-    return names + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    return [name for name, *_ in _reader_layout(n_layers)]
+
+
+def _layout_index(layout: list[tuple[str, str, int | None, bool]], n_heads: int) -> dict[tuple, int]:
+    """(kind, layer, head) -> row of the stacked tensor of `layout`."""
+    idx: dict[tuple, int] = {}
+    for _, kind, layer, per_head in layout:
+        for h in (range(n_heads) if per_head else (None,)):
+            idx[(kind, layer, h)] = len(idx)
+    return idx
+
+
+def _stack(acts: dict[str, jax.Array], layout: list[tuple[str, str, int | None, bool]]) -> jax.Array:
+    """[batch pos row d_model]: the layout's hooks, per-head ones [batch pos head d_model] in place."""
+    return jnp.concatenate([acts[name] if per_head else acts[name][:, :, None] for name, _, _, per_head in layout],
+                           axis=2)
+
+
+def _split(stacked: jax.Array, layout: list[tuple[str, str, int | None, bool]], n_heads: int) -> dict[str, jax.Array]:
+    """The inverse of `_stack`: {hook: [batch pos (head) d_model]}."""
+    out, i = {}, 0
+    for name, _, _, per_head in layout:
+        out[name] = stacked[:, :, i:i + n_heads] if per_head else stacked[:, :, i]
+        i += n_heads if per_head else 1
+    return out
 
 
 def _edge_hook_names(n_layers: int) -> list[str]:
@@ -242,7 +281,7 @@ _apply_metric = jax.jit(lambda logits, metric: call_metric(metric, logits, "metr
 
 def _tokens(model: Any, tokens: Any, what: str) -> jax.Array:
     """[batch seq] token ids, checked against the vocabulary (JAX would clamp an out-of-range id)."""
-    arr = np.asarray(tokens.detach().cpu().numpy() if hasattr(tokens, "detach") else tokens)
+    arr = to_numpy(tokens)
     if arr.ndim != 2:
         raise ValueError(f"{what} expects 2D [batch, seq] token tensors, got shape {tuple(arr.shape)}")
     toks, _ = model._inputs(arr, None, False, "right")
@@ -250,7 +289,8 @@ def _tokens(model: Any, tokens: Any, what: str) -> jax.Array:
 
 
 def _validate_pair(model: Any, clean: Any, corrupt: Any, operation: str, method: str) -> tuple[jax.Array, jax.Array]:
-    shapes = [np.shape(t.detach().cpu().numpy() if hasattr(t, "detach") else t) for t in (clean, corrupt)]
+    clean, corrupt = to_numpy(clean), to_numpy(corrupt)
+    shapes = [clean.shape, corrupt.shape]
     if any(len(s) != 2 for s in shapes):
         raise ValueError(f"{operation} expects 2D [batch, seq] token tensors, got clean {shapes[0]} and corrupt "
                          f"{shapes[1]}")
@@ -296,7 +336,7 @@ def _as_predicate(names_filter: NamesFilter) -> Callable[[str], bool]:
     return lambda name: name in wanted
 
 
-def _names(model: Any, cfg: Any, names_filter: NamesFilter) -> list[str]:
+def _names(cfg: Any, names_filter: NamesFilter) -> list[str]:
     pred = _as_predicate(names_filter)
     names = [n for n in resolve_names(None, cfg) if pred(n)]
     if not names:
@@ -310,7 +350,7 @@ def cache_activation_and_gradient(model: Any, tokens: Any, metric_fn: MetricFn, 
     attn.hook_z and hook_mlp_out) and, with `compute_gradient`, d metric / d activation there, in
     one compiled forward + backward. `metric_fn(logits [batch seq vocab]) -> scalar`."""
     cfg = model.cfg
-    names = _names(model, cfg, _node_hook_names(cfg.n_layers) if names_filter is None else names_filter)
+    names = _names(cfg, _node_hook_names(cfg.n_layers) if names_filter is None else names_filter)
     toks = _tokens(model, tokens, "cache_activation_and_gradient")
     value, acts, grads = _run(model, cfg, toks, metric_fn, names, names if compute_gradient else (), per_row=False)
     gradients = {n: (grads.get(n) if compute_gradient else None) for n in acts}
@@ -321,7 +361,7 @@ def capture_writer_outputs(model: Any, tokens: Any, names_filter: NamesFilter = 
     """Each writer's residual contribution (default: hook_embed, attn.hook_result, hook_mlp_out) from
     one forward; the hook switches these need must be on (`model.set_use_attn_result(True)`)."""
     cfg = model.cfg
-    names = _names(model, cfg, _writer_hook_names(cfg.n_layers) if names_filter is None else names_filter)
+    names = _names(cfg, _writer_hook_names(cfg.n_layers) if names_filter is None else names_filter)
     _, acts, _ = _run(model, cfg, _tokens(model, tokens, "capture_writer_outputs"), None, names)
     return dict(acts)
 
@@ -380,44 +420,6 @@ def enumerate_edges(model: Any, cache: GradientCache) -> list[tuple[Node, Node]]
     return [(w, r) for r, ws in _graph(n_layers, n_heads, seq, bool(model.cfg.parallel_attn_mlp)) for w in ws]
 
 
-def _writer_index(n_layers: int, n_heads: int) -> dict[tuple, int]:
-    """Writer (kind, layer, head) -> row of the stacked writer tensor [embed, per layer: heads, mlp]."""
-    idx = {("embed", None, None): 0}
-    for l in range(n_layers):
-        for h in range(n_heads):
-            idx[("attn_head_out", l, h)] = len(idx)
-        idx[("mlp_out", l, None)] = len(idx)
-    return idx
-
-
-def _reader_index(n_layers: int, n_heads: int) -> dict[tuple, int]:
-    """Reader (kind, layer, head) -> row of the stacked reader tensor [per layer: q, k, v heads, mlp; logits]."""
-    idx: dict[tuple, int] = {}
-    for l in range(n_layers):
-        for kind in ("q_input", "k_input", "v_input"):
-            for h in range(n_heads):
-                idx[(kind, l, h)] = len(idx)
-        idx[("mlp_in", l, None)] = len(idx)
-    idx[("logits", n_layers - 1, None)] = len(idx)
-    return idx
-
-
-def _stack_writers(acts: dict[str, jax.Array], n_layers: int) -> jax.Array:
-    """[batch pos writer d_model] in `_writer_index` order."""
-    parts = [acts["hook_embed"][:, :, None]]
-    for l in range(n_layers):
-        parts += [acts[f"blocks.{l}.attn.hook_result"], acts[f"blocks.{l}.hook_mlp_out"][:, :, None]]
-    return jnp.concatenate(parts, axis=2)
-
-
-def _stack_readers(grads: dict[str, jax.Array], n_layers: int) -> jax.Array:
-    """[batch pos reader d_model] in `_reader_index` order."""
-    parts = []
-    for l in range(n_layers):
-        parts += [grads[f"blocks.{l}.hook_{k}_input"] for k in "qkv"] + [grads[f"blocks.{l}.hook_mlp_in"][:, :, None]]
-    return jnp.concatenate(parts + [grads[f"blocks.{n_layers - 1}.hook_resid_post"][:, :, None]], axis=2)
-
-
 @jax.jit
 def _edge_matrix(clean_w: jax.Array, corrupt_w: jax.Array, reader_g: jax.Array) -> jax.Array:
     """[pos writer reader]: (writer_clean - writer_corrupt) . reader gradient, averaged over pairs."""
@@ -458,10 +460,10 @@ def attribution_patch(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn,
     _, clean_acts, _ = _run(model, cfg, clean_t, None, writers + attn_out)
     _check_head_sum(clean_acts, n_layers)
     _, corrupt_acts, grads = _run(model, cfg, corrupt_t, metric_fn, writers, readers)
-    matrix = np.asarray(_edge_matrix(_stack_writers(clean_acts, n_layers), _stack_writers(corrupt_acts, n_layers),
-                                     _stack_readers(grads, n_layers)))
+    matrix = np.asarray(_edge_matrix(_stack(clean_acts, _writer_layout(n_layers)), _stack(corrupt_acts, _writer_layout(n_layers)),
+                                     _stack(grads, _reader_layout(n_layers))))
     n_heads, seq = int(cfg.n_heads), int(clean_t.shape[1])
-    w_idx, r_idx = _writer_index(n_layers, n_heads), _reader_index(n_layers, n_heads)
+    w_idx, r_idx = _layout_index(_writer_layout(n_layers), n_heads), _layout_index(_reader_layout(n_layers), n_heads)
     edge_scores: dict[tuple[Node, Node], float] = {}
     for reader, ws in _graph(n_layers, n_heads, seq, bool(cfg.parallel_attn_mlp)):
         row = matrix[reader.position, :, r_idx[(reader.kind, reader.layer, reader.head)]].tolist()
@@ -495,19 +497,6 @@ def _edge_class(edge: tuple[Node, Node]) -> EdgeClass:
             "logits": "into_logits"}[kind]
 
 
-def _split_readers(d: jax.Array, n_layers: int) -> dict[str, jax.Array]:
-    per_layer = (d.shape[2] - 1) // n_layers
-    heads = (per_layer - 1) // 3
-    out = {}
-    for l in range(n_layers):
-        base = l * per_layer
-        for j, k in enumerate("qkv"):
-            out[f"blocks.{l}.hook_{k}_input"] = d[:, :, base + j * heads: base + (j + 1) * heads]
-        out[f"blocks.{l}.hook_mlp_in"] = d[:, :, base + 3 * heads]
-    out[f"blocks.{n_layers - 1}.hook_resid_post"] = d[:, :, -1]
-    return out
-
-
 def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circuit: Sequence[tuple],
                  config: FaithfulnessConfig = FaithfulnessConfig(), *, mean_tokens: Any = None) -> FaithfulnessResult:
     """How much of the clean-to-corrupt metric gap `circuit` recovers when every other edge is
@@ -522,7 +511,7 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circ
     if config.ablation == "mean":
         if mean_tokens is None:
             raise ValueError("mean ablation requires independent calibration via mean_tokens")
-        mt = np.asarray(mean_tokens.detach().cpu().numpy() if hasattr(mean_tokens, "detach") else mean_tokens)
+        mt = to_numpy(mean_tokens)
         if mt.ndim != 2:
             raise ValueError("mean_tokens must be a 2D [n_calibration, seq] token tensor")
         if mt.shape[0] == 0:
@@ -544,7 +533,7 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circ
     _check_head_sum(corrupt_acts, n_layers)
     n_heads, seq = int(cfg.n_heads), int(clean_t.shape[1])
     graph = _graph(n_layers, n_heads, seq, bool(cfg.parallel_attn_mlp))
-    w_idx, r_idx = _writer_index(n_layers, n_heads), _reader_index(n_layers, n_heads)
+    w_idx, r_idx = _layout_index(_writer_layout(n_layers), n_heads), _layout_index(_reader_layout(n_layers), n_heads)
     in_graph = np.zeros((seq, len(w_idx), len(r_idx)), np.float32)  # [pos writer reader]: the graph's edges
     for r, ws in graph:
         in_graph[r.position, [w_idx[(w.kind, w.layer, w.head)] for w in ws], r_idx[(r.kind, r.layer, r.head)]] = 1.0
@@ -563,16 +552,16 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circ
                          "a stale or mistyped circuit would otherwise ablate nothing.")
     if config.ablation == "mean":
         _, mean_acts, _ = _run(model, cfg, _tokens(model, mt, "faithfulness"), None, writers)
-        replacement = jnp.mean(_stack_writers(mean_acts, n_layers), axis=0, keepdims=True)
+        replacement = jnp.mean(_stack(mean_acts, _writer_layout(n_layers)), axis=0, keepdims=True)
     else:
-        replacement = _stack_writers(corrupt_acts, n_layers)
+        replacement = _stack(corrupt_acts, _writer_layout(n_layers))
     clean_metric, clean_acts, _ = _run(model, cfg, clean_t, metric_fn, writers)
     clean_metric, corrupt_metric = float(clean_metric), float(corrupt_metric)
     gap = clean_metric - corrupt_metric
     if gap == 0.0:
         raise ValueError("the clean and corrupt runs produce the same metric, so the recovered fraction is undefined; "
                          "choose a pair the metric separates.")
-    clean_writers = _stack_writers(clean_acts, n_layers)
+    clean_writers = _stack(clean_acts, _writer_layout(n_layers))
 
     def ablated(keep: Collection[tuple[Node, Node]]) -> float:
         excluded = in_graph.copy()
@@ -580,10 +569,10 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: MetricFn, circ
             excluded[cell(edge)] = 0.0
         live = clean_writers
         for _ in range(2 * n_layers + 1):  # the k-th writer stage (heads 0, MLP 0, heads 1, ...) is final after k passes
-            hooks = Hooks(((frozenset(_reader_hook_names(n_layers)), Perturb(_split_readers(
-                _delta(excluded, replacement, live), n_layers))),))
+            deltas = _split(_delta(excluded, replacement, live), _reader_layout(n_layers), n_heads)
+            hooks = Hooks(((frozenset(deltas), Perturb(deltas)),))
             value, acts, _ = _run(model, cfg, clean_t, metric_fn, writers, extra=hooks)
-            new = _stack_writers(acts, n_layers)
+            new = _stack(acts, _writer_layout(n_layers))
             if bool(jnp.all(new == live)):
                 break
             live = new

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.model.projection_kernel import orthonormal_subspace
+from jaxlens.utils import to_numpy
+from jaxlens.validate import check_key
 
 __all__ = ["DASResult", "LearnedSubspace", "NormMatchedPlacebo", "SubspaceInterchange", "arbitrary_targets",
            "collect_activations", "fit_das", "intervened_logits", "mean_difference_basis", "neuron_basis", "probe_basis",
@@ -42,11 +44,14 @@ Intervention = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _key(key: Any) -> jax.Array:
+    """A PRNG key (typed or legacy, as `validate.check_key` accepts), or an int seed turned into one."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         return jax.random.key(int(key))
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    raise ValueError(f"key must be a jax.random.key or an int seed, got {type(key).__name__}")
+    try:
+        check_key(key)
+    except TypeError:
+        raise ValueError(f"key must be a jax.random.key or an int seed, got {type(key).__name__}") from None
+    return key
 
 
 def random_basis(d_model: int, rank: int, key: Any) -> jax.Array:
@@ -84,7 +89,7 @@ def probe_basis(weights: Any) -> jax.Array:
 
 
 def _neuron_indices(d_mlp: int, neurons: Any) -> np.ndarray:
-    index = np.asarray(neurons.detach().cpu().numpy() if hasattr(neurons, "detach") else neurons)
+    index = to_numpy(neurons)
     if index.size == 0:
         return np.zeros(0, np.int64)
     if index.dtype == bool or not np.issubdtype(index.dtype, np.integer):
@@ -151,7 +156,7 @@ jax.tree_util.register_dataclass(NormMatchedPlacebo, data_fields=["reference", "
 def _positions(positions: Any, batch: int) -> Optional[np.ndarray]:
     if positions is None:
         return None
-    p = np.asarray(positions.detach().cpu().numpy() if hasattr(positions, "detach") else positions)
+    p = to_numpy(positions)
     if p.shape != (batch,) or not np.issubdtype(p.dtype, np.integer):
         raise ValueError(f"positions must hold one integer index per example, shape ({batch},); got "
                          f"{tuple(p.shape)} of dtype {p.dtype}")
@@ -170,7 +175,7 @@ def _check_at(act_shape: tuple[int, ...], positions: Any, hook_name: str) -> Non
 
 def _check_range(positions: Optional[np.ndarray], inputs: Any) -> None:
     """Positions within the inputs' length (JAX would clamp an index out of range)."""
-    shape = np.shape(inputs.detach().cpu().numpy() if hasattr(inputs, "detach") else inputs)
+    shape = np.shape(to_numpy(inputs))
     if positions is not None and len(shape) == 2 and ((positions < -shape[1]) | (positions >= shape[1])).any():
         raise ValueError(f"positions must be in [-{shape[1]}, {shape[1]}) for inputs of {shape[1]} positions, got "
                          f"{positions.tolist()}")
@@ -308,7 +313,7 @@ def fit_das(model: Any, hook_name: str, base_inputs: Any, source_inputs: Any, ta
         import optax
     except ImportError as e:  # pragma: no cover - optax ships with the train extra
         raise ImportError("fit_das trains with optax: pip install 'jaxlens[train]' (or optax)") from e
-    labels = np.asarray(targets.detach().cpu().numpy() if hasattr(targets, "detach") else targets)
+    labels = to_numpy(targets)
     if not (len(base_inputs) == len(source_inputs) == len(labels)):
         raise ValueError("base_inputs, source_inputs and targets must have the same length")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
