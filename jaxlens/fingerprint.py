@@ -16,9 +16,12 @@ this library can have. `Fn(fn)` is a pytree whose structure is what the function
 - a value that cannot be keyed safely (an arbitrary mutable object) makes the key unique: the
   call recompiles every time (with a warning naming the value), never a stale program.
 
-A hook runs once, at trace time, so side effects are lost when a program is reused: a hook that
-assigns a global, or mutates a container or object it reads (TransformerLens's
-`store.append(x)`, `cache[name] = x`, `self.x = x`), gets a clear error saying what to do instead.
+A hook runs once, at trace time, so side effects would be lost when a program is reused. A hook
+that assigns a global, or mutates a container or object it reads (TransformerLens's
+`store.append(x)`, `cache[name] = x`, `self.x = x`), is caught at that trace; jaxlens's run
+methods (`retry_static`) then run the call eagerly, under `jax.disable_jit`, so the hook runs on
+concrete arrays at every call and what it stores stays stored. Where that cannot help (a value
+still traced under vmap, a jit of the caller's) the error says what to do instead.
 
 Library code (jax, numpy, jaxlens, the standard library, ...) is keyed by identity and not
 walked: its functions are assumed not to read mutable module state. Objects can take part with
@@ -31,7 +34,9 @@ import builtins
 import dis
 import enum
 import functools
+import os
 import sys
+import threading
 import types
 import warnings
 from typing import Any, Callable, Iterator
@@ -39,7 +44,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-__all__ = ["Fn", "Identity", "NeedsStatic", "HookSideEffectError", "retry_static", "explain_trace_error", "call_metric"]
+__all__ = ["Fn", "Identity", "NeedsStatic", "HookSideEffectError", "retry_static", "eager_active", "explain_trace_error", "call_metric"]
 
 _LIBRARIES = frozenset({
     "jax", "jaxlib", "numpy", "flax", "optax", "chex", "jaxlens", "einops", "torch", "transformers",
@@ -69,7 +74,41 @@ class NeedsStatic(Exception):
 
 
 class HookSideEffectError(ValueError):
-    """A hook assigned a global, or mutated a container or object it reads."""
+    """A hook assigned a global, or mutated a container or object it reads.
+
+    `code` is the hook's code object when jaxlens's run methods may run the call eagerly
+    instead (`retry_static`), None when they may not (the stored value was traced)."""
+
+    def __init__(self, message: str, code: Any = None):
+        super().__init__(message)
+        self.code = code
+
+
+_EAGER_NOTE = ("(jaxlens's run methods, run_with_hooks, model(...), run_with_cache and generate, run such a hook "
+               "eagerly instead, uncompiled; patching grids cannot, their cells being vmapped.)")
+_EAGER = threading.local()  # .on: inside an eager re-run of a call whose hooks store values
+_EAGER_CODES: set[Any] = set()  # code of hooks seen storing: their calls go eager at once
+
+
+def eager_active() -> bool:
+    """Is this thread inside an eager run (hooks see concrete values and may store them)?"""
+    return getattr(_EAGER, "on", False)
+
+
+def _code_of(fn: Any) -> Any:
+    """The code object a hook runs (through partials, methods, callable objects), or None."""
+    for _ in range(8):
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif isinstance(fn, types.MethodType):
+            fn = fn.__func__
+        elif isinstance(fn, types.FunctionType):
+            return fn.__code__
+        elif callable(fn) and not isinstance(fn, type):
+            fn = getattr(type(fn), "__call__", None)  # a Python __call__ (jaxlens's CachingHook too)
+        else:
+            return None
+    return None
 
 
 class Identity:
@@ -163,6 +202,55 @@ def _restore(obj: Any, snap: Any) -> None:
     else:
         vars(obj).clear()
         vars(obj).update(snap)
+
+
+def _diff(snap: Any, now: Any) -> Any:
+    """What a hook changed in a container: (kind, changes) that `_apply_diff` re-applies."""
+    if isinstance(snap, set):
+        return ("set", now - snap, snap - now)
+    if isinstance(snap, list):
+        if len(now) >= len(snap) and all(a is b for a, b in zip(now, snap)):
+            return ("append", now[len(snap):])
+        return ("replace", now)
+    return ("dict", {k: v for k, v in now.items() if k not in snap or snap[k] is not v},
+            [k for k in snap if k not in now])
+
+
+def _apply_diff(obj: Any, d: Any) -> None:
+    kind = d[0]
+    if kind == "set":
+        obj |= d[1]
+        obj -= d[2]
+    elif kind == "append":
+        obj.extend(d[1])
+    elif kind == "replace":
+        obj[:] = d[1]
+    else:
+        target = obj if isinstance(obj, dict) else vars(obj)
+        target.update(d[1])
+        for k in d[2]:
+            target.pop(k, None)
+
+
+def _concrete(v: Any) -> Any:
+    """`v` with every JVP/linearize tracer over a concrete value replaced by that value."""
+    def one(x: Any) -> Any:
+        while isinstance(x, jax.core.Tracer) and hasattr(x, "primal"):
+            x = x.primal
+        return x
+
+    try:
+        return jax.tree_util.tree_map(one, v)
+    except Exception:
+        return v
+
+
+def _has_tracer(v: Any) -> bool:
+    try:
+        leaves = jax.tree_util.tree_leaves(v)
+    except Exception:
+        return False
+    return any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
 _LEAF = object()
@@ -312,11 +400,12 @@ class _Walk:
             return ("lib", Identity(f)), None
         code = f.__code__
         reads, writes, attrs = ((), (), ()) if library else _code_facts(code)  # library globals are constants
-        if writes:
+        if writes and not eager_active():
             raise HookSideEffectError(
                 f"{_name(f)} assigns the global {', '.join(map(repr, writes))}: jaxlens runs hooks and metrics "
                 "once, while tracing a compiled program, so such side effects are lost when the program is "
-                "reused. Return the value instead (or read activations with run_with_cache(names_filter=...)).")
+                "reused. Return the value instead (or read activations with run_with_cache(names_filter=...)). "
+                + _EAGER_NOTE, code)
         g = f.__globals__
         self._attrs.append(attrs)  # user modules it reads are keyed by these attributes
         names = [n for n in reads if n in g]
@@ -464,6 +553,12 @@ class _Aux:
 def _split(fn: Any) -> tuple[list[Any], _Aux]:
     """Walk `fn`: numbers traced, unless its code is known to need them static (or it cannot be
     cached at all, when constants cost nothing more)."""
+    code = _code_of(fn)
+    if code is not None and code in _EAGER_CODES and not eager_active():
+        raise HookSideEffectError(
+            f"{_name(fn)} stores values (a side effect, seen on an earlier call): jaxlens's run methods run it "
+            "eagerly, uncompiled; under a jit of your own, return the value instead (or read activations with "
+            "run_with_cache(names_filter=...)).", code)
     w = _Walk(static=False)
     key, builder = w.value(fn, _name(fn))
     cacheable = not (w.opaque or w.torch) and _try_hash(key)
@@ -476,6 +571,13 @@ def _split(fn: Any) -> tuple[list[Any], _Aux]:
         _warn_uncached(fn, w.opaque + w.torch or ["an unhashable value"])
         key = ("opaque", _Unique())
     return w.leaves, _Aux(("Fn", key), fn, builder, w.watch, retry_key, tuple(w.torch))
+
+
+def _watch_of(fn: Any) -> list[tuple[str, Any, Any]]:
+    """The containers and objects `fn` reads, to check what a call of it changes (no key made)."""
+    w = _Walk(static=True)
+    w.value(fn, _name(fn))
+    return w.watch
 
 
 def _try_hash(key: Any) -> bool:
@@ -554,11 +656,15 @@ class Fn:
         return cls(fn, aux, swaps)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if eager_active():
+            return self._call_eager(*args, **kwargs)
         aux = self._aux
         saved = [(obj, _snapshot(obj)) for obj, _ in self._swaps]
         for obj, contents in self._swaps:
             _restore(obj, contents)
-        watch = [(label, obj, _snapshot(obj)) for label, obj, _ in (aux.watch if aux is not None else ())]
+        # an Fn that was never flattened (a backward hook with no leaves, say) is watched all the same
+        watched = aux.watch if aux is not None else _watch_of(self.fn)
+        watch = [(label, obj, _snapshot(obj)) for label, obj, _ in watched]
         try:
             out = self.fn(*args, **kwargs)
         except (NeedsStatic, HookSideEffectError):
@@ -581,19 +687,70 @@ class Fn:
                 "metrics once, while tracing a compiled program, so what it stores is a tracer, and nothing "
                 "is stored when the program is reused. Return the new activation instead, and read "
                 "activations with run_with_cache(names_filter=...) (or return them from your metric); to "
-                "record values at run time, use jax.debug.callback.")
+                "record values at run time, use jax.debug.callback. " + _EAGER_NOTE, _code_of(self.fn))
         return out
+
+    def _call_eager(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the hook with concrete values and keep what it stores, as TransformerLens does.
+        A rebuilt Fn's swapped-in contents are put back with the stores re-applied on top. A
+        stored value that is still a tracer (the hook ran under vmap or grad) is undone and
+        refused: it would be a leak, not a value."""
+        saved = [(obj, _snapshot(obj)) for obj, _ in self._swaps]
+        for obj, contents in self._swaps:
+            _restore(obj, contents)
+        watch = [(label, obj, _snapshot(obj)) for label, obj, _ in _watch_of(self.fn)]
+        swapped = {id(obj) for obj, _ in saved}
+        g = getattr(getattr(self.fn, "func", self.fn), "__globals__", None)
+        written = _code_facts(self.fn.__code__)[1] if isinstance(self.fn, types.FunctionType) else ()
+        before_g = {n: g.get(n) for n in written} if g is not None else {}
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            # under grad a stored forward value is a JVP tracer over the concrete value: keep that
+            # (TransformerLens's `.detach()`); only values with no concrete primal (vmap) are refused
+            diffs = [(label, obj, snap, _concrete(_diff(snap, _snapshot(obj)))) for label, obj, snap in watch]
+            for obj, orig in saved:
+                _restore(obj, orig)
+            for _, obj, snap, d in diffs:
+                if id(obj) not in swapped:
+                    _restore(obj, snap)
+                _apply_diff(obj, d)
+            if g is not None:
+                g.update({n: _concrete(g[n]) for n in written if n in g})
+            leaked = [label for label, _, _, d in diffs if _has_tracer(d)]
+            leaked += [f"the global {n!r}" for n in written if g is not None and _has_tracer(g.get(n))]
+            if leaked:
+                for label, obj, snap, d in diffs:
+                    if id(obj) not in swapped:
+                        _restore(obj, snap)
+                if g is not None:
+                    g.update(before_g)
+                raise HookSideEffectError(
+                    f"{_name(self.fn)} stored a traced value into {leaked[0]}: it ran under a transformation "
+                    "(vmap in a patching grid, or grad for backward hooks and gradients), where activations "
+                    "have no concrete value. Return the value instead, or read activations with "
+                    "run_with_cache(names_filter=...) / run_with_cache(..., incl_bwd=True).")
 
     def __repr__(self) -> str:
         return f"Fn({self.fn!r})"
 
 
-def retry_static(jitted: Callable[..., Any]) -> Callable[..., Any]:
+def retry_static(jitted: Callable[..., Any] | None = None, *, eager: bool = True) -> Callable[..., Any]:
     """Wrap a jitted function that takes `Fn`s: when one fails with its numbers traced, mark
-    its code static and call again (each distinct value then gets its own program)."""
+    its code static and call again (each distinct value then gets its own program).
+
+    With `eager`, a call whose hook stores values (TransformerLens's `store[hook.name] = x`,
+    `acts.append(x)`, `self.x = x`, a global) runs again eagerly: under `jax.disable_jit`, so
+    every hook runs on concrete arrays and what it stores stays stored, at every call (no
+    compiled program, so nothing can be stale). Later calls of that hook's code go eager at
+    once. A stored value that is still traced (vmap, grad) is refused with a clear error."""
+    if jitted is None:
+        return functools.partial(retry_static, eager=eager)
 
     @functools.wraps(jitted)
     def call(*args: Any, **kwargs: Any) -> Any:
+        if eager_active():
+            return jitted(*args, **kwargs)
         seen = set()
         while True:
             try:
@@ -602,12 +759,48 @@ def retry_static(jitted: Callable[..., Any]) -> Callable[..., Any]:
                 if e.key in seen:
                     raise e.error from None
                 seen.add(e.key)
+            except HookSideEffectError as e:
+                if not eager or e.code is None:
+                    raise
+                return _run_eager(jitted, e.code, args, kwargs)
 
     call.__wrapped__ = jitted
     for attr in ("lower", "trace", "eval_shape", "_cache_size", "clear_cache"):
         if hasattr(jitted, attr):
             setattr(call, attr, getattr(jitted, attr))
     return call
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel of the first caller outside jaxlens (and jax)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                 or _root_file(frame.f_code.co_filename)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _root_file(path: str) -> bool:
+    return "/jax/" in path or "/jaxlib/" in path or path.startswith("<frozen")
+
+
+def _run_eager(jitted: Callable[..., Any], code: Any, args: tuple, kwargs: dict) -> Any:
+    if code not in _EAGER_CODES:
+        _EAGER_CODES.add(code)
+        warnings.warn(
+            f"the hook {code.co_name!r} ({code.co_filename}:{code.co_firstlineno}) stores values (a side effect), "
+            "so jaxlens runs its calls eagerly, uncompiled, as TransformerLens does: what it stores is kept, at "
+            "a cost in speed. For compiled speed, read activations with run_with_cache(names_filter=...) or "
+            "model.add_caching_hooks / get_caching_hooks, which jaxlens compiles.", stacklevel=_user_stacklevel())
+    _EAGER.on = True
+    try:
+        with jax.disable_jit():
+            return jitted(*args, **kwargs)
+    finally:
+        _EAGER.on = False
 
 
 _JIT_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
@@ -636,6 +829,8 @@ def explain_trace_error(e: BaseException, who: str, torch_hint: bool = False) ->
 def call_metric(metric: Any, logits: Any, what: str = "patching_metric") -> Any:
     """Call a user metric inside a trace; errors of code that needs concrete values (`.item()`,
     `float(x)`, numpy) become a ValueError that says what to do instead."""
+    if not isinstance(metric, Fn):  # unflattened (an eager run, a jit of the caller's): Fn checks what it stores
+        metric = Fn(metric)
     try:
         return metric(logits)
     except (NeedsStatic, HookSideEffectError):

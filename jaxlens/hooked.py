@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -15,7 +16,8 @@ from jaxlens.config import ModelConfig
 from jaxlens.devices import resolve_device
 from jaxlens.distributed import batch_multiple, batch_sharding, make_mesh, pad_batch, place, shard_params
 from jaxlens.model.forward import forward_jit, is_scanned, resolve_layer_range, stack_layers, unstack_layers
-from jaxlens.edits.hook_points import HookPointRef, StoredHook, check_dir, compose, removable, without_name
+from jaxlens.edits.hook_points import (CachingHook, CachingPlan, HookPointRef, StoredHook, check_dir, compose, removable,
+                                      without_name)
 from jaxlens.hooks import Hooks, NamesFilter, hook_names, make_hooks, pos_axis, resolve_names
 from jaxlens.model import Transformer
 from jaxlens.model.layers import repeat_kv
@@ -117,6 +119,7 @@ class HookedTransformer:
         self.precision = precision
         self.cfg = cfg
         self._stored_hooks: tuple[StoredHook, ...] = ()  # model.add_hook / model.hooks(...), in order
+        self.is_caching = False  # TransformerLens's flag: set once caching hooks were made
         self.context_level = 0
 
     @property
@@ -360,9 +363,11 @@ class HookedTransformer:
         return self._output(out, targets, mask, return_type, loss_per_token), acts
 
     def _run_backward(self, input, attention_mask, capture, grad_names, fwd_hooks, bwd_hooks, prepend_bos,
-                      padding_side, return_type, *, start_at_layer: int | None = None, tokens: Any = None):
+                      padding_side, return_type, *, start_at_layer: int | None = None, tokens: Any = None,
+                      caching: CachingPlan | None = None):
         """(loss or (logits, loss), activations, {name: d loss / d activation}) in one program, with
-        the stored and the call's backward hooks run in the backward pass of the loss."""
+        the stored and the call's backward hooks run in the backward pass of the loss. With
+        `caching`, the caching hooks it serves are captured too (activations and gradients)."""
         from jaxlens.edits.gradients import value_and_grads
         from jaxlens.edits.hook_points import has_backward_hooks
 
@@ -371,7 +376,9 @@ class HookedTransformer:
         if targets is None:
             raise ValueError("the backward pass differentiates the loss, which needs the tokens: with start_at_layer "
                              "pass tokens=[batch pos]")
-        hooks = self._compose_hooks(fwd_hooks, bwd_hooks, backward=True)
+        hooks = self._compose_hooks(fwd_hooks, bwd_hooks, backward=True, caching=caching)
+        if caching is not None:
+            capture, grad_names = capture | caching.names, grad_names | caching.grad_names
         value, logits, acts, grads = value_and_grads(
             self.params, x, mask, hooks, None, None if start is None else targets, cfg=self.cfg, capture=capture,
             grad_names=grad_names, precision=self.precision, start_at_layer=start, wrt_params=has_backward_hooks(hooks))
@@ -422,13 +429,16 @@ class HookedTransformer:
             return self._run_cached(input, attention_mask, kv_cache, self._compose_hooks(fwd_hooks, None),
                                     prepend_bos, padding_side, return_type)
         layers = dict(start_at_layer=start_at_layer, tokens=tokens)
+        plan = CachingPlan()  # caching hooks (add_caching_hooks, ...) served by the run's own capture
         if self._backward_runs(return_type, loss_per_token, stop_at_layer, explicit=False):
-            out, _, _ = self._run_backward(input, attention_mask, frozenset(), frozenset(), fwd_hooks, None,
-                                           prepend_bos, padding_side, return_type, **layers)
-            return out
-        out, _ = self._run(input, attention_mask, frozenset(), self._compose_hooks(fwd_hooks, None), prepend_bos,
-                           padding_side, return_type, loss_per_token=loss_per_token, stop_at_layer=stop_at_layer,
-                           **layers)
+            out, acts, grads = self._run_backward(input, attention_mask, frozenset(), frozenset(), fwd_hooks, None,
+                                                  prepend_bos, padding_side, return_type, caching=plan, **layers)
+        else:
+            hooks = self._compose_hooks(fwd_hooks, None, caching=plan)
+            out, acts = self._run(input, attention_mask, plan.names, hooks, prepend_bos, padding_side, return_type,
+                                  loss_per_token=loss_per_token, stop_at_layer=stop_at_layer, **layers)
+            grads = {}
+        plan.write(acts, grads, hook_names(self.cfg))
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -475,16 +485,22 @@ class HookedTransformer:
                 raise ValueError("incl_bwd=True caches gradients of the loss, so it needs return_type='loss' without "
                                  "loss_per_token or stop_at_layer (TransformerLens calls .backward() on that scalar)")
         backward = incl_bwd or self._backward_runs(return_type, loss_per_token, stop_at_layer, bool(bwd_hooks))
+        plan, names = CachingPlan(), hook_names(self.cfg)
         if backward:
             out, acts, grads = self._run_backward(input, attention_mask, capture, capture if incl_bwd else frozenset(),
                                                   fwd_hooks, bwd_hooks, prepend_bos, padding_side, return_type,
-                                                  start_at_layer=start_at_layer, tokens=tokens)
-            acts = {**acts, **{f"{n}_grad": g for n, g in grads.items()}}
+                                                  start_at_layer=start_at_layer, tokens=tokens, caching=plan)
         else:
-            out, acts = self._run(input, attention_mask, capture, self._compose_hooks(fwd_hooks, None), prepend_bos,
-                                  padding_side, return_type, loss_per_token=loss_per_token,
-                                  start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens)
-        order = {n: i for i, n in enumerate(hook_names(self.cfg))}  # forward order, as TransformerLens's cache
+            hooks = self._compose_hooks(fwd_hooks, None, caching=plan)
+            out, acts = self._run(input, attention_mask, capture | plan.names, hooks, prepend_bos, padding_side,
+                                  return_type, loss_per_token=loss_per_token, start_at_layer=start_at_layer,
+                                  stop_at_layer=stop_at_layer, tokens=tokens)
+            grads = {}
+        plan.write(acts, grads, names)
+        acts = {n: a for n, a in acts.items() if n in capture}  # what the caching hooks alone asked for goes
+        if incl_bwd:
+            acts.update({f"{n}_grad": g for n, g in grads.items() if n in capture})
+        order = {n: i for i, n in enumerate(names)}  # forward order, as TransformerLens's cache
         acts = dict(sorted(acts.items(), key=lambda kv: (kv[0].endswith("_grad"), order.get(kv[0].removesuffix("_grad"), 0))))
         if pos_slice is not None:
             acts = _pos_sliced(acts, pos_slice)
@@ -798,11 +814,55 @@ class HookedTransformer:
                 self.reset_hooks(level=level)
             self.context_level -= 1
 
-    def _compose_hooks(self, fwd_hooks: Any, bwd_hooks: Any, backward: bool = False) -> Hooks:
+    def _compose_hooks(self, fwd_hooks: Any, bwd_hooks: Any, backward: bool = False,
+                       caching: CachingPlan | None = None) -> Hooks:
         """The `Hooks` of one run: stored forward hooks, the call's; with `backward`, the stored and
-        the call's backward hooks too (`jaxlens.hook_points.compose`)."""
+        the call's backward hooks too (`jaxlens.hook_points.compose`). With `caching`, the caching
+        hooks the run serves from its capture are moved into it."""
         return compose(self._stored_hooks, make_hooks(fwd_hooks, self.cfg),
-                       make_hooks(bwd_hooks, self.cfg) if backward else None)
+                       make_hooks(bwd_hooks, self.cfg) if backward else None, caching)
+
+    # --- caching hooks (TransformerLens's HookedRootModule / TransformerBridge) ---------------
+    def get_caching_hooks(self, names_filter: NamesFilter = None, incl_bwd: bool = False, device: Any = None,
+                          remove_batch_dim: bool = False, cache: dict | None = None,
+                          pos_slice: Any = None) -> tuple[dict, list, list]:
+        """(cache, fwd_hooks, bwd_hooks), TransformerLens's: hooks that store each activation
+        `names_filter` selects (default: what run_with_cache caches) into `cache` (a new dict by
+        default) under its hook name, and with `incl_bwd` its gradient under name + "_grad" (when
+        a run differentiates the loss). `pos_slice` slices positions as run_with_cache does;
+        `remove_batch_dim` drops a leading axis of 1 (a larger batch keeps it); `device` places
+        each. Pass them to run_with_hooks / hooks(); runs store through their compiled capture."""
+        cache = {} if cache is None else cache
+        names = resolve_names(names_filter, self.cfg)
+        make = lambda grad: CachingHook(cache, grad, pos_slice, remove_batch_dim, device)  # noqa: E731
+        fwd, bwd = make(False), make(True)
+        ordered = [n for n in hook_names(self.cfg) if n in names]
+        self.is_caching = True
+        return cache, [(n, fwd) for n in ordered], ([(n, bwd) for n in ordered] if incl_bwd else [])
+
+    def add_caching_hooks(self, names_filter: NamesFilter = None, incl_bwd: bool = False, device: Any = None,
+                          remove_batch_dim: bool = False, cache: dict | None = None) -> dict:
+        """Register caching hooks (`get_caching_hooks`) on the model until `reset_hooks()`; every
+        later run stores into the returned dict. It does not run the model."""
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache)
+        for d, entries in (("fwd", fwd), ("bwd", bwd)):
+            if entries:
+                self._store(make_hooks([(frozenset(n for n, _ in entries), entries[0][1])], self.cfg), d, False, None)
+        return cache
+
+    def cache_all(self, cache: dict | None, incl_bwd: bool = False, device: Any = None,
+                  remove_batch_dim: bool = False) -> None:
+        """Deprecated in TransformerLens (use run_with_cache): `add_caching_hooks` for every hook."""
+        warnings.warn("cache_all is deprecated; use run_with_cache or add_caching_hooks.", DeprecationWarning,
+                      stacklevel=2)
+        self.add_caching_hooks(None, incl_bwd, device, remove_batch_dim, cache)
+
+    def cache_some(self, cache: dict | None, names: NamesFilter, incl_bwd: bool = False, device: Any = None,
+                   remove_batch_dim: bool = False) -> None:
+        """Deprecated in TransformerLens (use run_with_cache): `add_caching_hooks` for `names`."""
+        warnings.warn("cache_some is deprecated; use run_with_cache or add_caching_hooks.", DeprecationWarning,
+                      stacklevel=2)
+        self.add_caching_hooks(names, incl_bwd, device, remove_batch_dim, cache)
 
     # --- devices ---------------------------------------------------------------------------
     def to(self, device: Any, print_details: bool = False) -> "HookedTransformer":

@@ -353,6 +353,8 @@ class RunCtx(NamedTuple):
 def _call_hook(fn: Any, x: jax.Array, point: HookPoint) -> Any:
     """Call one user hook; turn the errors of code that cannot run under jit into a ValueError
     that names the hook and says why (hooks run traced: values are unknown until run time)."""
+    if not isinstance(fn, Fn):  # unflattened (an eager run, a jit of the caller's): Fn checks what it stores
+        fn = Fn(fn)
     try:
         return fn(x, point)
     except (NeedsStatic, HookSideEffectError):

@@ -19,7 +19,7 @@ import pytest
 
 import jaxlens
 from jaxlens.assets import model_dir
-from jaxlens.fingerprint import Fn, HookSideEffectError
+from jaxlens.fingerprint import Fn
 
 Z = "blocks.1.attn.hook_z"
 RESID = "blocks.1.hook_resid_pre"
@@ -327,57 +327,7 @@ def metric_with_baseline(logits):
     return logits[0, -1].max() - BASELINE
 
 
-# --- side effects get a clear error and lose nothing --------------------------------------------
-
-STORE: list = []
-
-
-def store_into_global_list(z, hook):
-    STORE.append(z)
-
-
-def test_storing_into_a_list_is_an_error(model, toks):
-    with pytest.raises(HookSideEffectError, match="the global 'STORE'.*run_with_cache"):
-        model.run_with_hooks(toks, fwd_hooks=[(Z, store_into_global_list)])
-    assert STORE == []  # the leaked tracer was taken out again
-
-
-def test_storing_into_a_dict_closure_and_attribute_is_an_error(model, toks):
-    acts = {}
-
-    def into_dict(z, hook):
-        acts[hook.name] = z
-
-    with pytest.raises(HookSideEffectError, match="closure variable 'acts'"):
-        model.run_with_hooks(toks, fwd_hooks=[(Z, into_dict)])
-    assert acts == {}
-
-    class Recorder:
-        def __init__(self):
-            self.last = None
-
-        def __call__(self, z, hook):
-            self.last = z
-
-    r = Recorder()
-    with pytest.raises(HookSideEffectError, match="changed"):
-        model.run_with_hooks(toks, fwd_hooks=[(Z, r)])
-    assert r.last is None
-
-
-COUNT = 0
-
-
-def counts_calls(z, hook):
-    global COUNT
-    COUNT += 1
-    return z
-
-
-def test_assigning_a_global_is_an_error(model, toks):
-    with pytest.raises(HookSideEffectError, match="assigns the global 'COUNT'"):
-        model.run_with_hooks(toks, fwd_hooks=[(Z, counts_calls)])
-
+# --- side effects: hooks that store run eagerly (tests/test_storing_hooks.py) ----------------
 
 def test_storing_into_a_torch_tensor_is_a_clear_error(model, toks):
     torch = pytest.importorskip("torch")

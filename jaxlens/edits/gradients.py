@@ -65,8 +65,8 @@ def value_and_grads(params, tokens, mask, hooks, metric, targets=None, *, cfg, c
     gradients are dropped.
     """
     run = partial(forward, cfg=cfg, precision=precision, start_at_layer=start_at_layer)
-    shapes = jax.eval_shape(lambda: run(params, tokens=tokens, attention_mask=mask, capture=grad_names,
-                                        hooks=hooks)[1])
+    # hooks keep shapes, so the shapes are taken without them (a storing hook must not run abstractly)
+    shapes = jax.eval_shape(lambda: run(params, tokens=tokens, attention_mask=mask, capture=grad_names)[1])
     # integer hooks (MoE expert indices) have no gradient, as in torch
     deltas = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items() if jnp.issubdtype(s.dtype, jnp.inexact)}
     scored = tokens if targets is None else targets

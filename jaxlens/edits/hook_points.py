@@ -10,8 +10,9 @@ Backward hooks (`dir="bwd"`) run inside the backward pass of the loss: each hook
 is wrapped in an identity whose `custom_vjp` calls `fn(grad, hook)`. As in TransformerLens
 (PyTorch's full backward hooks), every function on a point sees the gradient arriving there, and
 the last one that returns an array replaces the gradient that flows further back. They are
-traced like forward hooks: return values, do not store them (`run_with_cache(...,
-incl_bwd=True)` returns the gradients; `jax.debug.callback` can look at them).
+traced like forward hooks; one that stores the gradient makes the call run eagerly, as a
+storing forward hook does (`run_with_cache(..., incl_bwd=True)` and caching hooks with
+`incl_bwd` get the gradients compiled).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any, Callable, Iterable, Literal, NamedTuple
 import jax
 
 from jaxlens.fingerprint import Fn
-from jaxlens.hooks import HookPoint, Hooks
+from jaxlens.devices import resolve_device
+from jaxlens.hooks import HookPoint, Hooks, pos_axis
 
 Direction = Literal["fwd", "bwd"]
 DIRECTIONS = ("fwd", "bwd")
@@ -110,16 +112,112 @@ def backward_entry(entries: Iterable[tuple[frozenset[str], Any]]) -> tuple[froze
     return frozenset(per_name), partial(_backward_hooks, table)
 
 
-def compose(stored: Iterable[StoredHook], fwd: Hooks, bwd: Hooks | None) -> Hooks:
+def compose(stored: Iterable[StoredHook], fwd: Hooks, bwd: Hooks | None, caching: CachingPlan | None = None) -> Hooks:
     """Stored forward hooks, then the call's; then (when a backward pass runs) stored and call
-    backward hooks as one identity entry applied after every forward edit of the point."""
+    backward hooks as one identity entry applied after every forward edit of the point. With
+    `caching`, the caching hooks it can serve are moved into it (`take_caching`)."""
     stored = tuple(stored)
-    entries = [(h.names, h.fn) for h in stored if h.dir == "fwd"] + list(fwd.entries)
+    entries = take_caching([(h.names, h.fn) for h in stored if h.dir == "fwd"] + list(fwd.entries), caching)
     if bwd is not None:
-        entry = backward_entry([(h.names, h.fn) for h in stored if h.dir == "bwd"] + list(bwd.entries))
+        entry = backward_entry(take_caching([(h.names, h.fn) for h in stored if h.dir == "bwd"] + list(bwd.entries),
+                                            caching, backward=True))
         if entry is not None:
             entries.append(entry)
     return Hooks(tuple(entries))
+
+
+# ---------------------------------------------------------------------------------------------
+# Caching hooks (TransformerLens's get_caching_hooks / add_caching_hooks / cache_all / cache_some)
+# ---------------------------------------------------------------------------------------------
+
+class CachingHook:
+    """TransformerLens's caching hook: stores the activation it sees under the hook's name (plus
+    "_grad" for a backward one) into `cache`, position-sliced (`pos_slice`, run_with_cache's
+    axis per hook), then with a leading axis of 1 dropped (`remove_batch_dim`), then on `device`.
+
+    Where a run can, it does not run as a hook at all: the model captures those activations (or
+    gradients) in its compiled program and stores them after the call (`take_caching`). Anywhere
+    else (generate, a KV-cache call, an editing hook after it on the same point) it is a hook that
+    stores, which jaxlens runs eagerly (`jaxlens.fingerprint.retry_static`)."""
+
+    def __init__(self, cache: dict, grad: bool = False, pos_slice: Any = None, remove_batch_dim: bool = False,
+                 device: Any = None):
+        from jaxlens.cache.slice import Slice
+
+        if not isinstance(cache, dict):
+            raise ValueError(f"the cache to store activations in must be a dict, got {type(cache).__name__}")
+        self.cache, self.grad, self.remove_batch_dim = cache, bool(grad), bool(remove_batch_dim)
+        self.pos_slice = None if pos_slice is None else Slice.unwrap(pos_slice)
+        self.device = None if device is None else resolve_device(device)
+
+    def store(self, name: str, x: jax.Array) -> None:
+        if self.pos_slice is not None and x.ndim >= 2:
+            axis = pos_axis(name)
+            if axis is None:
+                raise ValueError(f"pos_slice cannot slice {name}: MoE router hooks hold the routed tokens flattened "
+                                 "[batch*pos ...]; leave them out of the caching hooks' names_filter")
+            x = self.pos_slice.check(x.shape[axis], f"pos_slice for {name}").apply(x, axis)
+        if self.remove_batch_dim and x.ndim and x.shape[0] == 1:
+            x = x[0]
+        if self.device is not None:
+            x = jax.device_put(x, self.device)
+        self.cache[name + ("_grad" if self.grad else "")] = x
+
+    def __call__(self, x: jax.Array, hook: HookPoint) -> None:
+        self.store(hook.name, x)
+
+    def __jaxlens_trace__(self) -> tuple[Any, Any, Callable[[Any], Any]]:
+        # keyed by its settings; the dict is walked so that a store inside a trace is caught
+        return (("CachingHook", self.grad, repr(self.pos_slice), self.remove_batch_dim, repr(self.device)),
+                self.cache, lambda _: self)
+
+    def __repr__(self) -> str:
+        return f"CachingHook({'bwd' if self.grad else 'fwd'}, {len(self.cache)} entries)"
+
+
+class CachingPlan:
+    """The caching hooks a run serves from its own capture: (names, hook) in the order they apply."""
+
+    def __init__(self) -> None:
+        self.fwd: list[tuple[frozenset[str], CachingHook]] = []
+        self.bwd: list[tuple[frozenset[str], CachingHook]] = []
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset().union(*(n for n, _ in self.fwd))
+
+    @property
+    def grad_names(self) -> frozenset[str]:
+        return frozenset().union(*(n for n, _ in self.bwd))
+
+    def write(self, acts: dict[str, Any], grads: dict[str, Any], order: list[str]) -> None:
+        """Store into each hook's cache as TransformerLens's hooks would fire: activations in
+        forward order, then gradients in backward (reverse forward) order."""
+        for name in order:
+            for names, hook in self.fwd:
+                if name in names and name in acts:
+                    hook.store(name, acts[name])
+        for name in reversed(order):
+            for names, hook in self.bwd:
+                if name in names and name in grads:
+                    hook.store(name, grads[name])
+
+
+def take_caching(entries: list[tuple[frozenset[str], Any]], plan: CachingPlan | None,
+                 backward: bool = False) -> list[tuple[frozenset[str], Any]]:
+    """The entries minus the caching hooks `plan` serves. A forward caching hook is served when
+    no later non-caching hook edits one of its points (it would see the value before that edit);
+    a backward one always (every backward hook on a point sees the same arriving gradient)."""
+    if plan is None:
+        return entries
+    kept = []
+    for i, (names, fn) in enumerate(entries):
+        later_edit = any(names & n2 for n2, f2 in entries[i + 1:] if not isinstance(f2, CachingHook))
+        if isinstance(fn, CachingHook) and fn.grad == backward and (backward or not later_edit):
+            (plan.bwd if backward else plan.fwd).append((names, fn))
+        else:
+            kept.append((names, fn))
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,4 +282,5 @@ def has_backward_hooks(hooks: Any) -> bool:
     return any(getattr(fn, "func", None) is _backward_hooks for _, fn in hooks.entries)
 
 
-__all__ = ["has_backward_hooks", "StoredHook", "HookPointRef", "compose", "backward_entry", "check_dir"]
+__all__ = ["has_backward_hooks", "StoredHook", "HookPointRef", "compose", "backward_entry", "check_dir", "CachingHook",
+           "CachingPlan", "take_caching"]

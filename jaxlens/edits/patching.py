@@ -162,7 +162,7 @@ def map_cells(fn: Callable[[Any], jax.Array], cells: Any, chunk_size: int | None
     return out.reshape(n_pad, *out.shape[2:])[:n]
 
 
-@retry_static
+@retry_static(eager=False)  # grid cells are vmapped: a stored value would be traced
 @partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "window", "window_axis", "metric_positions",
                                    "precision", "chunk_size", "mesh"))
 def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, metric, *, cfg, name, axes, layer,
@@ -339,7 +339,7 @@ get_act_patch_attn_head_pattern_all_pos = _specialise("pattern", ("layer", "head
 # Any grid of edits
 # ---------------------------------------------------------------------------------------------
 
-@retry_static
+@retry_static(eager=False)  # grid cells are vmapped: a stored value would be traced
 @partial(jax.jit, static_argnames=("cfg", "precision", "chunk_size", "mesh"))
 def _grid(params, tokens, mask, grid, shared, build, metric, *, cfg, precision, chunk_size, mesh=None):
     from jaxlens.hooks import make_hooks

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
-from jaxlens.fingerprint import retry_static
+from jaxlens.fingerprint import eager_active, retry_static
 from jaxlens.hooks import WILDCARD, Hooks, RunCtx, collect_intermediates
 from jaxlens.model import Transformer
 from jaxlens.validate import index, indices
@@ -114,6 +114,8 @@ def forward(
                          f"got shape {jnp.shape(tokens)}")
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape[:2], jnp.int32)
+    if eager_active() and is_scanned(params):  # nn.scan traces its body even eagerly: hooks that store
+        params = unstack_layers(params, cfg.n_layers)  # must see concrete values, so run the layers unrolled
     module = Transformer(cfg, scan_layers=is_scanned(params), dtype=params["W_E"].dtype,
                          start_at_layer=start, stop_at_layer=stop, logit_positions=logit_positions)
     params = _run_layers(params, start, stop)
