@@ -176,6 +176,20 @@ def test_a_traced_store_is_a_clear_error_and_loses_nothing(tiny):
     assert seen == {"kept": 1}
 
 
+def test_caching_hooks_equal_run_with_cache_unrolled_and_scanned(tiny):
+    model, toks, _ = tiny
+    ours = model.add_caching_hooks(incl_bwd=True)
+    try:
+        loss = model(toks, return_type="loss")
+    finally:
+        model.reset_hooks()
+    want, cache = model.run_with_cache(toks, return_type="loss", incl_bwd=True)
+    assert_close(loss, want, "loss")
+    assert sorted(ours) == sorted(cache.keys())
+    for k in cache.keys():
+        assert_close(ours[k], cache[k], k)
+
+
 # --- caching hooks against TransformerLens 4.3's bridge ------------------------------------------
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
