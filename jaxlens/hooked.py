@@ -667,6 +667,13 @@ class HookedTransformer:
         """{hook name: HookPointRef} for every hook point (TransformerLens's `hook_dict`)."""
         return {n: HookPointRef(self, n) for n in self.hook_names()}
 
+    def hook_points(self) -> list[HookPointRef]:
+        """Every hook point, in forward order (TransformerLens's `hook_points()`)."""
+        return list(self.hook_dict.values())
+
+    def clear_contexts(self) -> None:
+        """TransformerLens's `clear_contexts`: nothing to clear (jaxlens hook points keep no `ctx`)."""
+
     @property
     def _hook_name_set(self) -> frozenset[str]:
         memo = self.__dict__.get("_names_memo")

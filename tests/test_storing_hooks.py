@@ -183,6 +183,8 @@ def test_caching_hooks_equal_run_with_cache_unrolled_and_scanned(tiny):
         loss = model(toks, return_type="loss")
     finally:
         model.reset_hooks()
+    model.clear_contexts()
+    assert [h.name for h in model.hook_points()] == list(model.hook_dict)
     want, cache = model.run_with_cache(toks, return_type="loss", incl_bwd=True)
     assert_close(loss, want, "loss")
     assert sorted(ours) == sorted(cache.keys())
