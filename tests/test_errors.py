@@ -144,3 +144,18 @@ def test_one_name_for_the_kv_heads():
     assert grouped.n_kv_heads == 2 and grouped.n_key_value_heads == 2  # TransformerLens's name accepted
     with pytest.raises(ValueError, match="not a multiple of n_kv_heads=3"):
         ModelConfig(**base, n_kv_heads=3)
+
+
+def test_parameter_of_the_wrong_shape_is_named(model):
+    """jaxlens checks a stored parameter's shape itself (flax's check traces the initializer)."""
+    import flax
+    import jax
+
+    params = jax.tree_util.tree_map(lambda x: x, model.params)
+    path, w = next((p, x) for p, x in jax.tree_util.tree_leaves_with_path(params)
+                   if jax.tree_util.keystr(p).endswith("['W_in']"))
+    bad = jax.tree_util.tree_map_with_path(lambda p, x: x[:, :-1] if p == path else x, params)
+    toks = model.to_tokens("a b")
+    with pytest.raises(flax.errors.ScopeParamShapeError, match="W_in"):
+        jaxlens.forward(bad, model.cfg, toks)
+    jaxlens.forward(params, model.cfg, toks)  # the right shapes still run

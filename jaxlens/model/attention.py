@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.kv import LayerKV
-from jaxlens.model.layers import (KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, repeat_kv, soft_cap,
-                                  weight_einsum)
+from jaxlens.model.layers import (KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, param, repeat_kv,
+                                  soft_cap, weight_einsum)
 from jaxlens.model.norms import Norm
 
 _init = nn.initializers.normal(0.02)
@@ -61,10 +61,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         H, K, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
         dt = x.dtype
-        W_Q = self.param("W_Q", _init, (H, M, D), dt)
-        W_K = self.param("W_K", _init, (K, M, D), dt)
-        W_V = self.param("W_V", _init, (K, M, D), dt)
-        W_O = self.param("W_O", _init, (H, D, M), dt)
+        W_Q = param(self, "W_Q", _init, (H, M, D), dt)
+        W_K = param(self, "W_K", _init, (K, M, D), dt)
+        W_V = param(self, "W_V", _init, (K, M, D), dt)
+        W_O = param(self, "W_O", _init, (H, D, M), dt)
         take = (lambda a: a) if rows is None else (lambda a: a[:, jnp.asarray(rows, jnp.int32)])  # query rows
         if heads_in is None:
             q, k, v = _project(take(x), W_Q), _project(x, W_K), _project(x, W_V)
@@ -73,9 +73,9 @@ class Attention(nn.Module):
             q = weight_einsum("bphm,hmd->bphd", take(q_in), W_Q)
             k, v = weight_einsum("bphm,hmd->bphd", k_in, W_K), weight_einsum("bphm,hmd->bphd", v_in, W_V)
         if cfg.use_qkv_bias:
-            q = q + self.param("b_Q", nn.initializers.zeros, (H, D), dt)
-            k = k + self.param("b_K", nn.initializers.zeros, (K, D), dt)
-            v = v + self.param("b_V", nn.initializers.zeros, (K, D), dt)
+            q = q + param(self, "b_Q", nn.initializers.zeros, (H, D), dt)
+            k = k + param(self, "b_K", nn.initializers.zeros, (K, D), dt)
+            v = v + param(self, "b_V", nn.initializers.zeros, (K, D), dt)
         q = hook_point(self, f"{P}.hook_q", q, ctx)
         k = hook_point(self, f"{P}.hook_k", k, ctx)
         v = hook_point(self, f"{P}.hook_v", v, ctx)
@@ -122,7 +122,7 @@ class Attention(nn.Module):
         else:  # contract (head, d_head) as one axis of length H*D: W_O is read in place, not transposed
             out = weight_einsum("rk,km->rm", z.reshape(b * q_len, H * D), W_O.reshape(H * D, M)).reshape(b, q_len, M)
         if cfg.use_o_bias:
-            out = out + self.param("b_O", nn.initializers.zeros, (M,), dt)
+            out = out + param(self, "b_O", nn.initializers.zeros, (M,), dt)
         return out, kv
 
     def _qk_norm(self, which: str, x: jax.Array, ctx: RunCtx) -> jax.Array:

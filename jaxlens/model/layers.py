@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 
+import flax.errors
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlens.config import ACT_FNS
 from jaxlens.model import cpu_kernels
@@ -19,6 +22,19 @@ def _gelu_tanh(x: jax.Array) -> jax.Array:
 ACTIVATIONS = {"gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu_fast": _gelu_tanh,
                "gelu": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu, "relu": jax.nn.relu}
 assert set(ACTIVATIONS) == set(ACT_FNS), "every ModelConfig act_fn needs an implementation here"
+
+
+def param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype) -> jax.Array:
+    """`module.param(name, init, shape, dtype)`, without flax's `eval_shape` of the initializer when
+    the parameter exists. Flax traces the initializer on every call to check the stored shape; an
+    eager forward (hooks that store) spent half its time there and every trace paid it too. The
+    shape is still checked, with flax's error."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if np.shape(value) != tuple(shape):
+            raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, np.shape(value), tuple(shape))
+        return value
+    return module.param(name, init, shape, dtype)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
-from jaxlens.model.layers import activation, weight_einsum
+from jaxlens.model.layers import activation, param, weight_einsum
 
 _init = nn.initializers.normal(0.02)
 P = "blocks.{l}.mlp"
@@ -31,29 +31,29 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, ctx: RunCtx) -> jax.Array:
         cfg = self.cfg
         dt = x.dtype
-        W_in = self.param("W_in", _init, (cfg.d_model, cfg.d_mlp), dt)
-        W_out = self.param("W_out", _init, (cfg.d_mlp, cfg.d_model), dt)
+        W_in = param(self, "W_in", _init, (cfg.d_model, cfg.d_mlp), dt)
+        W_out = param(self, "W_out", _init, (cfg.d_mlp, cfg.d_model), dt)
         bias = cfg.use_mlp_bias
         if cfg.gated_mlp:
-            W_gate = self.param("W_gate", _init, (cfg.d_model, cfg.d_mlp), dt)
+            W_gate = param(self, "W_gate", _init, (cfg.d_model, cfg.d_mlp), dt)
             pre = _mm(x, W_gate)
             lin = _mm(x, W_in)
             if bias:
-                pre = pre + self.param("b_gate", nn.initializers.zeros, (cfg.d_mlp,), dt)
-                lin = lin + self.param("b_in", nn.initializers.zeros, (cfg.d_mlp,), dt)
+                pre = pre + param(self, "b_gate", nn.initializers.zeros, (cfg.d_mlp,), dt)
+                lin = lin + param(self, "b_in", nn.initializers.zeros, (cfg.d_mlp,), dt)
             pre = hook_point(self, f"{P}.hook_pre", pre, ctx)
             lin = hook_point(self, f"{P}.hook_pre_linear", lin, ctx)
             post = activation(cfg.act_fn, pre) * lin
         else:
             pre = _mm(x, W_in)
             if bias:
-                pre = pre + self.param("b_in", nn.initializers.zeros, (cfg.d_mlp,), dt)
+                pre = pre + param(self, "b_in", nn.initializers.zeros, (cfg.d_mlp,), dt)
             pre = hook_point(self, f"{P}.hook_pre", pre, ctx)
             post = activation(cfg.act_fn, pre)
         post = hook_point(self, f"{P}.hook_post", post, ctx)
         out = _mm(post, W_out)
         if bias:
-            out = out + self.param("b_out", nn.initializers.zeros, (cfg.d_model,), dt)
+            out = out + param(self, "b_out", nn.initializers.zeros, (cfg.d_model,), dt)
         return out
 
 __all__ = ["MLP"]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
-from jaxlens.model.layers import activation
+from jaxlens.model.layers import activation, param
 
 _init = nn.initializers.normal(0.02)
 P = "blocks.{l}.mlp"
@@ -163,10 +163,10 @@ class MoE(nn.Module):
         if cfg.use_mlp_bias:
             raise ValueError("MoE experts have no biases (Mixtral, Qwen3-MoE); set use_mlp_bias=False")
         dt = x.dtype
-        W_router = self.param("W_router", _init, (D, E), dt)
-        W_gate = self.param("W_gate", _init, (E, D, F), dt)
-        W_in = self.param("W_in", _init, (E, D, F), dt)
-        W_out = self.param("W_out", _init, (E, F, D), dt)
+        W_router = param(self, "W_router", _init, (D, E), dt)
+        W_gate = param(self, "W_gate", _init, (E, D, F), dt)
+        W_in = param(self, "W_in", _init, (E, D, F), dt)
+        W_out = param(self, "W_out", _init, (E, F, D), dt)
         x = hook_point(self, f"{P}.hook_pre", x, ctx)
         lead = x.shape[:-1]
         xt = x.reshape(-1, D)

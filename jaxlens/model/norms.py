@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
+from jaxlens.model.layers import param
 
 
 class Norm(nn.Module):
@@ -31,12 +32,12 @@ class Norm(nn.Module):
         # "LNPre"/"RMSPre" (after fold_ln) have no weight or bias: they were folded into the readers
         weighted = cfg.normalization_type in ("LN", "RMS") or not self.foldable
         dim = cfg.d_model if self.dim is None else self.dim
-        w = self.param("w", nn.initializers.ones, (dim,), dtype) if weighted else None
+        w = param(self, "w", nn.initializers.ones, (dim,), dtype) if weighted else None
         xf = x.astype(jnp.float32)
         b = None
         if cfg.normalization_type in ("LN", "LNPre"):
             if weighted:
-                b = self.param("b", nn.initializers.zeros, (dim,), dtype)
+                b = param(self, "b", nn.initializers.zeros, (dim,), dtype)
             xf = xf - xf.mean(-1, keepdims=True)
         scale = jnp.sqrt((xf**2).mean(-1, keepdims=True) + cfg.eps)
         scale = hook_point(self, f"{self.prefix}.hook_scale", scale.astype(dtype), ctx)

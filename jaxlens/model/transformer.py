@@ -12,7 +12,7 @@ from jaxlens.config import ModelConfig
 from jaxlens.hooks import EVERY_HOOK, RunCtx, hook_point
 from jaxlens.model.block import Block
 from jaxlens.model.kv import KVCache, LayerKV
-from jaxlens.model.layers import positions_from_mask, soft_cap, take_rows, weight_einsum
+from jaxlens.model.layers import param, positions_from_mask, soft_cap, take_rows, weight_einsum
 from jaxlens.model.rope import rotary_angles
 from jaxlens.model.norms import Norm
 
@@ -94,7 +94,7 @@ class Transformer(nn.Module):
         b, q = tokens.shape[:2]
         first = 0 if self.start_at_layer is None else self.start_at_layer
         last = cfg.n_layers if self.stop_at_layer is None else self.stop_at_layer
-        W_E = self.param("W_E", _init, (cfg.d_vocab, cfg.d_model), self.dtype)
+        W_E = param(self, "W_E", _init, (cfg.d_vocab, cfg.d_model), self.dtype)
         attention_mask = attention_mask.astype(jnp.int32)
         if kv is None:
             full_mask, offset = attention_mask, 0
@@ -124,7 +124,7 @@ class Transformer(nn.Module):
                 embed = embed * jnp.asarray(cfg.embed_scale, embed.dtype)
             x = hook_point(self, "hook_embed", embed, ctx)
             if cfg.has_pos_embed:
-                W_pos = self.param("W_pos", _init, (cfg.n_ctx, cfg.d_model), self.dtype)
+                W_pos = param(self, "W_pos", _init, (cfg.n_ctx, cfg.d_model), self.dtype)
                 x = x + hook_point(self, "hook_pos_embed", take_rows(W_pos, positions), ctx)
         else:  # the residual stream entering block `first` (positions already in it, or rotary)
             x = tokens.astype(self.dtype)
@@ -184,8 +184,8 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             logits = weight_einsum("bpd,vd->bpv", x, W_E)  # not x @ W_E.T: XLA would copy the transpose every call
         else:
-            logits = weight_einsum("bpd,dv->bpv", x, self.param("W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype))
-        logits = logits + self.param("b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
+            logits = weight_einsum("bpd,dv->bpv", x, param(self, "W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype))
+        logits = logits + param(self, "b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
         if cfg.output_logits_soft_cap is not None:  # Gemma 2: after the unembedding (TL's hook_unembed is before)
             logits = soft_cap(logits, cfg.output_logits_soft_cap)
         if kv is None:
