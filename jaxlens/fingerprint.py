@@ -771,6 +771,21 @@ def retry_static(jitted: Callable[..., Any] | None = None, *, eager: bool = True
     return call
 
 
+def compiled_or_eager(compiled: Callable[[], Any], eager: Callable[[], Any]) -> Any:
+    """`compiled()` (calls of `retry_static(eager=False)` functions); when a hook in it stores
+    values, `eager()` instead, run eagerly as `retry_static` runs its calls. For a caller whose
+    compiled call pads shapes to reuse programs (generate's buckets): an eager run compiles
+    nothing, so it takes the exact shapes and a storing hook sees the call's own arrays."""
+    if eager_active():
+        return eager()
+    try:
+        return compiled()
+    except HookSideEffectError as e:
+        if e.code is None:
+            raise
+        return _run_eager(eager, e.code, (), {})
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 

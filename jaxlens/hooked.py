@@ -557,7 +557,8 @@ class HookedTransformer:
                  output_logits: bool = False, return_cache: bool = False, return_input_tokens: bool = False,
                  *, key: Any = None, attention_mask: Any = None,
                  names_filter: NamesFilter = None, fwd_hooks: Any = None, kv_cache: Any = None,
-                 max_len: int | None = None) -> Any:
+                 max_len: int | None = None, stop_strings: str | list[str] | None = None,
+                 stopping_criteria: Any = None) -> Any:
         """TransformerLens's `generate` (its arguments, in its order) as one compiled loop; see
         `jaxlens.generate.generate`.
 
@@ -570,6 +571,8 @@ class HookedTransformer:
         `output_logits`, `return_cache` and `return_input_tokens` are TransformerLens 4's (see
         `jaxlens.generate.generate`). With `names_filter` and no `return_cache`, returns (output,
         ActivationCache over the generated steps); stored hooks and `fwd_hooks` act at every step.
+        `stop_strings` and `stopping_criteria` are TransformerLens 4's (HF's matching and call
+        contract), asked after every step through a host callback of the compiled loop.
         """
         from jaxlens.generation.generate import generate
 
@@ -580,7 +583,8 @@ class HookedTransformer:
                         prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask,
                         return_type=return_type, verbose=verbose, output_logits=output_logits,
                         return_cache=return_cache, return_input_tokens=return_input_tokens, names_filter=names_filter,
-                        fwd_hooks=self._compose_hooks(fwd_hooks, None), kv_cache=kv_cache, max_len=max_len)
+                        fwd_hooks=self._compose_hooks(fwd_hooks, None), kv_cache=kv_cache, max_len=max_len,
+                        stop_strings=stop_strings, stopping_criteria=stopping_criteria)
 
     # --- weights (TransformerLens layout, stacked over layers) -------------------------------
     def _layer_param(self, sub: str, name: str) -> jax.Array | None:

@@ -129,12 +129,17 @@ def test_storing_hooks_warn_once_and_leave_compiled_runs_alone(tiny):
 
 def test_storing_in_generate_and_in_the_backward_pass(tiny):
     model, toks, ref = tiny
-    shapes = []
-    greedy = dict(max_new_tokens=3, do_sample=False, verbose=False)
-    out = quiet_run(model.generate, toks, fwd_hooks=[("hook_embed", lambda x, hook: shapes.append(x.shape))],
-                    **greedy)
-    assert (np.asarray(out) == np.asarray(model.generate(toks, **greedy))).all()
-    assert shapes[0][1] >= toks.shape[1] - 1 and all(s[1] == 1 for s in shapes[1:]) and len(shapes) >= 3
+    greedy = dict(max_new_tokens=3, do_sample=False, verbose=False, stop_at_eos=False)
+    for crit in (None, lambda ids, scores: np.zeros(len(ids), bool)):  # with stopping criteria too
+        stored = []
+        out = quiet_run(model.generate, toks, fwd_hooks=[("hook_embed", lambda x, hook: stored.append(x))],
+                        stopping_criteria=crit, **greedy)
+        out = np.asarray(out)
+        assert (out == np.asarray(model.generate(toks, **greedy))).all()
+        # the call's own shapes (no compile buckets): the prompt but its last token, then one per step
+        assert [a.shape[:2] for a in stored] == [(2, toks.shape[1] - 1)] + [(2, 1)] * 3
+        _, cache = model.run_with_cache(out, names_filter="hook_embed")
+        assert_close(np.concatenate([np.asarray(a) for a in stored], 1), cache["hook_embed"][:, :-1], "stored")
 
     name = "blocks.0.hook_resid_post"
     fwd, grads = {}, {}

@@ -24,12 +24,14 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
-from jaxlens.fingerprint import retry_static
+from jaxlens.fingerprint import compiled_or_eager, retry_static
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import SCORE_HOOKS, Hooks, pos_axis
 from jaxlens.model.forward import is_scanned
 from jaxlens.generation.kv_cache import KVCache, check_cache, forward_cached
+from jaxlens.generation.stopping import HostStop, ask_host
 from jaxlens.tokens import check_tokens
 from jaxlens.validate import check_key
 
@@ -155,12 +157,13 @@ def _write(buf: jax.Array, x: jax.Array, step: jax.Array, axis: int) -> jax.Arra
     return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), tuple(idx))
 
 
-@retry_static
-@partial(jax.jit, static_argnames=("cfg", "sampler", "n_buf", "cache_len", "capture", "precision", "return_logits"))
+@retry_static(eager=False)  # generate_tokens runs a storing hook's call eagerly, at its exact shapes
+@partial(jax.jit, static_argnames=("cfg", "sampler", "n_buf", "cache_len", "capture", "precision", "return_logits",
+                                   "host_stop"))
 def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None, n_new, key, temperature, top_p,
-                   pad_id, eos, hooks: Hooks, freq_penalty=0.0, repetition_penalty=1.0, seen_mask=None, *,
-                   sampler: Sampler, n_buf: int, cache_len: int, capture: frozenset[str], precision: str | None,
-                   return_logits: bool):
+                   pad_id, eos, hooks: Hooks, freq_penalty=0.0, repetition_penalty=1.0, seen_mask=None,
+                   stop_handle=0, *, sampler: Sampler, n_buf: int, cache_len: int, capture: frozenset[str],
+                   precision: str | None, return_logits: bool, host_stop: bool = False):
     """Prefill all but the last prompt token, then decode up to `n_new` (<= n_buf) tokens.
 
     `eos` [n] int32 are the stop tokens (n = 0: never stop early). Without `cache`, an empty one
@@ -168,6 +171,8 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
     With `sampler.use_freq_penalty`, per-row token counts (prompt's real tokens, then each new
     one) are carried through the loop for `sample_logits`; with `sampler.use_repetition_penalty`,
     which tokens each row holds (the prompt's columns where `seen_mask` is 1, then each new one).
+    With `host_stop`, after every step the host's criteria registered under `stop_handle`
+    (`stopping.HostStop`) say which rows are done, from the tokens so far and the step's logits.
     """
     batch, p = tokens.shape
     if cache is None:
@@ -176,7 +181,10 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
     if p > 1:
         _, _, cache = run(tokens[:, :-1], mask[:, :-1], cache)
 
-    step_shape = jax.eval_shape(lambda c: run(tokens[:, -1:], mask[:, -1:], c, capture=capture), cache)
+    # shapes without the hooks (they cannot change them): an eager run's storing hooks must
+    # see only concrete steps, never this abstract one
+    step_shape = jax.eval_shape(lambda c: forward_cached(params, cfg, tokens[:, -1:], mask[:, -1:], c, hooks=Hooks(),
+                                                         precision=precision, capture=capture), cache)
     logits_sd, acts_sd, _ = step_shape
 
     def grow(sd: jax.ShapeDtypeStruct, axis: int) -> jax.Array:
@@ -186,7 +194,7 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
 
     acts0 = {n: grow(sd, pos_axis(n)) for n, sd in acts_sd.items()}
     logits0 = grow(logits_sd, 1) if return_logits else None
-    stops = eos.shape[0] > 0
+    stops = eos.shape[0] > 0 or host_stop
 
     def cond(state):
         step, done = state[0], state[3]
@@ -206,6 +214,9 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
         if seen is not None:
             seen = seen.at[jnp.arange(batch), nxt].set(True)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), step))
+        if host_stop:
+            done = done | io_callback(ask_host, jax.ShapeDtypeStruct((batch,), jnp.bool_), stop_handle, out, step,
+                                      logits[:, 0], ordered=True)
         acts = {n: _write(acts[n], step_acts[n], step, pos_axis(n)) for n in acts}
         if return_logits:
             logits_buf = _write(logits_buf, logits, step, 1)
@@ -271,7 +282,7 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
                     capture: frozenset[str] = frozenset(), hooks: Hooks = Hooks(), kv_cache: KVCache | None = None,
                     max_len: int | None = None, return_logits: bool = False, precision: str | None = None,
                     bucket_shapes: bool = True, freq_penalty: float = 0.0,
-                    repetition_penalty: float = 1.0) -> GenerateOutput:
+                    repetition_penalty: float = 1.0, stopping_criteria: Sequence[Any] = ()) -> GenerateOutput:
     """Generate `max_new_tokens` after left-padded prompts `tokens` [batch pos] (mask 0 = padding).
 
     temperature 0 is greedy (argmax); otherwise sampling from `filter_logits` needs an explicit
@@ -283,6 +294,9 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
     With `stop_at_eos`, a row stops after
     emitting one of `eos_token_id` (default the model's) and is padded with `pad_token_id`
     (default the model's pad, else the first EOS).
+    `stopping_criteria` (`stopping.resolve_criteria`): after every step each is asked
+    `criterion(input_ids, scores)` with the running rows (prompt then new tokens) and the step's
+    logits; a row it says is done stops and is padded after its last token, as for EOS.
     `capture` (from `resolve_names`) and `hooks` act at every step, prefill included.
     `kv_cache` continues from a cached prefix (a batch-1 cache is forked to the batch); else a
     cache of `max_len` slots (default: the bucketed prompt plus new tokens) is made.
@@ -323,8 +337,17 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
         raise ValueError("sampling needs an explicit PRNG key: pass key=jax.random.key(0) "
                          "(or temperature=0 for greedy decoding)")
     eos = _eos_tuple(eos_token_id, cfg) if stop_at_eos else ()
+    criteria = tuple(stopping_criteria)
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
-                                                          else (eos[0] if eos else 0))
+                                                          else (eos[0] if eos else None))
+    if pad is None and criteria and cfg.eos_token_id is not None:
+        pad = _eos_tuple(None, cfg)[0]
+    if pad is None:
+        if criteria and batch > 1:
+            raise ValueError("stopping criteria on a batch need a token to pad the rows that stop, and this model "
+                             "knows no pad or EOS token: pass pad_token_id=..., stop_at_eos=True with eos_token_id, "
+                             "or one prompt at a time")
+        pad = 0
     if not 0 <= int(pad) < cfg.d_vocab:
         raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {cfg.d_vocab})")
 
@@ -335,50 +358,56 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
         if kv_cache.batch_size == 1 and batch > 1:
             kv_cache = kv_cache.fork(batch)
         check_cache(kv_cache, cfg, batch, p + max_new_tokens - 1)
-        b_pad, p_pad, n_buf = batch, p, max_new_tokens
-        if bucket_shapes and int(kv_cache.length) + p + bucket(max_new_tokens) - 1 <= kv_cache.max_len:
-            n_buf = bucket(max_new_tokens)
-        cache_len = kv_cache.max_len
-        cached = int(kv_cache.length)
-    else:
-        b_pad, p_pad, n_buf = batch, p, max_new_tokens
-        if bucket_shapes:
-            b_pad, p_pad, n_buf = bucket(batch), bucket(p, 8), bucket(max_new_tokens, 8)
-        need = p_pad + n_buf - 1
-        if max_len is not None:
-            if max_len < p + max_new_tokens - 1:
-                raise ValueError(f"max_len={max_len} is too small: a {p}-token prompt and {max_new_tokens} new tokens "
-                                 f"need {p + max_new_tokens - 1} cache slots")
-            if max_len < need:  # no room for bucket padding: use the exact shapes
-                b_pad, p_pad, n_buf = b_pad, p, max_new_tokens
-            need = max_len
-        cache_len, cached = need, 0
+    elif max_len is not None and max_len < p + max_new_tokens - 1:
+        raise ValueError(f"max_len={max_len} is too small: a {p}-token prompt and {max_new_tokens} new tokens "
+                         f"need {p + max_new_tokens - 1} cache slots")
+    sampler = Sampler(greedy, None if greedy else top_k, (not greedy) and top_p is not None,
+                      (not greedy) and float(freq_penalty) > 0, float(repetition_penalty) != 1.0)
 
-    left = p_pad - p
-    toks_b = np.full((b_pad, p_pad), pad, np.int32)
-    mask_b = np.zeros((b_pad, p_pad), np.int32)
-    toks_b[:batch, left:], mask_b[:batch, left:] = toks, mask
-    seen_b = np.zeros((b_pad, p_pad), np.int32)
-    seen_b[:batch, left:] = 1  # the prompt's own columns (its padding too, as HF's input_ids), not the buckets'
-    # inputs go in as numpy and outputs are cut on the host or in one jitted `_trim`: eager jnp
-    # ops would each compile a small program of their own on the first call of every shape
-    out = _generate_core(params, cfg, toks_b, mask_b, kv_cache, np.int32(max_new_tokens),
-                         _default_key() if key is None else key, np.float32(1.0 if greedy else temperature),
-                         np.float32(1.0 if top_p is None else top_p), np.int32(pad), np.asarray(eos, np.int32), hooks,
-                         np.float32(freq_penalty), np.float32(repetition_penalty), seen_b,
-                         sampler=Sampler(greedy, None if greedy else top_k, (not greedy) and top_p is not None,
-                                         (not greedy) and float(freq_penalty) > 0, float(repetition_penalty) != 1.0),
-                         n_buf=n_buf, cache_len=cache_len, capture=capture, precision=precision,
-                         return_logits=return_logits)
-    cols = slice(left, p_pad + max_new_tokens)
-    tokens_h, mask_h, n_steps, finished = jax.device_get((out.tokens, out.attention_mask, out.n_steps, out.finished))
-    keys = (0, cached + p + max_new_tokens) if kv_cache is not None else (left, p_pad + max_new_tokens)
-    acts, logits, cache_out = out.acts, out.logits, out.kv_cache
-    if acts or logits is not None or b_pad != batch:
-        acts, logits, cache_out = _trim(acts, logits, cache_out, batch=batch, steps=max_new_tokens, keys=keys)
-    put = jax.device_put  # (jnp.asarray would compile a copy program per shape)
-    return GenerateOutput(put(tokens_h[:batch, cols]), put(mask_h[:batch, cols]), put(n_steps), put(finished[:batch]),
-                          acts, logits, cache_out)
+    def launch(bucketed: bool, handle: np.int32) -> GenerateOutput:
+        """The loop at bucketed shapes (compiled, reused across similar sizes) or exact ones (an
+        eager run, which compiles nothing, so its storing hooks see the call's own shapes)."""
+        b_pad, p_pad, n_buf = batch, p, max_new_tokens
+        if kv_cache is not None:
+            if bucketed and int(kv_cache.length) + p + bucket(max_new_tokens) - 1 <= kv_cache.max_len:
+                n_buf = bucket(max_new_tokens)
+            cache_len, cached = kv_cache.max_len, int(kv_cache.length)
+        else:
+            if bucketed:
+                b_pad, p_pad, n_buf = bucket(batch), bucket(p, 8), bucket(max_new_tokens, 8)
+            need = p_pad + n_buf - 1
+            if max_len is not None:
+                if max_len < need:  # no room for bucket padding: use the exact shapes
+                    p_pad, n_buf = p, max_new_tokens
+                need = max_len
+            cache_len, cached = need, 0
+        left = p_pad - p
+        toks_b = np.full((b_pad, p_pad), pad, np.int32)
+        mask_b = np.zeros((b_pad, p_pad), np.int32)
+        toks_b[:batch, left:], mask_b[:batch, left:] = toks, mask
+        seen_b = np.zeros((b_pad, p_pad), np.int32)
+        seen_b[:batch, left:] = 1  # the prompt's own columns (its padding too, as HF's input_ids), not the buckets'
+        # inputs go in as numpy and outputs are cut on the host or in one jitted `_trim`: eager jnp
+        # ops would each compile a small program of their own on the first call of every shape
+        out = _generate_core(params, cfg, toks_b, mask_b, kv_cache, np.int32(max_new_tokens),
+                             _default_key() if key is None else key, np.float32(1.0 if greedy else temperature),
+                             np.float32(1.0 if top_p is None else top_p), np.int32(pad), np.asarray(eos, np.int32),
+                             hooks, np.float32(freq_penalty), np.float32(repetition_penalty), seen_b, handle,
+                             sampler=sampler, n_buf=n_buf, cache_len=cache_len, capture=capture, precision=precision,
+                             return_logits=return_logits, host_stop=bool(criteria))
+        cols = slice(left, p_pad + max_new_tokens)
+        tokens_h, mask_h, n_steps, finished = jax.device_get((out.tokens, out.attention_mask, out.n_steps,
+                                                              out.finished))
+        keys = (0, cached + p + max_new_tokens) if kv_cache is not None else (left, p_pad + max_new_tokens)
+        acts, logits, cache_out = out.acts, out.logits, out.kv_cache
+        if acts or logits is not None or b_pad != batch:
+            acts, logits, cache_out = _trim(acts, logits, cache_out, batch=batch, steps=max_new_tokens, keys=keys)
+        put = jax.device_put  # (jnp.asarray would compile a copy program per shape)
+        return GenerateOutput(put(tokens_h[:batch, cols]), put(mask_h[:batch, cols]), put(n_steps),
+                              put(finished[:batch]), acts, logits, cache_out)
+
+    with HostStop(criteria, toks).active() as handle:  # the criteria answer the loop's callbacks meanwhile
+        return compiled_or_eager(lambda: launch(bucket_shapes, handle), lambda: launch(False, handle))
 
 
 @partial(jax.jit, static_argnames=("batch", "steps", "keys"))
@@ -429,7 +458,8 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
              padding_side: str | None = None, attention_mask: Any = None, return_type: str = "input",
              verbose: bool = True, output_logits: bool = False, return_cache: bool = False,
              return_input_tokens: bool = False, names_filter: Any = None, fwd_hooks: Any = None,
-             kv_cache: KVCache | None = None, max_len: int | None = None) -> Any:
+             kv_cache: KVCache | None = None, max_len: int | None = None, stop_strings: str | Sequence[str] | None = None,
+             stopping_criteria: Any = None) -> Any:
     """`HookedTransformer.generate`: TransformerLens's signature, one compiled loop.
 
     input: a string, a list of strings (left-padded into a batch, whatever `padding_side` says,
@@ -453,8 +483,16 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     names_filter without return_cache (jaxlens): also return {hook: activation over the generated
     steps} (see `GenerateOutput.acts`), an `ActivationCache` whose position axis runs over the steps.
     fwd_hooks: TransformerLens-style hooks applied at every step (prefill included).
+    stop_strings (TransformerLens 4 / HF): a row stops once its text ends with one of them
+    (HF's StopStringCriteria matching, `stopping.StopStrings`; needs the tokenizer).
+    stopping_criteria (TransformerLens 4 / HF): a callable or a list, asked after every step as
+    `criterion(input_ids, scores)` with the running rows and the step's logits, returning a bool
+    per row (or one); transformers' StoppingCriteria get torch tensors, other callables numpy.
+    Either stops a row as EOS does (stop_at_eos or not); the loop stays compiled, asking them
+    through a host callback.
     """
     from jaxlens.cache.activation_cache import ActivationCache
+    from jaxlens.generation.stopping import resolve_criteria
     from jaxlens.hooks import make_hooks, resolve_names
     from jaxlens.tokens import is_text, parse_input
 
@@ -465,6 +503,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     if key is None and do_sample and float(temperature) > 0:
         key = _default_key()
         _warn_default_key()
+    criteria = resolve_criteria(stop_strings, stopping_criteria, model.tokenizer)
     toks, mask = parse_input(model.tokenizer, input, model.cfg, attention_mask, prepend_bos, "left")
     per_step = names_filter is not None and not return_cache
     capture = resolve_names(names_filter, model.cfg) if per_step else frozenset()
@@ -480,7 +519,8 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
                           stop_at_eos=stop_at_eos, eos_token_id=eos, pad_token_id=pad, capture=capture,
                           hooks=make_hooks(fwd_hooks, model.cfg), kv_cache=kv_cache, max_len=max_len,
                           precision=model.precision, freq_penalty=freq_penalty,
-                          repetition_penalty=repetition_penalty, return_logits=output_logits)
+                          repetition_penalty=repetition_penalty, return_logits=output_logits,
+                          stopping_criteria=criteria)
     n_steps = int(out.n_steps)
     width = out.tokens.shape[1] - max_new_tokens + n_steps
     tokens_h = np.asarray(out.tokens)[:, :width]  # cut on the host: no program per output width
