@@ -586,6 +586,26 @@ class HookedTransformer:
                         fwd_hooks=self._compose_hooks(fwd_hooks, None), kv_cache=kv_cache, max_len=max_len,
                         stop_strings=stop_strings, stopping_criteria=stopping_criteria)
 
+    def generate_stream(self, input: Any = "", max_new_tokens: int = 10, max_tokens_per_yield: int = 25,
+                        stop_at_eos: bool = True, eos_token_id: Any = None, do_sample: bool = True,
+                        top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
+                        freq_penalty: float = 0.0, repetition_penalty: float = 1.0, use_past_kv_cache: bool = True,
+                        prepend_bos: bool | None = None, padding_side: str | None = None,
+                        return_type: str | None = "input", verbose: bool = True,
+                        stop_strings: str | list[str] | None = None, stopping_criteria: Any = None,
+                        attention_mask: Any = None, *, key: Any = None, fwd_hooks: Any = None) -> Any:
+        """TransformerLens 4's `generate_stream` (its arguments, in its order): `generate`'s tokens
+        yielded as the compiled loop makes them; see `jaxlens.generate.generate_stream`."""
+        from jaxlens.generation.generate import generate_stream
+
+        return generate_stream(self, input, max_new_tokens, max_tokens_per_yield, prepend_bos=prepend_bos,
+                               padding_side=padding_side, attention_mask=attention_mask, return_type=return_type,
+                               stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, do_sample=do_sample, top_k=top_k,
+                               top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,
+                               repetition_penalty=repetition_penalty, use_past_kv_cache=use_past_kv_cache,
+                               verbose=verbose, stop_strings=stop_strings, stopping_criteria=stopping_criteria,
+                               key=key, fwd_hooks=self._compose_hooks(fwd_hooks, None))
+
     # --- weights (TransformerLens layout, stacked over layers) -------------------------------
     def _layer_param(self, sub: str, name: str) -> jax.Array | None:
         """One block parameter stacked over layers (a copy unless scanned); None if absent."""

@@ -1,5 +1,6 @@
-"""TransformerLens 4's `generate(stop_strings=, stopping_criteria=)`: the matcher against HF's
-StopStringCriteria on three kinds of tokenizer, and generation against the bridge's loop."""
+"""TransformerLens 4's `generate(stop_strings=, stopping_criteria=)` and `generate_stream`: the
+matcher against HF's StopStringCriteria on three kinds of tokenizer, generation and streaming
+against the bridge's loop."""
 
 from __future__ import annotations
 
@@ -203,3 +204,65 @@ def test_bad_criteria_are_clear_errors(gpt2):
         bare.generate(one, stop_strings="x", **KW)
     # the model still generates after each error (nothing left registered, nothing stale)
     np.testing.assert_array_equal(np.asarray(model.generate(one, **KW)), np.asarray(model.generate(one, **KW)))
+
+
+def _tl_stream(bridge, toks, mask=None, **kw):
+    t = toks if isinstance(toks, (str, list)) else torch.tensor(np.asarray(toks), dtype=torch.long)
+    m = None if mask is None else torch.tensor(np.asarray(mask))
+    return [x if isinstance(x, (str, list)) else x.numpy()
+            for x in bridge.generate_stream(t, attention_mask=m, verbose=False, use_past_kv_cache=False, **kw)]
+
+
+def test_generate_stream_matches_the_bridge(gpt2):
+    """Every yield equals TL 4.3's (the prompt counted into the first, the remainder last), on one
+    prompt, a left-padded batch whose rows stop at different steps, and text (held-back partial
+    characters included); joined, the yields are generate's output."""
+    from jaxlens.generation.stopping import HostStop
+
+    model, bridge = gpt2
+    toks, mask = padded("left")
+    plain = np.asarray(model.generate(toks, attention_mask=mask, stop_at_eos=False, **KW))
+    stop = model.tokenizer.decode(plain[0, toks.shape[1] + 5:toks.shape[1] + 7].tolist())
+    kw = dict(max_new_tokens=12, do_sample=False)
+    one = toks[:1, mask[0].astype(bool)]
+    for per_yield in (1, 3, 5, 25):
+        for t, m, extra in ((one, None, {}), (toks, mask, dict(stop_strings=stop))):
+            ours = [np.asarray(x) for x in model.generate_stream(t, attention_mask=m, max_tokens_per_yield=per_yield,
+                                                                 stop_at_eos=False, **kw, **extra)]
+            theirs = _tl_stream(bridge, t, m, max_tokens_per_yield=per_yield, stop_at_eos=False, **kw, **extra)
+            assert [a.shape for a in ours] == [b.shape for b in theirs], f"per_yield {per_yield} {extra}"
+            for a, b in zip(ours, theirs):
+                np.testing.assert_array_equal(a, b)
+            whole = np.asarray(model.generate(t, attention_mask=m, stop_at_eos=False, return_type="tokens", **kw,
+                                              **extra))
+            np.testing.assert_array_equal(np.concatenate(ours, 1), whole)
+    texts = ["1 2 3", "The quick brown"]
+    for per_yield in (2, 4):
+        ours = list(model.generate_stream(texts, max_tokens_per_yield=per_yield, stop_at_eos=False, **kw))
+        assert ours == _tl_stream(bridge, texts, max_tokens_per_yield=per_yield, stop_at_eos=False, **kw)
+        assert ["".join(parts) for parts in zip(*ours)] == model.generate(texts, stop_at_eos=False, **kw)
+    assert not HostStop._live, "nothing stays registered after a stream"
+
+
+def test_generate_stream_closed_early_stops_the_loop(gpt2):
+    from jaxlens.generation.stopping import HostStop
+
+    model, _ = gpt2
+    one = np.asarray([[0, 5, 9, 30, 2]], np.int32)
+    seen = []
+    stream = model.generate_stream(one, max_new_tokens=40, max_tokens_per_yield=1, stop_at_eos=False,
+                                   do_sample=False, stopping_criteria=lambda ids, s: seen.append(ids.shape[1]) or False)
+    first = next(stream)
+    assert first.shape == (1, 6)
+    stream.close()  # returns once the worker has finished: the loop stopped within a step or two
+    assert len(seen) < 40 and not HostStop._live
+
+    def boom(ids, scores):
+        raise KeyError("criterion failed")
+
+    with pytest.raises(KeyError, match="criterion failed"):
+        list(model.generate_stream(one, max_new_tokens=4, stopping_criteria=boom, do_sample=False))
+    with pytest.raises(ValueError, match="max_tokens_per_yield must be an int >= 1"):
+        next(model.generate_stream(one, max_tokens_per_yield=0))
+    with pytest.raises(ValueError, match="generate_stream yields tokens only: output_logits"):
+        next(jaxlens.generate.generate_stream(model, one, output_logits=True))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -215,8 +215,8 @@ def _generate_core(params, cfg: ModelConfig, tokens, mask, cache: KVCache | None
             seen = seen.at[jnp.arange(batch), nxt].set(True)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), step))
         if host_stop:
-            done = done | io_callback(ask_host, jax.ShapeDtypeStruct((batch,), jnp.bool_), stop_handle, out, step,
-                                      logits[:, 0], ordered=True)
+            done = io_callback(ask_host, jax.ShapeDtypeStruct((batch,), jnp.bool_), stop_handle, out, step,
+                               logits[:, 0], done, ordered=True)
         acts = {n: _write(acts[n], step_acts[n], step, pos_axis(n)) for n in acts}
         if return_logits:
             logits_buf = _write(logits_buf, logits, step, 1)
@@ -282,7 +282,8 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
                     capture: frozenset[str] = frozenset(), hooks: Hooks = Hooks(), kv_cache: KVCache | None = None,
                     max_len: int | None = None, return_logits: bool = False, precision: str | None = None,
                     bucket_shapes: bool = True, freq_penalty: float = 0.0,
-                    repetition_penalty: float = 1.0, stopping_criteria: Sequence[Any] = ()) -> GenerateOutput:
+                    repetition_penalty: float = 1.0, stopping_criteria: Sequence[Any] = (),
+                    on_step: Callable[[np.ndarray, np.ndarray], bool] | None = None) -> GenerateOutput:
     """Generate `max_new_tokens` after left-padded prompts `tokens` [batch pos] (mask 0 = padding).
 
     temperature 0 is greedy (argmax); otherwise sampling from `filter_logits` needs an explicit
@@ -297,6 +298,8 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
     `stopping_criteria` (`stopping.resolve_criteria`): after every step each is asked
     `criterion(input_ids, scores)` with the running rows (prompt then new tokens) and the step's
     logits; a row it says is done stops and is padded after its last token, as for EOS.
+    `on_step(tokens, done)` hears each step's new tokens [batch] and done rows [batch] on the
+    host as the loop runs (`generate_stream`); returning True stops every row.
     `capture` (from `resolve_names`) and `hooks` act at every step, prefill included.
     `kv_cache` continues from a cached prefix (a batch-1 cache is forked to the batch); else a
     cache of `max_len` slots (default: the bucketed prompt plus new tokens) is made.
@@ -394,7 +397,7 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
                              np.float32(1.0 if top_p is None else top_p), np.int32(pad), np.asarray(eos, np.int32),
                              hooks, np.float32(freq_penalty), np.float32(repetition_penalty), seen_b, handle,
                              sampler=sampler, n_buf=n_buf, cache_len=cache_len, capture=capture, precision=precision,
-                             return_logits=return_logits, host_stop=bool(criteria))
+                             return_logits=return_logits, host_stop=host.needed)
         cols = slice(left, p_pad + max_new_tokens)
         tokens_h, mask_h, n_steps, finished = jax.device_get((out.tokens, out.attention_mask, out.n_steps,
                                                               out.finished))
@@ -406,7 +409,8 @@ def generate_tokens(params: dict[str, Any], cfg: ModelConfig, tokens: Any, atten
         return GenerateOutput(put(tokens_h[:batch, cols]), put(mask_h[:batch, cols]), put(n_steps),
                               put(finished[:batch]), acts, logits, cache_out)
 
-    with HostStop(criteria, toks).active() as handle:  # the criteria answer the loop's callbacks meanwhile
+    host = HostStop(criteria, toks, on_step)
+    with host.active() as handle:  # the criteria answer the loop's callbacks meanwhile
         return compiled_or_eager(lambda: launch(bucket_shapes, handle), lambda: launch(False, handle))
 
 
@@ -459,7 +463,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
              verbose: bool = True, output_logits: bool = False, return_cache: bool = False,
              return_input_tokens: bool = False, names_filter: Any = None, fwd_hooks: Any = None,
              kv_cache: KVCache | None = None, max_len: int | None = None, stop_strings: str | Sequence[str] | None = None,
-             stopping_criteria: Any = None) -> Any:
+             stopping_criteria: Any = None, on_step: Callable[[np.ndarray, np.ndarray], bool] | None = None) -> Any:
     """`HookedTransformer.generate`: TransformerLens's signature, one compiled loop.
 
     input: a string, a list of strings (left-padded into a batch, whatever `padding_side` says,
@@ -490,6 +494,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     per row (or one); transformers' StoppingCriteria get torch tensors, other callables numpy.
     Either stops a row as EOS does (stop_at_eos or not); the loop stays compiled, asking them
     through a host callback.
+    on_step (jaxlens): see `generate_tokens`; `generate_stream` streams through it.
     """
     from jaxlens.cache.activation_cache import ActivationCache
     from jaxlens.generation.stopping import resolve_criteria
@@ -520,7 +525,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
                           hooks=make_hooks(fwd_hooks, model.cfg), kv_cache=kv_cache, max_len=max_len,
                           precision=model.precision, freq_penalty=freq_penalty,
                           repetition_penalty=repetition_penalty, return_logits=output_logits,
-                          stopping_criteria=criteria)
+                          stopping_criteria=criteria, on_step=on_step)
     n_steps = int(out.n_steps)
     width = out.tokens.shape[1] - max_new_tokens + n_steps
     tokens_h = np.asarray(out.tokens)[:, :width]  # cut on the host: no program per output width
@@ -555,6 +560,105 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     return (result, *extra) if extra else result
 
 
+def generate_stream(model: Any, input: Any = "", max_new_tokens: int = 10, max_tokens_per_yield: int = 25, *,
+                    prepend_bos: bool | None = None, padding_side: str | None = None, attention_mask: Any = None,
+                    return_type: str = "input", **kwargs: Any) -> Iterator[Any]:
+    """`HookedTransformer.generate_stream` (TransformerLens 4): `generate`'s tokens, yielded as
+    the compiled loop makes them.
+
+    The first yield holds the prompt and the first new tokens, prompt included in the count of
+    `max_tokens_per_yield`; each later yield at most `max_tokens_per_yield` new tokens [batch n];
+    the last whatever is left when every row has stopped (or `max_new_tokens` ran). With
+    return_type "str" (or "input" for text) each yield is the new text (a string for one row, a
+    list for more), a character whose bytes are not all generated yet held back to the next.
+    Joined, the yields are `generate(..., return_type="tokens")`'s output, token for token: the
+    same program runs (in a worker thread), its per-step host callback feeding this generator.
+    Closing the generator early stops the loop at its next step. Other arguments: `generate`'s.
+    """
+    import queue
+    import threading
+
+    from jaxlens.tokens import is_text, parse_input
+
+    if isinstance(max_tokens_per_yield, bool) or not isinstance(max_tokens_per_yield, (int, np.integer)) \
+            or max_tokens_per_yield < 1:
+        raise ValueError(f"max_tokens_per_yield must be an int >= 1, got {max_tokens_per_yield!r}")
+    return_type = "tokens" if return_type is None else return_type  # TransformerLens: None yields tokens
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+    for name in ("output_logits", "return_cache", "return_input_tokens", "names_filter"):
+        if kwargs.get(name):
+            raise ValueError(f"generate_stream yields tokens only: {name} is generate's; call generate for it")
+    as_text = return_type == "str" or (return_type == "input" and is_text(input))
+    tok = model.tokenizer
+    if as_text and tok is None:
+        raise ValueError("return_type='str' needs a tokenizer; this model has none: use return_type='tokens'")
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be None, 'left' or 'right', got {padding_side!r}")
+    toks, mask = parse_input(tok, input, model.cfg, attention_mask, prepend_bos, "left")
+    steps: queue.Queue = queue.Queue()
+    closed = threading.Event()
+
+    def on_step(tokens: np.ndarray, done: np.ndarray) -> bool:
+        steps.put(("step", tokens))
+        return closed.is_set()
+
+    def work() -> None:
+        try:
+            generate(model, toks, max_new_tokens, attention_mask=mask, return_type="tokens", on_step=on_step,
+                     **kwargs)
+            steps.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
+            steps.put(("error", e))
+
+    worker = threading.Thread(target=work, name="jaxlens-generate-stream", daemon=True)
+    worker.start()
+    history = np.asarray(toks)
+    emitted = [0] * history.shape[0]
+
+    def delta(hold: bool) -> Any:
+        out = []
+        for i, row in enumerate(history):  # the whole row each time: a character split over yields stays whole
+            text = tok.decode(row.tolist(), skip_special_tokens=True)
+            text = text.rstrip("\ufffd") if hold else text
+            out.append(text[emitted[i]:])
+            emitted[i] = len(text)
+        return out[0] if len(out) == 1 else out
+
+    chunk: list[np.ndarray] = []
+    pending = history.shape[1]  # the prompt counts toward the first yield, as in TransformerLens
+    first = True
+
+    def emit() -> Any:
+        nonlocal history, chunk, pending, first
+        new = np.stack(chunk, 1) if chunk else np.zeros((history.shape[0], 0), np.int32)
+        history = np.concatenate([history, new], 1)
+        piece = np.concatenate([np.asarray(toks), new], 1) if first else new
+        chunk, pending, first = [], 0, False
+        return delta(hold=True) if as_text else jax.device_put(piece)
+
+    try:
+        while True:
+            kind, value = steps.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                break
+            chunk.append(value)
+            pending += 1
+            if pending >= max_tokens_per_yield:
+                yield emit()
+        if chunk:
+            yield emit()
+        if as_text:
+            rest = delta(hold=False)
+            if any(rest) if isinstance(rest, list) else rest:
+                yield rest
+    finally:
+        closed.set()
+        worker.join()
+
+
 @dataclass(frozen=True)
 class GenerateLogitsOutput:
     """`generate(output_logits=True)`: HF's GenerateDecoderOnlyOutput fields, read as attributes
@@ -568,4 +672,4 @@ class GenerateLogitsOutput:
 
 __all__ = ["filter_logits", "first_argmax", "Sampler", "sample_logits", "token_counts", "GenerateOutput",
            "GenerateLogitsOutput", "compile_count",
-           "bucket", "generate_tokens", "RETURN_TYPES", "generate"]
+           "bucket", "generate_tokens", "RETURN_TYPES", "generate", "generate_stream"]

@@ -205,25 +205,35 @@ class HostStop:
 
     `prompt` [batch p] are the rows' prompt tokens (as fed, padding included): a criterion sees
     the running sequence, prompt then every token so far, and that step's logits [batch vocab].
-    A criterion's exception stops the loop and is raised again by `active` after the call."""
+    A criterion's exception stops the loop and is raised again by `active` after the call.
+    `on_step(tokens [batch], done [batch]) -> bool`, if given, hears each step's new tokens and
+    which rows are done (`generate_stream` streams them); returning True stops every row."""
 
     _ids = itertools.count(1)
     _live: dict[int, HostStop] = {}
     _lock = threading.Lock()
 
-    def __init__(self, criteria: Sequence[Callable], prompt: np.ndarray):
+    def __init__(self, criteria: Sequence[Callable], prompt: np.ndarray,
+                 on_step: Callable[[np.ndarray, np.ndarray], bool] | None = None):
         self.criteria = tuple(criteria)
         self.prompt = np.asarray(prompt)
+        self.on_step = on_step
         self.error: BaseException | None = None
 
-    def ask(self, out: np.ndarray, step: int, logits: np.ndarray) -> np.ndarray:
+    @property
+    def needed(self) -> bool:
+        """Whether the loop must call back at all."""
+        return bool(self.criteria) or self.on_step is not None
+
+    def ask(self, out: np.ndarray, step: int, logits: np.ndarray, done_before: np.ndarray) -> np.ndarray:
+        """The rows done after `step`: the loop's own (`done_before`: EOS, earlier stops) or by a criterion."""
         batch = self.prompt.shape[0]
         done = np.ones(out.shape[0], bool)  # bucket rows beyond the batch: always done
         if self.error is not None:
             return done
         ids = np.concatenate([self.prompt, out[:batch, :step + 1]], axis=1).astype(np.int64)
         scores = np.array(logits[:batch], np.float32)  # a writable copy (torch.from_numpy wants one)
-        done[:batch] = False
+        done[:batch] = done_before[:batch]
         try:
             for c in self.criteria:
                 if _is_hf_criterion(c):
@@ -241,6 +251,8 @@ class HostStop:
                     raise ValueError(f"stopping criterion {c!r} returned shape {r.shape}, expected a per-row bool "
                                      f"of shape ({batch},) (one entry per sequence) or one bool")
                 done[:batch] |= np.broadcast_to(r.astype(bool), (batch,))
+            if self.on_step is not None and self.on_step(out[:batch, step].copy(), done[:batch].copy()):
+                done[:] = True
         except Exception as e:  # noqa: BLE001 - raised again, whole, after the program returns
             self.error = e
             done[:] = True
@@ -261,12 +273,12 @@ class HostStop:
             raise self.error
 
 
-def ask_host(handle: Any, out: Any, step: Any, logits: Any) -> np.ndarray:
-    """The loop's callback: the rows the criteria of call `handle` say are done."""
+def ask_host(handle: Any, out: Any, step: Any, logits: Any, done: Any) -> np.ndarray:
+    """The loop's callback: the rows done after this step, by the loop or the criteria of call `handle`."""
     stop = HostStop._live.get(int(handle))
     if stop is None:  # cannot happen while `active` holds the handle
         raise RuntimeError(f"no stopping criteria registered under handle {int(handle)}")
-    return stop.ask(np.asarray(out), int(step), np.asarray(logits))
+    return stop.ask(np.asarray(out), int(step), np.asarray(logits), np.asarray(done))
 
 
 __all__ = ["StopStrings", "matching_mode", "resolve_criteria", "HostStop", "ask_host"]
