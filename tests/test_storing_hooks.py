@@ -130,11 +130,14 @@ def test_storing_hooks_warn_once_and_leave_compiled_runs_alone(tiny):
 def test_storing_in_generate_and_in_the_backward_pass(tiny):
     model, toks, ref = tiny
     greedy = dict(max_new_tokens=3, do_sample=False, verbose=False, stop_at_eos=False)
-    for crit in (None, lambda ids, scores: np.zeros(len(ids), bool)):  # with stopping criteria too
+    def run(crit):
         stored = []
         out = quiet_run(model.generate, toks, fwd_hooks=[("hook_embed", lambda x, hook: stored.append(x))],
                         stopping_criteria=crit, **greedy)
-        out = np.asarray(out)
+        return np.asarray(out), stored
+
+    for crit in (None, lambda ids, scores: np.zeros(len(ids), bool)):  # with stopping criteria too
+        out, stored = run(crit)
         assert (out == np.asarray(model.generate(toks, **greedy))).all()
         # the call's own shapes (no compile buckets): the prompt but its last token, then one per step
         assert [a.shape[:2] for a in stored] == [(2, toks.shape[1] - 1)] + [(2, 1)] * 3
