@@ -454,6 +454,14 @@ def _warn_default_key() -> None:
 RETURN_TYPES = ("input", "str", "tokens")
 
 
+def _check_output_args(return_type: str, padding_side: str | None) -> None:
+    """generate's and generate_stream's `return_type` and `padding_side`, checked before any work."""
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be None, 'left' or 'right', got {padding_side!r}")
+
+
 def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: bool = True,
              eos_token_id: int | Sequence[int] | None = None, do_sample: bool = True, top_k: int | None = None,
              top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
@@ -501,10 +509,7 @@ def generate(model: Any, input: Any, max_new_tokens: int = 10, *, stop_at_eos: b
     from jaxlens.hooks import make_hooks, resolve_names
     from jaxlens.tokens import is_text, parse_input
 
-    if return_type not in RETURN_TYPES:
-        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
-    if padding_side not in (None, "left", "right"):
-        raise ValueError(f"padding_side must be None, 'left' or 'right', got {padding_side!r}")
+    _check_output_args(return_type, padding_side)
     if key is None and do_sample and float(temperature) > 0:
         key = _default_key()
         _warn_default_key()
@@ -584,8 +589,7 @@ def generate_stream(model: Any, input: Any = "", max_new_tokens: int = 10, max_t
             or max_tokens_per_yield < 1:
         raise ValueError(f"max_tokens_per_yield must be an int >= 1, got {max_tokens_per_yield!r}")
     return_type = "tokens" if return_type is None else return_type  # TransformerLens: None yields tokens
-    if return_type not in RETURN_TYPES:
-        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+    _check_output_args(return_type, padding_side)
     for name in ("output_logits", "return_cache", "return_input_tokens", "names_filter"):
         if kwargs.get(name):
             raise ValueError(f"generate_stream yields tokens only: {name} is generate's; call generate for it")
@@ -593,8 +597,6 @@ def generate_stream(model: Any, input: Any = "", max_new_tokens: int = 10, max_t
     tok = model.tokenizer
     if as_text and tok is None:
         raise ValueError("return_type='str' needs a tokenizer; this model has none: use return_type='tokens'")
-    if padding_side not in (None, "left", "right"):
-        raise ValueError(f"padding_side must be None, 'left' or 'right', got {padding_side!r}")
     toks, mask = parse_input(tok, input, model.cfg, attention_mask, prepend_bos, "left")
     steps: queue.Queue = queue.Queue()
     closed = threading.Event()

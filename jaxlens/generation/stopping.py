@@ -72,7 +72,7 @@ def matching_mode(tokenizer: Any) -> str | None:
     return None
 
 
-_VOCAB_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (key, {id: text})
+_VOCAB_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (key, texts, endable)
 
 
 class StopStrings:
@@ -106,10 +106,12 @@ class StopStrings:
         self._tokenizer = tokenizer
         self._byte_of = {c: b for b, c in _bytes_to_unicode().items()} if self.mode == "byte_level" else None
         self._base: list[str] | None = None
-        self._texts = self._vocab_texts()
+        self._texts, endable = self._vocab_texts()
         for s, t in zip(self.stop_strings, self._targets):
-            if not any(x is not None and (t in x or any(x.startswith(t[-k:]) for k in range(1, len(t))))
-                       for x in self._texts.values()):
+            if t not in endable:  # one scan of the vocabulary per string and tokenizer, remembered
+                endable[t] = any(x is not None and (t in x or any(x.startswith(t[-k:]) for k in range(1, len(t))))
+                                 for x in self._texts.values())
+            if not endable[t]:
                 raise ValueError(f"stop string {s!r} can never match: no token of the tokenizer's vocabulary can end "
                                  "it (HF's StopStringCriteria refuses it too); leave it out or check its characters")
 
@@ -127,9 +129,9 @@ class StopStrings:
         text = text[text.index(self._PREFIX) + len(self._PREFIX):]
         return text.encode("utf-8") if self.mode else text
 
-    def _vocab_texts(self) -> dict[int, Any]:
-        """{id: text as matched} over the tokenizer's vocabulary (added tokens included), made once
-        per tokenizer and matching mode."""
+    def _vocab_texts(self) -> tuple[dict[int, Any], dict[Any, bool]]:
+        """{id: text as matched} over the tokenizer's vocabulary (added tokens included), and
+        {stop string: whether some token can end it}, made once per tokenizer and matching mode."""
         tok = self._tokenizer
         key = (len(tok), self.mode)
         try:
@@ -137,13 +139,14 @@ class StopStrings:
         except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
             cached = None
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return cached[1], cached[2]
         texts = {int(i): self._clean(token) for token, i in tok.get_vocab().items()}
+        endable: dict[Any, bool] = {}
         try:
-            _VOCAB_TEXTS[tok] = (key, texts)
+            _VOCAB_TEXTS[tok] = (key, texts, endable)
         except TypeError:
             pass
-        return texts
+        return texts, endable
 
     def token_text(self, token_id: int) -> Any:
         """The token's text as matched (bytes or str); None for an id the vocabulary does not have."""
