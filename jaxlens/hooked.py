@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,6 +121,7 @@ class HookedTransformer:
         self.cfg = cfg
         self._stored_hooks: tuple[StoredHook, ...] = ()  # model.add_hook / model.hooks(...), in order
         self.is_caching = False  # TransformerLens's flag: set once caching hooks were made
+        self._n_params_total: int | None = None  # the source checkpoint's count, set by from_pretrained
         self.context_level = 0
 
     @property
@@ -174,9 +176,10 @@ class HookedTransformer:
         flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
                      fold_value_biases=fold_value_biases)
         if mesh is not None:  # straight into the shards: read lazily, processed on the mesh
-            cfg, params = _load_sharded(path, dtype, allow_nonfinite, make_mesh(mesh), scan_layers, flags)
+            cfg, params, n_source = _load_sharded(path, dtype, allow_nonfinite, make_mesh(mesh), scan_layers, flags)
         else:
             cfg, params = load_any(path, dtype, allow_nonfinite=allow_nonfinite)
+            n_source = source_param_count(params)
             if any(flags.values()):  # on the host, in numpy
                 params, cfg = process_params(params, cfg, **flags)
             params = jax.device_put(params)  # one transfer, no per-shape identity program (jnp.asarray compiles one)
@@ -186,6 +189,7 @@ class HookedTransformer:
                 params = unstack_layers(params, cfg.n_layers)
         tok = tokenizer if tokenizer is not None else load_tokenizer(path)
         model = cls(cfg, params, tok, precision=precision, device=device, mesh=mesh)
+        model._n_params_total = n_source
         return model.refactor_factored_attn_matrices() if refactor_factored_attn_matrices else model
 
     @classmethod
@@ -213,8 +217,15 @@ class HookedTransformer:
         from jaxlens.fingerprint import Identity
 
         cfg, tok, precision = self.cfg, self.tokenizer, self.precision
-        return ((cfg, precision, Identity(tok)), self.params,
-                lambda params: type(self)(cfg, params, tok, precision=precision))
+        return ((cfg, precision, Identity(tok)), self.params, lambda params: self._derived(cfg, params, tok, precision))
+
+    def _derived(self, cfg: ModelConfig, params: dict[str, Any], tok: Any,
+                 precision: str | None) -> "HookedTransformer":
+        """A new model with other weights and this one's source (`n_params_total`): what weight
+        processing, refactoring and a traced hook's view of the model build."""
+        model = type(self)(cfg, params, tok, precision=precision)
+        model._n_params_total = self._n_params_total
+        return model
 
     # --- tokens -----------------------------------------------------------------------------
     def to_tokens(self, input: str | Sequence[str], prepend_bos: bool | None = None,
@@ -774,6 +785,20 @@ class HookedTransformer:
             idx.append(l)
         return idx, jnp.stack(arrays)
 
+    @property
+    def n_params_total(self) -> int:
+        """TransformerLens 4's `n_params_total`: the parameters of the HF model this was loaded
+        from, tied weights once, whatever processing did since (`cfg.n_params` counts only the
+        attention and MLP weights). A model built from a params tree counts that tree, less b_U."""
+        n = self._n_params_total
+        return source_param_count(self.params) if n is None else n
+
+    def get_hook_point(self, hook_name: str) -> HookPointRef | None:
+        """TransformerLens 4's `get_hook_point`: the hook point named `hook_name` (its `add_hook`,
+        `remove_hooks`, `name`), or None when the model has none by that name (a module path such
+        as "blocks.0.attn" included)."""
+        return HookPointRef(self, hook_name) if hook_name in self._hook_name_set else None
+
     def composition_layer_indices(self) -> list[int]:
         """The layers with attention: the positions `all_composition_scores` indexes."""
         return [l for l, _ in self.blocks_with("attn")]
@@ -946,7 +971,7 @@ class HookedTransformer:
         host = jax.tree.map(np.asarray, self.params)  # processed once on the host, like from_pretrained
         params, cfg = process_params(host, self.cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                      center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-        return type(self)(cfg, jax.device_put(params), self.tokenizer, precision=self.precision)
+        return self._derived(cfg, jax.device_put(params), self.tokenizer, self.precision)
 
     def hook_names(self, include_result: bool = True) -> list[str]:
         from jaxlens.hooks import hook_names
@@ -1113,12 +1138,12 @@ class HookedTransformer:
         from jaxlens.model.factored_matrix import refactor_factored_attn_matrices
 
         params, cfg = refactor_factored_attn_matrices(self.params, self.cfg)
-        return type(self)(cfg, params, self.tokenizer, precision=self.precision)
+        return self._derived(cfg, params, self.tokenizer, self.precision)
 
 
 def _load_sharded(path: str | Path, dtype: Any, allow_nonfinite: bool, mesh: Any, scan_layers: bool,
-                  flags: dict[str, bool]) -> tuple[ModelConfig, dict[str, Any]]:
-    """(cfg, params) loaded straight into the shards of `mesh`: each parameter is read (and
+                  flags: dict[str, bool]) -> tuple[ModelConfig, dict[str, Any], int]:
+    """(cfg, params, `source_param_count` of the unprocessed params) loaded straight into the shards of `mesh`: each parameter is read (and
     converted, checked, cast) only for the slices this process's devices hold, one parameter at a
     time (an Orbax folder is restored into the shardings directly); weight processing (one block
     per program: `process_sharded`) and layer stacking (`transform_sharded`) then run on the mesh,
@@ -1133,7 +1158,7 @@ def _load_sharded(path: str | Path, dtype: Any, allow_nonfinite: bool, mesh: Any
     else:
         cfg, params = load_any(path, dtype, allow_nonfinite=allow_nonfinite, lazy=True)
         check_fits(cfg, mesh)  # before anything is read
-
+    n_source = source_param_count(params)
     if any(flags.values()):  # part by part, each read as its turn comes: never the model twice
         params, cfg = process_sharded(params, cfg, mesh, **flags)
     else:
@@ -1142,7 +1167,15 @@ def _load_sharded(path: str | Path, dtype: Any, allow_nonfinite: bool, mesh: Any
         relayout = (lambda p: (stack_layers(p, cfg.n_layers, jnp), cfg)) if scan_layers else \
             (lambda p: (unstack_layers(p, cfg.n_layers), cfg))
         params, cfg = transform_sharded(relayout, params, mesh)
-    return cfg, params
+    return cfg, params, n_source
+
+
+def source_param_count(params: dict[str, Any]) -> int:
+    """The parameter count of the HF model that unprocessed `params` come from: every stored
+    number once (a tied unembedding is stored once, as W_E), less `b_U`, which jaxlens always
+    keeps (zeros) and no supported family's lm_head has."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(math.prod(x.shape) for path, x in leaves if getattr(path[0], "key", None) != "b_U")
 
 
 def from_pretrained(path: str | Path, dtype: Any = "float32", **kw: Any) -> HookedTransformer:

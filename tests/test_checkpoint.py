@@ -146,6 +146,7 @@ def test_orbax_restores_onto_another_mesh(orbax_folder, reference, spec, axis):
     m = jaxlens.from_pretrained(orbax_folder[1], mesh=spec)
     toks, mask = padded("right", PROMPTS)
     assert_close(m(toks, attention_mask=mask), reference(toks, attention_mask=mask), f"logits on {spec}")
+    assert m.n_params_total == reference.n_params_total  # counted before processing, on the mesh too
     w = m.params["blocks_0"]["attn"]["W_Q"]
     assert {s.data.nbytes for s in w.addressable_shards} == {w.nbytes // axis}
     if spec is not None:

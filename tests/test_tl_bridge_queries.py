@@ -1,7 +1,7 @@
 """TransformerLens 4's parameter and per-block queries on the model (`tl_parameters`,
 `tl_named_parameters`, `get_params`, `blocks_with`, `stack_params_for`, `composition_layer_indices`,
-`attn_head_labels`, `QK_for_attn_layers`, `OV_for_attn_layers`) against the bridge on the same
-checkpoint, MHA and grouped-query."""
+`attn_head_labels`, `QK_for_attn_layers`, `OV_for_attn_layers`, `n_params_total`, `get_hook_point`)
+against the bridge on the same checkpoint, MHA and grouped-query."""
 
 from __future__ import annotations
 
@@ -46,3 +46,38 @@ def test_block_queries_match_the_bridge(pair):
         assert_close(m_o.AB, m_t.AB.detach().numpy(), name)
     with pytest.raises(ValueError, match=r"submodule must be one of \['attn', 'mlp'\]"):
         model.blocks_with("ssm")
+
+
+def test_n_params_total_matches_the_bridge_whatever_the_processing(pair):
+    model, bridge = pair
+    n = bridge.n_params_total
+    assert model.n_params_total == n
+    assert model.process_weights().n_params_total == n  # fold_ln drops norm weights, untying adds W_U
+    if model.cfg.has_pos_embed:  # (rotary models cannot be refactored)
+        assert model.refactor_factored_attn_matrices().n_params_total == n
+    # a model built from a params tree counts that tree (less the b_U jaxlens always keeps)
+    assert jaxlens.HookedTransformer(model.cfg, model.params).n_params_total == n
+
+
+def test_get_hook_point_matches_the_bridge(pair):
+    model, bridge = pair
+    for name in model.hook_names():
+        ref = model.get_hook_point(name)
+        assert ref is not None and ref.name == name and bridge.get_hook_point(name) is not None, name
+    for name in ("nope", "blocks.0.attn", f"blocks.{model.cfg.n_layers}.hook_resid_pre", "hook_embed.x"):
+        assert model.get_hook_point(name) is None and bridge.get_hook_point(name) is None, name
+    point = model.get_hook_point("blocks.0.hook_resid_pre")
+    point.add_hook(lambda x, hook: x * 0)
+    try:
+        assert point.has_hooks()
+        toks = np.array([[0, 5, 9, 30]], np.int32)
+        edited = np.asarray(model(toks))
+    finally:
+        model.reset_hooks()
+    assert not point.has_hooks()
+    assert not np.allclose(edited, np.asarray(model(toks)))
+
+
+def test_n_params_total_of_a_processed_load(hf_root):
+    path, _ = built("gpt2", hf_root)  # tied: processing unties W_U and folds the norms away
+    assert jaxlens.from_pretrained(path).n_params_total == boot_bridge(path, processed=True).n_params_total
