@@ -1,6 +1,7 @@
-"""jaxlens's CPU bf16 one-row kernel (`jaxlens.model.cpu_kernels`): exact f32 sums of bf16 x f32
-products on every layout weight_einsum sends it, its autodiff and vmap rules, and the fallbacks
-(switched off, no compiler) that run XLA's path instead."""
+"""jaxlens's CPU kernels (`jaxlens.model.cpu_kernels`): the bf16 one-row kernel (exact f32 sums of
+bf16 x f32 products) and the f32 few-row kernel (f32 sums within the bound of plain summation) on
+every layout weight_einsum sends them, which products go to them, their autodiff and vmap rules,
+and the fallbacks (switched off, no compiler) that run XLA's path instead."""
 
 import os
 import subprocess
@@ -61,11 +62,49 @@ def test_plan_refuses_other_einsums(spec, x_shape, w_shape):
 ])
 def test_kernel_is_the_exact_product_in_f32(spec, x_shape, w_shape):
     x, W = _rand(0, x_shape), _rand(1, w_shape, jnp.bfloat16)
-    got = np.asarray(jax.jit(cpu_kernels.bf16_matvec, static_argnums=0)(spec, x, W))
+    got = np.asarray(jax.jit(cpu_kernels.kernel_einsum, static_argnums=0)(spec, x, W))
     want = _exact(spec, x, W)
     assert got.dtype == np.float32 and got.shape == want.shape
     # f32 sums of K terms of size ~1: a few f32 ulps of sqrt(K), far below one bf16 ulp (4e-3)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * max(1, w_shape[-2 if spec.endswith("n") else -1]) ** 0.5 * 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("rk,kn->rn", (8, 768), (768, 3072)),  # an MLP's W_in at batch 8: two wide column tiles
+    ("rk,kn->rn", (2, 3072), (3072, 768)),  # W_out: column tiles split for the threads
+    ("rk,kn->rn", (5, 771), (771, 2309)),  # K not a multiple of 4, N of 8: every tail
+    ("rk,kn->rn", (3, 3), (3, 5)),  # smaller than one vector
+    ("rk,kn->rn", (19, 40), (40, 300)),  # more rows than one pass: three passes over the weight
+    ("bpm,hmd->bphd", (7, 1, 96), (6, 96, 20)),  # per-head groups
+    ("bphd,hdm->bpm", (3, 1, 4, 16), (4, 16, 32)),  # two contracted axes (W_O)
+    ("bpd,vd->bpv", (8, 1, 77), (1003, 77)),  # trans (the tied unembedding): K and N tails
+    ("bpd,vd->bpv", (2, 3, 256), (130, 256)),
+    ("bpd,vd->bpv", (6, 1, 5), (2, 5)),  # fewer weight rows than one block
+    ("rk,kn->rn", (4, 0), (0, 40)),  # empty contraction
+])
+def test_f32_kernel_sums_within_the_bound_of_plain_summation(spec, x_shape, w_shape):
+    x, W = _rand(10, x_shape), _rand(11, w_shape)
+    got = np.asarray(jax.jit(cpu_kernels.kernel_einsum, static_argnums=0)(spec, x, W))
+    xd, Wd = np.asarray(x, np.float64), np.asarray(W, np.float64)
+    want, scale = np.einsum(spec, xd, Wd), np.einsum(spec, np.abs(xd), np.abs(Wd))
+    xs, ws = spec.split("->")[0].split(",")
+    K = int(np.prod([n for a, n in zip(xs, x_shape) if a in ws]))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    # the forward error bound of summing K products in f32: K * 2^-24 * sum |x_k w_k|
+    assert np.all(np.abs(got - want) <= K * 2.0 ** -24 * scale + 1e-30)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,kernel", [(1, False), (2, True), (8, True), (9, False)])
+def test_weight_einsum_sends_a_few_f32_rows_to_the_kernel(rows, kernel):
+    W = _rand(12, (64, 300))
+    x = _rand(13, (rows, 1, 64))
+    f = jax.jit(lambda x, W: weight_einsum("bpd,dv->bpv", x, W))
+    assert (cpu_kernels.F32_TARGET in f.lower(x, W).as_text()) == kernel
+    np.testing.assert_allclose(np.asarray(f(x, W)), np.asarray(jnp.einsum("bpd,dv->bpv", x, W)), rtol=1e-5, atol=1e-5)
+    batched = jax.jit(lambda x: weight_einsum("bphm,hmd->bphd", x, W.reshape(4, 16, 300)))  # a head axis in both
+    assert cpu_kernels.F32_TARGET not in batched.lower(_rand(14, (rows, 1, 4, 16))).as_text()
 
 
 @needs_kernel
@@ -84,18 +123,19 @@ def test_weight_einsum_sends_one_row_to_the_kernel_and_more_to_xla():
 
 
 @needs_kernel
-def test_kernel_gradients_and_vmap_match_xla():
+@pytest.mark.parametrize("dtype,rows", [(jnp.bfloat16, 1), (jnp.float32, 4)])
+def test_kernel_gradients_and_vmap_match_xla(dtype, rows):
     spec = "bpm,hmd->bphd"
-    x, W = _rand(4, (1, 1, 48)), _rand(5, (3, 48, 8), jnp.bfloat16)
+    x, W = _rand(4, (rows, 1, 48)), _rand(5, (3, 48, 8), dtype)
     ref = lambda x, W: jnp.einsum(spec, x, W, preferred_element_type=jnp.float32)  # noqa: E731
     loss = lambda f: lambda x, W: jnp.sum(jnp.sin(f(spec, x, W) if f is not ref else ref(x, W)))  # noqa: E731
-    gk = jax.grad(loss(cpu_kernels.bf16_matvec), argnums=(0, 1))(x, W)
+    gk = jax.grad(loss(cpu_kernels.kernel_einsum), argnums=(0, 1))(x, W)
     gr = jax.grad(loss(ref), argnums=(0, 1))(x, W)
     for a, b in zip(gk, gr):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-5)
-    xs, Ws = _rand(6, (5, 1, 1, 48)), _rand(7, (5, 3, 48, 8), jnp.bfloat16)
+    xs, Ws = _rand(6, (5, rows, 1, 48)), _rand(7, (5, 3, 48, 8), dtype)
     for axes, args in (((0, None), (xs, W)), ((None, 0), (x, Ws)), ((0, 0), (xs, Ws))):
-        got = jax.vmap(lambda a, b: cpu_kernels.bf16_matvec(spec, a, b), in_axes=axes)(*args)
+        got = jax.vmap(lambda a, b: cpu_kernels.kernel_einsum(spec, a, b), in_axes=axes)(*args)
         want = jax.vmap(ref, in_axes=axes)(*args)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -118,7 +158,10 @@ W = jax.random.normal(jax.random.key(1), (64, 30)).astype(jnp.bfloat16)
 text = jax.jit(lambda x: weight_einsum("bpd,dv->bpv", x, W)).lower(x).as_text()
 y = weight_einsum("bpd,dv->bpv", x, W)
 ref = jnp.einsum("bpd,dv->bpv", x.astype(jnp.float32), W.astype(jnp.float32)).astype(jnp.bfloat16)
-print(cpu_kernels.status(), cpu_kernels.TARGET in text, bool(jnp.all(y == ref)))
+x4, W32 = jnp.concatenate([x] * 4).astype(jnp.float32), W.astype(jnp.float32)
+text32 = jax.jit(lambda x: weight_einsum("bpd,dv->bpv", x, W32)).lower(x4).as_text()
+same32 = bool(jnp.all(weight_einsum("bpd,dv->bpv", x4, W32) == jnp.einsum("bpd,dv->bpv", x4, W32)))
+print(cpu_kernels.status(), cpu_kernels.TARGET in text, cpu_kernels.F32_TARGET in text32, bool(jnp.all(y == ref)) and same32)
 """
 
 
@@ -127,22 +170,23 @@ def test_without_the_kernel_xla_runs_instead(tmp_path, env, expect):
     full = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "JAX_PLATFORMS": "cpu", **env}
     out = subprocess.run([sys.executable, "-c", _FALLBACK], env=full, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(expect) and out.stdout.rstrip().endswith("False True"), out.stdout
+    assert out.stdout.startswith(expect) and out.stdout.rstrip().endswith("False False True"), out.stdout
 
 
 @needs_kernel
-def test_kernel_under_a_mesh_gathers_a_sharded_weight():
+@pytest.mark.parametrize("dtype,rows,target", [(jnp.bfloat16, 1, cpu_kernels.TARGET), (jnp.float32, 4, cpu_kernels.F32_TARGET)])
+def test_kernel_under_a_mesh_gathers_a_sharded_weight(dtype, rows, target):
     """No sharding rule: XLA gathers the operands, so a tensor-parallel weight still gives the product."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     if jax.device_count() < 4:
         pytest.skip("needs 4 devices (the suite's conftest simulates 8)")
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
-    W = _rand(8, (64, 302), jnp.bfloat16)
-    x = _rand(9, (1, 1, 64), jnp.bfloat16)
+    W = _rand(8, (64, 302), dtype)
+    x = _rand(9, (rows, 1, 64), dtype)
     want = weight_einsum("bpd,dv->bpv", x, W)
     for spec in (PartitionSpec(None, "model"), PartitionSpec("model", None)):
         Ws = jax.device_put(W, NamedSharding(mesh, spec))
         f = jax.jit(lambda x, W: weight_einsum("bpd,dv->bpv", x, W))
-        assert cpu_kernels.TARGET in f.lower(x, Ws).as_text()
+        assert target in f.lower(x, Ws).as_text()
         np.testing.assert_array_equal(np.asarray(f(x, Ws), np.float32), np.asarray(want, np.float32))

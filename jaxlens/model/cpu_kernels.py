@@ -1,17 +1,24 @@
-"""A CPU kernel for one activation row times a bf16 weight: bf16 decoding faster than f32 on CPU.
+"""CPU kernels for a few activation rows times a weight: faster decoding on CPU than XLA's dots.
 
-XLA:CPU has no fast one-row bf16 matrix product: its one-row bf16 dot is a scalar loop, and its
-native bf16 dot (from two rows up) reads about half the bytes per second of its one-row f32 dot.
-So bf16 weights, half the bytes, decoded slower than f32 ones. `bf16_matvec.cc` reads the bf16
-weight where it lies, widens it in registers and accumulates in f32 (the exact products, f32
-sums, as `preferred_element_type=float32` asks), on XLA's intra-op threads through the XLA FFI.
+Two XLA:CPU gaps, one kernel each (`cpu_kernels.cc`), both called through the XLA FFI on XLA's
+intra-op threads:
 
-It is built on first use with the C++ compiler of the machine that runs it (`$CXX`, else g++,
+- **One row times a bf16 weight.** XLA:CPU's one-row bf16 dot is a scalar loop, and its native
+  bf16 dot (from two rows up) reads about half the bytes per second of its one-row f32 dot, so bf16
+  weights, half the bytes, decoded slower than f32 ones. The kernel reads the bf16 weight where it
+  lies, widens it in registers and accumulates in f32 (the exact products, f32 sums, as
+  `preferred_element_type=float32` asks).
+- **2 to 8 rows times an f32 weight** (batched decoding: one new token per row). XLA:CPU's
+  few-row f32 dot reads the weight at a quarter to a half of the memory bandwidth (its one-row dot
+  reads at the bandwidth); the kernel streams each weight row once, contiguously, for all the rows,
+  and sums in f32 in another order than XLA's (results equal to f32 rounding).
+
+They are built on first use with the C++ compiler of the machine that runs them (`$CXX`, else g++,
 c++ or clang++; `-march=native`), into `~/.cache/jaxlens/kernels` (`$XDG_CACHE_HOME` honoured),
 keyed by the source, jaxlib's version and this CPU, so a home folder shared by different machines
-never loads a build for another CPU. Without a compiler, or with `JAXLENS_CPU_KERNELS=0`, the
-XLA path runs instead: the same results up to f32 summation order, only slower.
-`layers.weight_einsum` is the one caller; `status()` says whether the kernel is in use and why
+never loads a build for another CPU. Without a compiler, or with `JAXLENS_CPU_KERNELS=0`, XLA's
+dots run instead: the same results up to f32 summation order, only slower.
+`layers.weight_einsum` is the one caller; `status()` says whether the kernels are in use and why
 not.
 """
 
@@ -37,12 +44,15 @@ import jaxlib
 
 from jaxlens.compile_cache import OFF_VALUES, user_cache_root
 
-__all__ = ["ENV", "TARGET", "MatVecPlan", "available", "bf16_matvec", "library_path", "matvec_plan", "status"]
+__all__ = ["ENV", "TARGET", "F32_TARGET", "MAX_F32_ROWS", "MatVecPlan", "available", "kernel_einsum", "library_path",
+           "matvec_plan", "status"]
 
 log = logging.getLogger(__name__)
 ENV = "JAXLENS_CPU_KERNELS"
-TARGET = "jaxlens_bf16_matvec"
-_SOURCE = Path(__file__).with_name("bf16_matvec.cc")
+TARGET = "jaxlens_bf16_matvec"  # one row times a bf16 weight
+F32_TARGET = "jaxlens_f32_rows"  # 2..MAX_F32_ROWS rows times an f32 weight
+MAX_F32_ROWS = 8  # beyond this XLA's f32 dot reads the weight as fast (it is compute-bound there)
+_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "lib": the loaded library (kept alive)
 
@@ -70,11 +80,11 @@ def library_path(cxx: str) -> Path:
     key = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), cxx.encode(), _cpu_signature().encode()):
         key.update(len(part).to_bytes(8, "little") + part)
-    return user_cache_root() / "kernels" / f"bf16_matvec-{key.hexdigest()[:20]}.so"
+    return user_cache_root() / "kernels" / f"cpu_kernels-{key.hexdigest()[:20]}.so"
 
 
 def _build() -> Path:
-    """Compile the kernel (once per source, jaxlib and CPU) and return the shared library's path."""
+    """Compile the kernels (once per source, jaxlib and CPU) and return the shared library's path."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set $CXX, or install g++)")
@@ -99,7 +109,7 @@ def _build() -> Path:
 
 
 def status() -> str:
-    """'ok', or why the kernel is not in use (off by env, not a CPU, a failed build: the reason)."""
+    """'ok', or why the kernels are not in use (off by env, not a CPU, a failed build: the reason)."""
     if os.environ.get(ENV, "").strip().lower() in OFF_VALUES:
         return f"off (${ENV}={os.environ[ENV]})"
     with _lock:
@@ -108,15 +118,16 @@ def status() -> str:
                 path = _build()
                 handle = ctypes.cdll.LoadLibrary(str(path))
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.JaxlensBf16MatVec), platform="cpu")
+                jax.ffi.register_ffi_target(F32_TARGET, jax.ffi.pycapsule(handle.JaxlensF32Rows), platform="cpu")
                 _state.update(ok=True, why="ok", lib=handle)
             except Exception as e:  # noqa: BLE001 - any failure means the XLA path, said once
                 _state.update(ok=False, why=f"not built: {e}")
-                log.info("jaxlens CPU bf16 kernel unavailable, using XLA's dot: %s", e)
+                log.info("jaxlens CPU kernels unavailable, using XLA's dots: %s", e)
         return _state["why"]
 
 
 def available() -> bool:
-    """Whether the kernel is built and registered (built on the first call)."""
+    """Whether the kernels are built and registered (built on the first call)."""
     return status() == "ok"
 
 
@@ -163,7 +174,8 @@ def _kernel_call(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
     p = matvec_plan(spec, x.shape, W.shape)
     w = W.reshape(p.N, p.K) if p.trans else W.reshape(p.G, p.K, p.N)
     y_shape = (p.rows, p.N) if p.trans else (p.rows, p.G, p.N)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(y_shape, jnp.float32))
+    target = {jnp.dtype(jnp.bfloat16): TARGET, jnp.dtype(jnp.float32): F32_TARGET}[jnp.dtype(W.dtype)]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(y_shape, jnp.float32))
     return call(x.reshape(p.rows, p.K).astype(jnp.float32), w, trans=p.trans).reshape(p.out_shape)
 
 
@@ -184,15 +196,16 @@ def _unbatched(spec: str):
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def bf16_matvec(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
-    """`einsum(spec, x, W)` in float32 through the kernel, for a bf16 W and a `matvec_plan`-able
-    spec (check `available()` and the plan first). Differentiable (the tangents go through XLA's
-    einsum) and vmappable (XLA's batched einsum)."""
+def kernel_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
+    """`einsum(spec, x, W)` in float32 through a kernel: one row and a bf16 W, or up to
+    `MAX_F32_ROWS` rows and an f32 W, with a `matvec_plan`-able spec (check `available()` and the
+    plan first). Differentiable (the tangents go through XLA's einsum) and vmappable (XLA's
+    batched einsum)."""
     return _unbatched(spec)(x, W)
 
 
-@bf16_matvec.defjvp
-def _bf16_matvec_jvp(spec, primals, tangents):
+@kernel_einsum.defjvp
+def _kernel_einsum_jvp(spec, primals, tangents):
     x, W = primals
     dx, dW = tangents
-    return bf16_matvec(spec, x, W), _xla_einsum(spec, dx, W) + _xla_einsum(spec, x, dW)
+    return kernel_einsum(spec, x, W), _xla_einsum(spec, dx, W) + _xla_einsum(spec, x, dW)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
@@ -15,9 +14,8 @@ P = "blocks.{l}.mlp"
 
 
 def _mm(x: jax.Array, W: jax.Array) -> jax.Array:
-    """x [... k] @ W [k n] -> [... n] (bf16 weights through `weight_einsum`: read as bf16 on CPU)."""
-    if W.dtype == jnp.float32:
-        return x @ W
+    """x [... k] @ W [k n] -> [... n] through `weight_einsum` (on CPU: bf16 weights read as bf16,
+    a few f32 rows through jaxlens's kernel)."""
     return weight_einsum("rk,kn->rn", x.reshape(-1, x.shape[-1]), W).reshape(*x.shape[:-1], W.shape[1])
 
 
