@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.kv import LayerKV
-from jaxlens.model.layers import (KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, param, repeat_kv, takes_f32_kernel,
+from jaxlens.model.layers import (KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, param, repeat_kv, takes_rows_kernel,
                                   soft_cap, weight_einsum)
 from jaxlens.model.norms import Norm
 
@@ -25,7 +25,7 @@ def _project(x: jax.Array, W: jax.Array) -> jax.Array:
     over heads and run a head-batched matmul that reads W where it lies; the result is the same
     contraction over d_model.
     """
-    if W.dtype != jnp.float32 or takes_f32_kernel("bpm,hmd->bphd", x, W):  # see `weight_einsum`
+    if W.dtype != jnp.float32 or takes_rows_kernel("bpm,hmd->bphd", x, W):  # see `weight_einsum`
         return weight_einsum("bpm,hmd->bphd", x, W)
     b, p, m = x.shape
     h, _, d = W.shape

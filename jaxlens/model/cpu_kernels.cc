@@ -5,9 +5,10 @@
 // slower than f32. This reads the bf16 weight where it lies, widens it in registers (a bf16 is the
 // top half of an f32) and accumulates in f32: the exact bf16 x f32 products, summed in f32.
 //
-// JaxlensF32Rows: 2..8 rows times an f32 weight (batched decoding). XLA:CPU's few-row f32 dot
-// reads the weight at a quarter to a half of the machine's bandwidth; this streams each weight row
-// once, contiguously, for all the rows together (see f32_kn and f32_nk).
+// JaxlensF32Rows / JaxlensBf16Rows: 2..8 rows times an f32 or bf16 weight (batched decoding).
+// XLA:CPU's few-row dots read the weight at a quarter to a half of the machine's bandwidth; these
+// stream each weight row once, contiguously, for all the rows together (see rows_kn, rows_nk), a
+// bf16 weight widened in registers, the sums in f32.
 //
 // Built by cpu_kernels.py on the machine that runs them (-march=native), called through the XLA
 // FFI; the work is split over XLA's intra-op threads.
@@ -162,19 +163,30 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 }
 
 
-// ---- f32 weights, a few rows -------------------------------------------------------------------
+// ---- a few rows, f32 or bf16 weights ----------------------------------------------------------
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads and stores
+typedef uint16_t h8u __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t w8 __attribute__((vector_size(32)));
 inline v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline v8 load8(const uint16_t* p) {  // eight bf16, widened: each is the top half of an f32
+  const w8 u = __builtin_convertvector(*reinterpret_cast<const h8u*>(p), w8) << 16;
+  v8 f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return widen(*p); }
 inline void store8(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 inline v8 splat8(float s) { return v8{s, s, s, s, s, s, s, s}; }
 
 constexpr int64_t kMaxRows = 8;   // rows per pass over the weight (more rows: more passes)
 constexpr int64_t kWideCols = 1536;  // kn: columns per tile at most (6 KB contiguous per weight row)
 
-struct F32Job {
+template <class T>
+struct RowsJob {
   const float* x;
-  const float* w;
+  const T* w;
   float* y;
   int64_t R, G, K, N;
   bool trans;
@@ -186,18 +198,18 @@ struct F32Job {
 // order, four at a time, each read once for all RR rows; the sums live in a small buffer whose row
 // stride is padded so that its rows and the weight rows do not fall into the same L1 sets (weight
 // rows N floats apart would otherwise evict each other's lines).
-template <int RR>
-void f32_kn(const F32Job& j, int64_t g, int64_t n0, int64_t width, int64_t r0) {
+template <int RR, class T>
+void rows_kn(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t r0) {
   const int64_t K = j.K, N = j.N, S = (width + 7) / 8 * 8 + 24, nv = width / 8;
   thread_local std::vector<float> buffer;
   if (buffer.size() < static_cast<size_t>(RR * S)) buffer.resize(RR * S);
   float* acc = buffer.data();
   std::fill(acc, acc + RR * S, 0.f);
   const float* x = j.x + r0 * K;
-  const float* wg = j.w + g * K * N + n0;
+  const T* wg = j.w + g * K * N + n0;
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
-    const float* w = wg + k * N;
+    const T* w = wg + k * N;
     for (int64_t v = 0; v < nv; ++v) {
       const v8 w0 = load8(w + 8 * v), w1 = load8(w + N + 8 * v), w2 = load8(w + 2 * N + 8 * v),
                w3 = load8(w + 3 * N + 8 * v);
@@ -210,14 +222,15 @@ void f32_kn(const F32Job& j, int64_t g, int64_t n0, int64_t width, int64_t r0) {
     for (int64_t c = nv * 8; c < width; ++c)
       for (int r = 0; r < RR; ++r) {
         const float* xr = x + r * K + k;
-        acc[r * S + c] += xr[0] * w[c] + xr[1] * w[N + c] + xr[2] * w[2 * N + c] + xr[3] * w[3 * N + c];
+        acc[r * S + c] += xr[0] * load1(w + c) + xr[1] * load1(w + N + c) + xr[2] * load1(w + 2 * N + c) +
+                          xr[3] * load1(w + 3 * N + c);
       }
   }
   for (; k < K; ++k) {
-    const float* w = wg + k * N;
+    const T* w = wg + k * N;
     for (int r = 0; r < RR; ++r) {
       const float xk = x[r * K + k];
-      for (int64_t c = 0; c < width; ++c) acc[r * S + c] += xk * w[c];
+      for (int64_t c = 0; c < width; ++c) acc[r * S + c] += xk * load1(w + c);
     }
   }
   for (int r = 0; r < RR; ++r)
@@ -226,13 +239,13 @@ void f32_kn(const F32Job& j, int64_t g, int64_t n0, int64_t width, int64_t r0) {
 
 // nk: weight rows [n0, n1) for rows [r0, r0 + MR): MR x NB dot products over K at once, in 8
 // lanes each (every weight row is read contiguously, NB at a time, once per MR activation rows).
-template <int MR, int NB>
-void f32_nk_block(const F32Job& j, int64_t n, int64_t r0) {
+template <int MR, int NB, class T>
+void rows_nk_block(const RowsJob<T>& j, int64_t n, int64_t r0) {
   const int64_t K = j.K, kv = K / 8 * 8;
   v8 acc[MR][NB];
   for (int r = 0; r < MR; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = v8{};
-  const float* w = j.w + n * K;
+  const T* w = j.w + n * K;
   const float* x = j.x + r0 * K;
   for (int64_t k = 0; k < kv; k += 8) {
     v8 wv[NB];
@@ -246,47 +259,48 @@ void f32_nk_block(const F32Job& j, int64_t n, int64_t r0) {
     for (int b = 0; b < NB; ++b) {
       float total = 0;
       for (int i = 0; i < 8; ++i) total += acc[r][b][i];
-      for (int64_t k = kv; k < K; ++k) total += x[r * K + k] * w[b * K + k];
+      for (int64_t k = kv; k < K; ++k) total += x[r * K + k] * load1(w + b * K + k);
       j.y[(r0 + r) * j.N + n + b] = total;
     }
 }
 
-template <int MR>
-void f32_nk_rows(const F32Job& j, int64_t n0, int64_t n1, int64_t r0) {
+template <int MR, class T>
+void rows_nk(const RowsJob<T>& j, int64_t n0, int64_t n1, int64_t r0) {
   int64_t n = n0;
-  for (; n + 3 <= n1; n += 3) f32_nk_block<MR, 3>(j, n, r0);
-  for (; n < n1; ++n) f32_nk_block<MR, 1>(j, n, r0);
+  for (; n + 3 <= n1; n += 3) rows_nk_block<MR, 3>(j, n, r0);
+  for (; n < n1; ++n) rows_nk_block<MR, 1>(j, n, r0);
 }
 
-template <int RR>
-void f32_kn_dispatch(const F32Job& j, int64_t g, int64_t n0, int64_t width, int64_t r0, int64_t rows) {
+template <int RR, class T>
+void rows_kn_dispatch(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t r0, int64_t rows) {
   if constexpr (RR > 1) {
-    if (rows < RR) return f32_kn_dispatch<RR - 1>(j, g, n0, width, r0, rows);
+    if (rows < RR) return rows_kn_dispatch<RR - 1>(j, g, n0, width, r0, rows);
   }
-  f32_kn<RR>(j, g, n0, width, r0);
+  rows_kn<RR>(j, g, n0, width, r0);
 }
 
-void run_tile(F32Job& j, int64_t t) {
+template <class T>
+void run_tile(RowsJob<T>& j, int64_t t) {
   const int64_t g = t / j.tiles_per_g, n0 = (t % j.tiles_per_g) * j.tile, n1 = std::min(j.N, n0 + j.tile);
   for (int64_t r0 = 0; r0 < j.R; r0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, j.R - r0);
     if (!j.trans) {
-      f32_kn_dispatch<kMaxRows>(j, g, n0, n1 - n0, r0, rows);
+      rows_kn_dispatch<kMaxRows>(j, g, n0, n1 - n0, r0, rows);
     } else {
       int64_t r = r0;
-      for (; r + 4 <= r0 + rows; r += 4) f32_nk_rows<4>(j, n0, n1, r);
-      for (; r < r0 + rows; ++r) f32_nk_rows<1>(j, n0, n1, r);
+      for (; r + 4 <= r0 + rows; r += 4) rows_nk<4>(j, n0, n1, r);
+      for (; r < r0 + rows; ++r) rows_nk<1>(j, n0, n1, r);
     }
   }
 }
 
-ffi::Error F32Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, bool trans) {
+template <class T, class WBuffer>
+ffi::Error Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, WBuffer w, ffi::ResultBuffer<ffi::F32> y, bool trans) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2) return ffi::Error::InvalidArgument("f32_rows: x must be [rows, K]");
-  auto j = std::make_shared<F32Job>();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("rows kernel: x must be [rows, K]");
+  auto j = std::make_shared<RowsJob<T>>();
   j->x = x.typed_data();
-  j->w = w.typed_data();
+  j->w = reinterpret_cast<const T*>(w.untyped_data());
   j->y = y->typed_data();
   j->R = xd[0];
   j->K = xd[1];
@@ -294,14 +308,14 @@ ffi::Error F32Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t threads = pool.num_threads() + 1;
   if (trans) {
     if (wd.size() != 2 || wd[1] != j->K || yd.size() != 2 || yd[0] != j->R || yd[1] != wd[0])
-      return ffi::Error::InvalidArgument("f32_rows: trans wants x [R, K], w [N, K], y [R, N]");
+      return ffi::Error::InvalidArgument("rows kernel: trans wants x [R, K], w [N, K], y [R, N]");
     j->G = 1;
     j->N = wd[0];
     j->tile = 48;  // weight rows per tile: many tiles, so the threads finish together
     j->tiles_per_g = (j->N + j->tile - 1) / j->tile;
   } else {
     if (wd.size() != 3 || wd[1] != j->K || yd.size() != 3 || yd[0] != j->R || yd[1] != wd[0] || yd[2] != wd[2])
-      return ffi::Error::InvalidArgument("f32_rows: wants x [R, K], w [G, K, N], y [R, G, N]");
+      return ffi::Error::InvalidArgument("rows kernel: wants x [R, K], w [G, K, N], y [R, G, N]");
     j->G = wd[0];
     j->N = wd[2];
     // Wide tiles stream the weight rows best; at least two tiles per thread (down to 128 columns)
@@ -316,6 +330,16 @@ ffi::Error F32Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (j->R == 0 || j->N == 0 || j->G == 0) return ffi::Error::Success();
   run_job(pool, j);
   return ffi::Error::Success();
+}
+
+ffi::Error F32Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, bool trans) {
+  return Rows<float>(pool, x, w, y, trans);
+}
+
+ffi::Error Bf16Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y, bool trans) {
+  return Rows<uint16_t>(pool, x, w, y, trans);
 }
 
 }  // namespace
@@ -333,5 +357,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlensF32Rows, F32Rows,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlensBf16Rows, Bf16Rows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("trans"));

@@ -8,10 +8,11 @@ intra-op threads:
   weights, half the bytes, decoded slower than f32 ones. The kernel reads the bf16 weight where it
   lies, widens it in registers and accumulates in f32 (the exact products, f32 sums, as
   `preferred_element_type=float32` asks).
-- **2 to 8 rows times an f32 weight** (batched decoding: one new token per row). XLA:CPU's
-  few-row f32 dot reads the weight at a quarter to a half of the memory bandwidth (its one-row dot
-  reads at the bandwidth); the kernel streams each weight row once, contiguously, for all the rows,
-  and sums in f32 in another order than XLA's (results equal to f32 rounding).
+- **2 to 8 rows times an f32 or bf16 weight** (batched decoding: one new token per row).
+  XLA:CPU's few-row dots read the weight at a quarter to a half of the memory bandwidth (its
+  one-row f32 dot reads at the bandwidth); the kernel streams each weight row once, contiguously,
+  for all the rows (a bf16 weight widened in registers), and sums in f32 in another order than
+  XLA's (results equal to f32 rounding).
 
 They are built on first use with the C++ compiler of the machine that runs them (`$CXX`, else g++,
 c++ or clang++; `-march=native`), into `~/.cache/jaxlens/kernels` (`$XDG_CACHE_HOME` honoured),
@@ -44,14 +45,15 @@ import jaxlib
 
 from jaxlens.compile_cache import OFF_VALUES, user_cache_root
 
-__all__ = ["ENV", "TARGET", "F32_TARGET", "MAX_F32_ROWS", "MatVecPlan", "available", "kernel_einsum", "library_path",
+__all__ = ["ENV", "TARGET", "F32_TARGET", "BF16_ROWS_TARGET", "MAX_ROWS", "MatVecPlan", "available", "kernel_einsum", "library_path",
            "matvec_plan", "status"]
 
 log = logging.getLogger(__name__)
 ENV = "JAXLENS_CPU_KERNELS"
 TARGET = "jaxlens_bf16_matvec"  # one row times a bf16 weight
-F32_TARGET = "jaxlens_f32_rows"  # 2..MAX_F32_ROWS rows times an f32 weight
-MAX_F32_ROWS = 8  # beyond this XLA's f32 dot reads the weight as fast (it is compute-bound there)
+F32_TARGET = "jaxlens_f32_rows"  # 2..MAX_ROWS rows times an f32 weight
+BF16_ROWS_TARGET = "jaxlens_bf16_rows"  # 2..MAX_ROWS rows times a bf16 weight
+MAX_ROWS = 8  # the rows one pass over the weight serves (more would read the weight again)
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "lib": the loaded library (kept alive)
@@ -119,6 +121,7 @@ def status() -> str:
                 handle = ctypes.cdll.LoadLibrary(str(path))
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.JaxlensBf16MatVec), platform="cpu")
                 jax.ffi.register_ffi_target(F32_TARGET, jax.ffi.pycapsule(handle.JaxlensF32Rows), platform="cpu")
+                jax.ffi.register_ffi_target(BF16_ROWS_TARGET, jax.ffi.pycapsule(handle.JaxlensBf16Rows), platform="cpu")
                 _state.update(ok=True, why="ok", lib=handle)
             except Exception as e:  # noqa: BLE001 - any failure means the XLA path, said once
                 _state.update(ok=False, why=f"not built: {e}")
@@ -174,7 +177,10 @@ def _kernel_call(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
     p = matvec_plan(spec, x.shape, W.shape)
     w = W.reshape(p.N, p.K) if p.trans else W.reshape(p.G, p.K, p.N)
     y_shape = (p.rows, p.N) if p.trans else (p.rows, p.G, p.N)
-    target = {jnp.dtype(jnp.bfloat16): TARGET, jnp.dtype(jnp.float32): F32_TARGET}[jnp.dtype(W.dtype)]
+    if W.dtype == jnp.float32:
+        target = F32_TARGET
+    else:
+        target = TARGET if p.rows == 1 else BF16_ROWS_TARGET
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(y_shape, jnp.float32))
     return call(x.reshape(p.rows, p.K).astype(jnp.float32), w, trans=p.trans).reshape(p.out_shape)
 
@@ -197,8 +203,8 @@ def _unbatched(spec: str):
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def kernel_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
-    """`einsum(spec, x, W)` in float32 through a kernel: one row and a bf16 W, or up to
-    `MAX_F32_ROWS` rows and an f32 W, with a `matvec_plan`-able spec (check `available()` and the
+    """`einsum(spec, x, W)` in float32 through a kernel: a bf16 W and up to `MAX_ROWS` rows, or an
+    f32 W and 2 to `MAX_ROWS` rows, with a `matvec_plan`-able spec (check `available()` and the
     plan first). Differentiable (the tangents go through XLA's einsum) and vmappable (XLA's
     batched einsum)."""
     return _unbatched(spec)(x, W)

@@ -138,10 +138,10 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
 
 def weight_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
     """`einsum(spec, x, W)` for an activation x and a weight W, in x's dtype. float32 weights: the
-    plain einsum, except that on CPU 2 to `cpu_kernels.MAX_F32_ROWS` rows (a batched decode step)
-    go to jaxlens's kernel, which reads the weight about twice as fast as XLA:CPU's few-row dot;
-    lower-precision weights (bf16) accumulate in float32 (`preferred_element_type`), as torch's
-    bf16 matmuls do.
+    plain einsum; lower-precision weights (bf16) accumulate in float32 (`preferred_element_type`),
+    as torch's bf16 matmuls do. On CPU, 2 to `cpu_kernels.MAX_ROWS` rows (a batched decode step)
+    of either go to jaxlens's kernel (`takes_rows_kernel`), which reads the weight about twice as
+    fast as XLA:CPU's few-row dots.
 
     Two XLA:CPU limits shape the bf16 path there. It has no fast one-row bf16 product (its one-row
     bf16 dot is a scalar loop, ~40x slower; its native one from two rows up reads about half the
@@ -149,8 +149,10 @@ def weight_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
     (`cpu_kernels`: the weight read as bf16, f32 sums), else is padded to two rows. And it has no
     batched bf16 dot with f32 output (a head axis in both operands, the split q/k/v input), so
     that one runs on the weights widened to f32: the same products and f32 sums."""
+    if takes_rows_kernel(spec, x, W):
+        return cpu_kernels.kernel_einsum(spec, x, W).astype(x.dtype)
     if W.dtype == jnp.float32:
-        return cpu_kernels.kernel_einsum(spec, x, W) if takes_f32_kernel(spec, x, W) else jnp.einsum(spec, x, W)
+        return jnp.einsum(spec, x, W)
     (xs, ws), out = spec.split("->")[0].split(","), spec.split("->")[1]
     on_cpu = jax.default_backend() == "cpu"
     if on_cpu and any(a in ws and a in out for a in xs):  # a batch axis
@@ -167,16 +169,19 @@ def weight_einsum(spec: str, x: jax.Array, W: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def takes_f32_kernel(spec: str, x: jax.Array, W: jax.Array) -> bool:
-    """Whether `weight_einsum` sends this f32 product to jaxlens's CPU kernel: on CPU, 2 to
-    `cpu_kernels.MAX_F32_ROWS` rows (x's axes that W lacks), a plain matrix product
-    (`matvec_plan`), and the kernel built. One row stays with XLA, whose one-row dot reads the
-    weight at the memory bandwidth already."""
-    if W.dtype != jnp.float32 or x.dtype != jnp.float32 or jax.default_backend() != "cpu":
+def takes_rows_kernel(spec: str, x: jax.Array, W: jax.Array) -> bool:
+    """Whether `weight_einsum` sends this product to jaxlens's few-rows CPU kernel: on CPU, an f32
+    or bf16 weight (an f32 weight with an f32 x), 2 to `cpu_kernels.MAX_ROWS` rows (x's axes that
+    W lacks), a plain matrix product (`matvec_plan`), and the kernel built. One row stays with
+    XLA's f32 dot, which reads the weight at the memory bandwidth already, or goes to the bf16
+    one-row kernel."""
+    if jax.default_backend() != "cpu" or W.dtype not in (jnp.float32, jnp.bfloat16):
+        return False
+    if W.dtype == jnp.float32 and x.dtype != jnp.float32:
         return False
     xs, ws = spec.split("->")[0].split(",")
     rows = math.prod(n for a, n in zip(xs, x.shape) if a not in ws)
-    return (2 <= rows <= cpu_kernels.MAX_F32_ROWS and cpu_kernels.matvec_plan(spec, x.shape, W.shape) is not None
+    return (2 <= rows <= cpu_kernels.MAX_ROWS and cpu_kernels.matvec_plan(spec, x.shape, W.shape) is not None
             and cpu_kernels.available())
 
 
@@ -201,4 +206,4 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 __all__ = ["ACTIVATIONS", "activation", "apply_rotary", "soft_cap", "KEY_BLOCK", "blocked_attention", "masked_softmax", "repeat_kv",
-           "positions_from_mask", "take_rows", "takes_f32_kernel", "weight_einsum"]
+           "positions_from_mask", "take_rows", "takes_rows_kernel", "weight_einsum"]
