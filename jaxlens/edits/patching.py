@@ -12,7 +12,7 @@ residual entering every layer. A cell at (l, p) runs blocks >= l at positions >=
 of a few static window starts (`window_starts`: 0, S/2, 3S/4) <= p: the residual entering block
 l at those positions is the corrupted run's, and every layer's keys/values of the positions
 before w come from the corrupted cache (`forward(start_at_layer=l, kv=...)`). One program is
-compiled per (layer, window start). Grids over all positions (layer × head) run from layer l.
+compiled per (layer, window start), several at once (`jaxlens.compile_ahead`). Grids over all positions (layer × head) run from layer l.
 
 Logits only where the metric reads: `metric_positions=` (or detected soundly from the metric's
 jaxpr, `jaxlens.edits.metric_positions`; otherwise all positions). The final norm and the
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlens.compile_ahead import run_compiled_ahead
 from jaxlens.fingerprint import Fn, call_metric, retry_static
 from jaxlens.model.forward import forward, is_scanned, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
@@ -278,7 +279,8 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     cells = np.array(list(itertools.product(*[range(s) for s in sizes])), np.int32).reshape(-1, len(sizes))
     group = np.zeros(len(cells), np.int64) if win_axis is None else np.searchsorted(starts, cells[:, win_axis], "right") - 1
     out = np.full((cfg.n_layers, len(cells)), np.nan, np.float32)
-    pending = []  # (layer, cells, device result): read back at the end, so dispatch runs ahead
+    plan, calls = [], []  # (layer, cells) and the call of their program, one per (layer, window start)
+    metric = Fn(patching_metric)
     for l, name in zip(layer_list, names):
         clean = jnp.asarray(clean_cache[name])
         seq_axis = -1 if activation_name in _PATTERN else 1
@@ -290,12 +292,15 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
             if not len(sel):
                 continue
             chunk = _default_chunk(cfg, toks.shape[0], seq_len, l, w, len(sel)) if chunk_size is None else chunk_size
-            vals = _suffix_grid(params, mask_j, resid[f"blocks.{l}.hook_resid_pre"], kv if w else None, logits_c,
-                                clean, jnp.asarray(cells[sel]), Fn(patching_metric), cfg=cfg, name=name, axes=axes,
-                                layer=l, window=w, window_axis=win_axis, metric_positions=metric_pos,
-                                precision=model.precision, chunk_size=int(min(chunk, len(sel))), mesh=mesh)
-            pending.append((l, sel, vals))
-    for l, sel, vals in pending:
+            plan.append((l, sel))
+            calls.append(((params, mask_j, resid[f"blocks.{l}.hook_resid_pre"], kv if w else None, logits_c, clean,
+                           jnp.asarray(cells[sel]), metric),
+                          dict(cfg=cfg, name=name, axes=axes, layer=l, window=w, window_axis=win_axis,
+                               metric_positions=metric_pos, precision=model.precision,
+                               chunk_size=int(min(chunk, len(sel))), mesh=mesh)))
+    # every program compiled ahead, a few at a time; the results read back at the end, so that
+    # dispatch runs ahead of them
+    for (l, sel), vals in zip(plan, run_compiled_ahead(_suffix_grid, calls)):
         out[l, sel] = np.asarray(vals)
     return jnp.asarray(out.reshape((cfg.n_layers, *sizes)))
 
