@@ -71,11 +71,12 @@ def test_kernel_is_the_exact_product_in_f32(spec, x_shape, w_shape):
 
 @needs_kernel
 @pytest.mark.parametrize("spec,x_shape,w_shape", [
-    ("rk,kn->rn", (8, 768), (768, 3072)),  # an MLP's W_in at batch 8: two wide column tiles
-    ("rk,kn->rn", (2, 3072), (3072, 768)),  # W_out: column tiles split for the threads
-    ("rk,kn->rn", (5, 771), (771, 2309)),  # K not a multiple of 4, N of 8: every tail
+    ("rk,kn->rn", (8, 768), (768, 3072)),  # an MLP's W_in at batch 8: two wide column tiles, K in chunks
+    ("rk,kn->rn", (2, 3072), (3072, 768)),  # W_out: one column tile, K split in chunks for the threads
+    ("rk,kn->rn", (5, 771), (771, 2309)),  # K not a multiple of 4, N of 8: every tail, in every K chunk
     ("rk,kn->rn", (3, 3), (3, 5)),  # smaller than one vector
     ("rk,kn->rn", (19, 40), (40, 300)),  # more rows than one pass: three passes over the weight
+    ("rk,kn->rn", (19, 300), (300, 40)),  # three passes in each of the K chunks
     ("bpm,hmd->bphd", (7, 1, 96), (6, 96, 20)),  # per-head groups
     ("bphd,hdm->bpm", (3, 1, 4, 16), (4, 16, 32)),  # two contracted axes (W_O)
     ("bpd,vd->bpv", (8, 1, 77), (1003, 77)),  # trans (the tied unembedding): K and N tails

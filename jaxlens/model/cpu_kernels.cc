@@ -182,6 +182,7 @@ inline v8 splat8(float s) { return v8{s, s, s, s, s, s, s, s}; }
 
 constexpr int64_t kMaxRows = 8;   // rows per pass over the weight (more rows: more passes)
 constexpr int64_t kWideCols = 1536;  // kn: columns per tile at most (6 KB contiguous per weight row)
+constexpr int64_t kMinChunk = 64;    // kn: weight rows per K chunk at least
 
 template <class T>
 struct RowsJob {
@@ -191,15 +192,18 @@ struct RowsJob {
   int64_t R, G, K, N;
   bool trans;
   int64_t tile, tiles_per_g, n_tiles;
+  int64_t kchunks = 1;  // kn: K split into chunks, each summed into its own slice of `part`
+  std::vector<float> part;  // [kchunks, R, G, N], added into y in chunk order after the job
   std::atomic<int64_t> next{0}, done{0};
 };
 
-// kn: columns [n0, n0 + width) of group g for rows [r0, r0 + RR). The weight rows are streamed in
+// kn: columns [n0, n0 + width) of group g for rows [r0, r0 + RR), over weight rows [k0, k1). The weight rows are streamed in
 // order, four at a time, each read once for all RR rows; the sums live in a small buffer whose row
 // stride is padded so that its rows and the weight rows do not fall into the same L1 sets (weight
 // rows N floats apart would otherwise evict each other's lines).
 template <int RR, class T>
-void rows_kn(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t r0) {
+void rows_kn(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t r0, int64_t k0, int64_t k1,
+             float* out) {
   const int64_t K = j.K, N = j.N, S = (width + 7) / 8 * 8 + 24, nv = width / 8;
   thread_local std::vector<float> buffer;
   if (buffer.size() < static_cast<size_t>(RR * S)) buffer.resize(RR * S);
@@ -207,8 +211,8 @@ void rows_kn(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t 
   std::fill(acc, acc + RR * S, 0.f);
   const float* x = j.x + r0 * K;
   const T* wg = j.w + g * K * N + n0;
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
     const T* w = wg + k * N;
     for (int64_t v = 0; v < nv; ++v) {
       const v8 w0 = load8(w + 8 * v), w1 = load8(w + N + 8 * v), w2 = load8(w + 2 * N + 8 * v),
@@ -226,7 +230,7 @@ void rows_kn(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t 
                           xr[3] * load1(w + 3 * N + c);
       }
   }
-  for (; k < K; ++k) {
+  for (; k < k1; ++k) {
     const T* w = wg + k * N;
     for (int r = 0; r < RR; ++r) {
       const float xk = x[r * K + k];
@@ -234,7 +238,7 @@ void rows_kn(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t 
     }
   }
   for (int r = 0; r < RR; ++r)
-    std::memcpy(j.y + ((r0 + r) * j.G + g) * N + n0, acc + r * S, width * sizeof(float));
+    std::memcpy(out + ((r0 + r) * j.G + g) * N + n0, acc + r * S, width * sizeof(float));
 }
 
 // nk: weight rows [n0, n1) for rows [r0, r0 + MR): MR x NB dot products over K at once, in 8
@@ -272,20 +276,24 @@ void rows_nk(const RowsJob<T>& j, int64_t n0, int64_t n1, int64_t r0) {
 }
 
 template <int RR, class T>
-void rows_kn_dispatch(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t r0, int64_t rows) {
+void rows_kn_dispatch(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t r0, int64_t rows,
+                      int64_t k0, int64_t k1, float* out) {
   if constexpr (RR > 1) {
-    if (rows < RR) return rows_kn_dispatch<RR - 1>(j, g, n0, width, r0, rows);
+    if (rows < RR) return rows_kn_dispatch<RR - 1>(j, g, n0, width, r0, rows, k0, k1, out);
   }
-  rows_kn<RR>(j, g, n0, width, r0);
+  rows_kn<RR>(j, g, n0, width, r0, k0, k1, out);
 }
 
 template <class T>
 void run_tile(RowsJob<T>& j, int64_t t) {
-  const int64_t g = t / j.tiles_per_g, n0 = (t % j.tiles_per_g) * j.tile, n1 = std::min(j.N, n0 + j.tile);
+  const int64_t chunk = t % j.kchunks, gt = t / j.kchunks;
+  const int64_t g = gt / j.tiles_per_g, n0 = (gt % j.tiles_per_g) * j.tile, n1 = std::min(j.N, n0 + j.tile);
+  const int64_t k0 = chunk * j.K / j.kchunks, k1 = (chunk + 1) * j.K / j.kchunks;
+  float* out = j.kchunks > 1 ? j.part.data() + chunk * j.R * j.G * j.N : j.y;
   for (int64_t r0 = 0; r0 < j.R; r0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, j.R - r0);
     if (!j.trans) {
-      rows_kn_dispatch<kMaxRows>(j, g, n0, n1 - n0, r0, rows);
+      rows_kn_dispatch<kMaxRows>(j, g, n0, n1 - n0, r0, rows, k0, k1, out);
     } else {
       int64_t r = r0;
       for (; r + 4 <= r0 + rows; r += 4) rows_nk<4>(j, n0, n1, r);
@@ -318,17 +326,28 @@ ffi::Error Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, WBuffer w, ffi::R
       return ffi::Error::InvalidArgument("rows kernel: wants x [R, K], w [G, K, N], y [R, G, N]");
     j->G = wd[0];
     j->N = wd[2];
-    // Wide tiles stream the weight rows best; at least two tiles per thread (down to 128 columns)
-    // keep every thread busy.
-    int64_t per_g = (j->N + kWideCols - 1) / kWideCols;
-    if (j->G * per_g < 2 * threads)
-      per_g = std::max<int64_t>(per_g, std::min((j->N + 127) / 128, (2 * threads + j->G - 1) / j->G));
+    // Wide tiles stream the weight rows best. Too few of them for two per thread: split K instead
+    // of narrowing the tiles (each thread then streams whole rows of its own block of the weight),
+    // each chunk at least kMinChunk rows, the chunks' sums added in order afterwards.
+    const int64_t per_g = (j->N + kWideCols - 1) / kWideCols;
     j->tile = ((j->N + per_g - 1) / per_g + 7) / 8 * 8;
     j->tiles_per_g = (j->N + j->tile - 1) / j->tile;
+    const int64_t tiles = j->G * j->tiles_per_g;
+    if (tiles < 2 * threads)
+      j->kchunks = std::max<int64_t>(1, std::min((2 * threads + tiles - 1) / tiles, j->K / kMinChunk));
   }
-  j->n_tiles = j->G * j->tiles_per_g;
+  j->n_tiles = j->G * j->tiles_per_g * j->kchunks;
   if (j->R == 0 || j->N == 0 || j->G == 0) return ffi::Error::Success();
+  const int64_t size = j->R * j->G * j->N;
+  if (j->kchunks > 1) j->part.resize(j->kchunks * size);
   run_job(pool, j);
+  if (j->kchunks > 1) {
+    float* y = j->y;
+    const float* part = j->part.data();
+    std::memcpy(y, part, size * sizeof(float));
+    for (int64_t c = 1; c < j->kchunks; ++c)
+      for (int64_t i = 0; i < size; ++i) y[i] += part[c * size + i];
+  }
   return ffi::Error::Success();
 }
 
