@@ -12,7 +12,8 @@ residual entering every layer. A cell at (l, p) runs blocks >= l at positions >=
 of a few static window starts (`window_starts`: 0, S/2, 3S/4) <= p: the residual entering block
 l at those positions is the corrupted run's, and every layer's keys/values of the positions
 before w come from the corrupted cache (`forward(start_at_layer=l, kv=...)`). One program is
-compiled per (layer, window start), several at once (`jaxlens.compile_ahead`). Grids over all positions (layer × head) run from layer l.
+compiled per (layer, window start), several at once (`jaxlens.compile_ahead`). Grids over all
+positions (layer × head) run from layer l.
 
 Logits only where the metric reads: `metric_positions=` (or detected soundly from the metric's
 jaxpr, `jaxlens.edits.metric_positions`; otherwise all positions). The final norm and the

@@ -193,13 +193,13 @@ struct RowsJob {
   bool trans;
   int64_t tile, tiles_per_g, n_tiles;
   int64_t kchunks = 1;  // kn: K split into chunks, each summed into its own slice of `part`
-  std::vector<float> part;  // [kchunks, R, G, N], added into y in chunk order after the job
+  std::unique_ptr<float[]> part;  // [kchunks, R, G, N] (every element written by a tile), added into y in chunk order
   std::atomic<int64_t> next{0}, done{0};
 };
 
-// kn: columns [n0, n0 + width) of group g for rows [r0, r0 + RR), over weight rows [k0, k1). The weight rows are streamed in
-// order, four at a time, each read once for all RR rows; the sums live in a small buffer whose row
-// stride is padded so that its rows and the weight rows do not fall into the same L1 sets (weight
+// kn: columns [n0, n0 + width) of group g for rows [r0, r0 + RR), over weight rows [k0, k1), into
+// out. The weight rows are streamed in order, four at a time, each read once for all RR rows; the
+// sums live in a small buffer whose row stride is padded so that its rows and the weight rows do not fall into the same L1 sets (weight
 // rows N floats apart would otherwise evict each other's lines).
 template <int RR, class T>
 void rows_kn(const RowsJob<T>& j, int64_t g, int64_t n0, int64_t width, int64_t r0, int64_t k0, int64_t k1,
@@ -289,7 +289,7 @@ void run_tile(RowsJob<T>& j, int64_t t) {
   const int64_t chunk = t % j.kchunks, gt = t / j.kchunks;
   const int64_t g = gt / j.tiles_per_g, n0 = (gt % j.tiles_per_g) * j.tile, n1 = std::min(j.N, n0 + j.tile);
   const int64_t k0 = chunk * j.K / j.kchunks, k1 = (chunk + 1) * j.K / j.kchunks;
-  float* out = j.kchunks > 1 ? j.part.data() + chunk * j.R * j.G * j.N : j.y;
+  float* out = j.kchunks > 1 ? j.part.get() + chunk * j.R * j.G * j.N : j.y;
   for (int64_t r0 = 0; r0 < j.R; r0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, j.R - r0);
     if (!j.trans) {
@@ -339,11 +339,11 @@ ffi::Error Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, WBuffer w, ffi::R
   j->n_tiles = j->G * j->tiles_per_g * j->kchunks;
   if (j->R == 0 || j->N == 0 || j->G == 0) return ffi::Error::Success();
   const int64_t size = j->R * j->G * j->N;
-  if (j->kchunks > 1) j->part.resize(j->kchunks * size);
+  if (j->kchunks > 1) j->part.reset(new float[j->kchunks * size]);  // not zeroed: the tiles write it all
   run_job(pool, j);
   if (j->kchunks > 1) {
     float* y = j->y;
-    const float* part = j->part.data();
+    const float* part = j->part.get();
     std::memcpy(y, part, size * sizeof(float));
     for (int64_t c = 1; c < j->kchunks; ++c)
       for (int64_t i = 0; i < size; ++i) y[i] += part[c * size + i];
