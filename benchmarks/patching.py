@@ -8,8 +8,8 @@ logit difference at the last position. Grids (`--grid`, default both):
                 `get_act_patch_attn_head_out_all_pos`.
 TransformerLens runs on a TransformerBridge of the same HF checkpoint (one hooked forward per
 cell, torch at its best: threads = cores, inference_mode); jaxlens runs each cell's causal suffix
-only (layers >= l, positions >= a window start, the corrupted run's KV cache before it, logits
-at the metric's position), cells vmapped. The grids are checked to agree, then timed
+only (layers >= l, positions >= p, the corrupted run's KV cache before it, two cells' suffixes per
+packed sequence, logits at the metric's position), cells vmapped. The grids are checked to agree, then timed
 interleaved. Printed: the machine and load, medians, cells/s, the ratio (or "noisy" when other
 processes shared the cores), the number of compiled programs, the first jaxlens call
 (compilation included) vs later calls, and attribution patching's cells/s (one forward and one
@@ -110,7 +110,7 @@ def main() -> None:
         table.append(bench_attribution(model, clean, corrupt))
     print(fmt_table(table, ["", "median s / grid", "cells / s", "vs TransformerLens"]))
     print(f"process peak RSS: {peak_rss_mib():.0f} MiB; jax backend: {jax.devices()[0].platform}; torch device: "
-          f"{dev}; rounds: {args.rounds}; window starts for {args.seq} positions: {patching.window_starts(args.seq)}")
+          f"{dev}; rounds: {args.rounds}; pattern grids' window starts for {args.seq} positions: {patching.window_starts(args.seq)}")
 
 
 def bench_grid(g, model, bridge, tlp, corrupt, corrupt_t, jl_cache, tl_cache, layers, rows, sync) -> list[str]:
@@ -135,11 +135,12 @@ def bench_grid(g, model, bridge, tlp, corrupt, corrupt_t, jl_cache, tl_cache, la
         sync()
         return out.cpu().numpy()
 
-    before = patching._suffix_grid._cache_size()
+    programs_now = lambda: patching._suffix_grid._cache_size() + patching._packed_grid._cache_size()  # noqa: E731
+    before = programs_now()
     t0 = time.perf_counter()
     jl_grid = run_jl()
     first = time.perf_counter() - t0
-    programs = patching._suffix_grid._cache_size() - before
+    programs = programs_now() - before
     t0 = time.perf_counter()
     run_jl()
     second = time.perf_counter() - t0

@@ -8,12 +8,15 @@ vmapped (chunked with `lax.map` to bound memory).
 
 Causal suffixes: a patch at layer l and position p cannot change any layer < l nor (causal
 attention) any position < p. The corrupted run is computed once, with its KV cache and the
-residual entering every layer. A cell at (l, p) runs blocks >= l at positions >= w, the largest
-of a few static window starts (`window_starts`: 0, S/2, 3S/4) <= p: the residual entering block
-l at those positions is the corrupted run's, and every layer's keys/values of the positions
-before w come from the corrupted cache (`forward(start_at_layer=l, kv=...)`). One program is
-compiled per (layer, window start), several at once (`jaxlens.compile_ahead`). Grids over all
-positions (layer × head) run from layer l.
+residual entering every layer. A cell at (l, p) runs blocks >= l at positions >= p: the residual
+entering block l there is the corrupted run's, and every layer's keys/values of the positions
+before p come from the corrupted cache (`forward(start_at_layer=l, kv=...)`). Position grids of
+[batch pos ...] activations pack two cells per sequence (`pack_suffixes`, `packed_rows`,
+`jaxlens.model.packed`): the suffixes of p and S - p fill S rows, so a layer's S positions are
+S/2 + 1 sequences of one program. Pattern grids by destination position (whose key axis the
+packing would change) run from the largest of a few static window starts (`window_starts`: 0,
+S/2, 3S/4) <= p, one program per (layer, window start). Programs are compiled several at once
+(`jaxlens.compile_ahead`). Grids over all positions (layer × head) run from layer l.
 
 Logits only where the metric reads: `metric_positions=` (or detected soundly from the metric's
 jaxpr, `jaxlens.edits.metric_positions`; otherwise all positions). The final norm and the
@@ -43,6 +46,7 @@ from jaxlens.hooks import HookPoint, Hooks, get_act_name
 from jaxlens.edits.interventions import register_edit
 from jaxlens.edits.metric_positions import resolve_metric_positions
 from jaxlens.model.kv import KVCache
+from jaxlens.model.packed import PackedRows
 from jaxlens.tokens import check_tokens
 from jaxlens.validate import index, indices
 
@@ -74,6 +78,38 @@ class IndexPatch:
 register_edit(IndexPatch)
 
 
+@dataclass(frozen=True)
+class RowPatch:
+    """`IndexPatch` on packed rows (`jaxlens.model.packed`): row r of the activation (axis 1) is
+    prompt position `positions[r]` of the cell `cells[r]` (its index along each grid axis `axes`,
+    one of them the position axis 1; -1 where the row is no cell's). The clean `values` [batch
+    pos ...] are copied where every index of the row's cell matches: the position axis at the
+    row's own position, the other axes along themselves."""
+
+    cells: jax.Array
+    positions: jax.Array
+    values: jax.Array
+    axes: tuple[int, ...] = ()
+    _static = ("axes",)
+
+    def __call__(self, x: jax.Array, hook: HookPoint) -> jax.Array:
+        n_rows = x.shape[1]
+        mask = jnp.ones((1, n_rows) + (1,) * (x.ndim - 2), bool)
+        for i, ax in enumerate(self.axes):
+            shape = [1] * x.ndim
+            shape[1] = n_rows
+            if ax == 1:
+                hit = self.positions == self.cells[:, i]  # [rows]
+            else:  # [rows size]: R stays ahead of the axis, so the reshape keeps both in order
+                hit = jnp.arange(x.shape[ax])[None, :] == self.cells[:, i][:, None]
+                shape[ax] = x.shape[ax]
+            mask = mask & hit.reshape(shape)
+        return jnp.where(mask, jnp.take(self.values, self.positions, axis=1).astype(x.dtype), x)
+
+
+register_edit(RowPatch)
+
+
 def _axis_layout(activation_name: str, index_axis_names: Sequence[str], cfg: Any, seq_len: int
                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(activation axis, size) of each non-layer grid axis, TransformerLens's axis names."""
@@ -102,8 +138,9 @@ def _axis_layout(activation_name: str, index_axis_names: Sequence[str], cfg: Any
 
 
 WINDOW_FRACTIONS = (0.0, 0.5, 0.75)
-"""Where a position grid's causal suffixes start, as fractions of the prompt length: a patch at
-position p runs from the largest start <= p. More starts mean less work per cell (the mean
+"""Where a pattern grid's causal suffixes start (by destination position; other position grids
+pack exact suffixes), as fractions of the prompt length: a patch at position p runs from the
+largest start <= p. More starts mean less work per cell (the mean
 suffix is (1 + 1/n)/2 of the prompt for n even starts) but one more compiled program per layer;
 with 0, S/2, 3S/4 a cell computes on average 69% of the positions (perfect suffixes: ~50%)."""
 
@@ -209,6 +246,122 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
     return map_cells(one, cells, chunk_size, mesh)
 
 
+def pack_suffixes(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """Pairs of cells whose causal suffixes fit together in `seq_len` rows: [n_sequences, 2] indices
+    into `starts` (each cell's first position), -1 where a sequence holds one cell.
+
+    Longest first, each with the shortest left that fits (p + p' >= seq_len: rows seq_len - p and
+    seq_len - p'); on a full range of positions that is p with seq_len - p, a perfect fit, and
+    seq_len / 2 + 1 sequences where the cells alone would be seq_len runs."""
+    order = np.argsort(starts, kind="stable")
+    lo, hi, out = 0, len(order) - 1, []
+    while lo <= hi:
+        a = order[lo]
+        if lo < hi and starts[a] + starts[order[hi]] >= seq_len:
+            out.append((a, order[hi]))
+            hi -= 1
+        else:
+            out.append((a, -1))
+        lo += 1
+    return np.array(out, np.int64).reshape(-1, 2)
+
+
+def packed_rows(cells: np.ndarray, pairs: np.ndarray, window_axis: int, seq_len: int) -> dict[str, np.ndarray]:
+    """The rows of every packed sequence (`pack_suffixes`' pairs of `cells` [n, axes]), as arrays
+    with a leading sequence axis: positions, starts, segments [seq rows] (`PackedRows`), cells
+    [seq rows axes] (each row's cell index, -1 for none), cell_starts [seq 2].
+
+    Layout (static rows for the metric's positions, whatever the pair): the first cell's position
+    m sits at row seq_len - 1 - m (rows 0 .. from the prompt's end down to its start), the
+    second's at row m (from its start to the end); the rows between, if any, pad (segment 2,
+    which no cell reads)."""
+    n, n_ax = len(pairs), cells.shape[1]
+    last = seq_len - 1
+    positions = np.full((n, seq_len), last, np.int32)
+    starts = np.full((n, seq_len), seq_len, np.int32)
+    segments = np.full((n, seq_len), 2, np.int32)
+    row_cells = np.full((n, seq_len, n_ax), -1, np.int32)
+    cell_starts = np.full((n, 2), seq_len, np.int32)
+    for i, (a, b) in enumerate(pairs):
+        p = int(cells[a, window_axis])
+        rows = np.arange(seq_len - p)
+        positions[i, rows], starts[i, rows], segments[i, rows], row_cells[i, rows] = last - rows, p, 0, cells[a]
+        cell_starts[i, 0] = p
+        if b >= 0:
+            q = int(cells[b, window_axis])
+            rows = np.arange(q, seq_len)
+            positions[i, rows], starts[i, rows], segments[i, rows], row_cells[i, rows] = rows, q, 1, cells[b]
+            cell_starts[i, 1] = q
+    return dict(positions=positions, starts=starts, segments=segments, cells=row_cells, cell_starts=cell_starts)
+
+
+def _packed_logit_rows(metric_positions: tuple[int, ...] | None, seq_len: int
+                       ) -> tuple[tuple[int, ...] | None, tuple[np.ndarray, np.ndarray]]:
+    """(the rows whose logits are computed, None for all; for each of a sequence's two cells, the
+    index into those logits of each prompt position, `packed_rows`' layout)."""
+    pos = np.arange(seq_len)
+    if metric_positions is None:
+        return None, (seq_len - 1 - pos, pos)
+    rows = tuple(sorted({seq_len - 1 - m for m in metric_positions} | set(metric_positions)))
+    at = {r: j for j, r in enumerate(rows)}
+    src = tuple(np.array([at.get(r, 0) for r in rs], np.int32) for rs in (seq_len - 1 - pos, pos))
+    return rows, src
+
+
+@retry_static(eager=False)  # grid cells are vmapped: a stored value would be traced
+@partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "metric_positions", "precision", "chunk_size",
+                                   "mesh"))
+def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, metric, *, cfg, name, axes, layer,
+                 metric_positions, precision, chunk_size, mesh=None):
+    """Metric of both cells of every packed sequence (`packed_rows`' arrays, `seqs`) of one
+    layer's position grid: [n_sequences 2] (a sequence's second slot is meaningless where it
+    holds one cell).
+
+    Each sequence runs blocks >= `layer` on its rows: the corrupted run's residual entering
+    `layer` at the rows' positions, the clean activation patched at each cell's own position
+    (`RowPatch`), the corrupted keys and values before each cell's start from `kv` (the cache of
+    the prompt, with room for the rows after it). Logits only at the rows of the metric's
+    positions; the metric of a cell sees the corrupted run's logits before its start and NaN at
+    positions neither computed nor earlier (as `_suffix_grid`)."""
+    seq_len = mask.shape[1]
+    logit_rows, src = _packed_logit_rows(metric_positions, seq_len)
+    read = np.zeros(seq_len, bool)
+    read[list(range(seq_len)) if metric_positions is None else list(metric_positions)] = True
+    pos = jnp.arange(seq_len)
+
+    def assemble(logits: jax.Array | None, start: jax.Array, slot: int) -> jax.Array:
+        base = jnp.where((pos < start)[None, :, None], corrupted_logits, jnp.nan)
+        if logits is None:
+            return base
+        own = jnp.take(logits.astype(base.dtype), src[slot], axis=1)
+        return jnp.where((read[None, :] & (pos >= start)[None, :])[..., None], own, base)
+
+    def one(seq):
+        logits = None
+        if metric_positions != ():  # else the metric reads only positions before every start
+            rows = PackedRows(seq["positions"], seq["starts"], seq["segments"])
+            hooks = Hooks(((frozenset({name}), RowPatch(seq["cells"], seq["positions"], clean_act, axes)),))
+            x, sub_mask = jnp.take(resid, rows.positions, axis=1), jnp.take(mask, rows.positions, axis=1)
+            logits, _, _ = forward(params, cfg, x, sub_mask, hooks=hooks, kv=kv, precision=precision,
+                                   start_at_layer=layer, logit_positions=logit_rows, packed=rows)
+        outs = []
+        for slot in (0, 1):
+            out = call_metric(metric, assemble(logits, seq["cell_starts"][slot], slot))
+            if jnp.ndim(out) != 0:
+                raise ValueError(f"patching_metric must return a scalar, got shape {jnp.shape(out)}; reduce over "
+                                 "the batch inside the metric (e.g. .mean())")
+            outs.append(out.astype(jnp.float32))
+        return jnp.stack(outs)
+
+    return map_cells(one, seqs, chunk_size, mesh)
+
+
+def _with_room(kv: KVCache, rows: int) -> KVCache:
+    """The prompt's cache with `rows` empty slots after it (where packed rows are written)."""
+    pad = lambda a, axis: jnp.pad(a, [(0, 0)] * axis + [(0, rows)] + [(0, 0)] * (a.ndim - axis - 1))  # noqa: E731
+    return KVCache(pad(kv.keys, 3), pad(kv.values, 3), pad(kv.mask, 1), kv.length)
+
+
 @partial(jax.jit, static_argnames=("cfg", "capture", "precision", "with_kv"))
 def _corrupted_run(params, tokens, mask, *, cfg, capture, precision, with_kv):
     """The corrupted run once: (logits, the residuals entering the patched layers, its KV cache or None)."""
@@ -222,13 +375,16 @@ CHUNK_BYTES = 1 << 29
 as fit (estimated per cell from its suffix), so small grids are one batched program."""
 
 
-def _default_chunk(cfg: Any, batch: int, seq_len: int, layer: int, window: int, n_cells: int) -> int:
-    """Cells per vmapped chunk under CHUNK_BYTES: per cell, the suffix's widest activations
-    (MLP hidden, scores, a few residuals), the logits the metric sees, and the keys/values of the
-    layers it runs."""
-    q = seq_len - window
-    act = q * ((cfg.d_mlp or 4 * cfg.d_model) + cfg.n_heads * seq_len + 6 * cfg.d_model) + 2 * seq_len * cfg.d_vocab
-    kv = 2 * (cfg.n_layers - layer) * seq_len * cfg.n_kv_heads * cfg.d_head
+def _default_chunk(cfg: Any, batch: int, seq_len: int, layer: int, window: int, n_cells: int,
+                   packed: bool = False) -> int:
+    """Cells (packed: sequences of two) per vmapped chunk under CHUNK_BYTES: per cell, the
+    suffix's widest activations (MLP hidden, scores, a few residuals), the logits the metric sees,
+    and the keys/values of the layers it runs (a packed sequence: seq_len rows after seq_len
+    cached keys, two cells' logits)."""
+    q, keys, cells = seq_len - window, seq_len * (2 if packed else 1), 2 if packed else 1
+    act = q * ((cfg.d_mlp or 4 * cfg.d_model) + cfg.n_heads * keys + 6 * cfg.d_model) + \
+        2 * cells * seq_len * cfg.d_vocab
+    kv = 2 * (cfg.n_layers - layer) * keys * cfg.n_kv_heads * cfg.d_head
     return int(max(1, min(n_cells, CHUNK_BYTES // (4 * batch * (act + kv)))))
 
 
@@ -246,8 +402,8 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
 
     Returns [n_layers, *sizes of index_axis_names[1:]] of `patching_metric` (float32), as
     TransformerLens's `generic_activation_patch` with `index_axis_names`. `chunk_size` bounds how
-    many patched runs are vmapped at once (None: as many as fit in `CHUNK_BYTES` of activations,
-    all cells of a program for small grids). `layers` restricts the sweep (other rows are NaN).
+    many patched runs are vmapped at once (position grids: packed sequences of up to two runs;
+    None: as many as fit in `CHUNK_BYTES` of activations, all cells of a program for small grids). `layers` restricts the sweep (other rows are NaN).
 
     `metric_positions`: the logit positions the metric reads (ints, negative from the end); None
     detects them from the metric's jaxpr (`jaxlens.edits.metric_positions`), falling back to every
@@ -270,14 +426,21 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
             raise ValueError(f"clean_cache has no {n!r}: run the clean prompt with run_with_cache and a names_filter "
                              f"that includes {activation_name!r} for every layer")
     win_axis = _window_axis(activation_name, axes)
-    starts = window_starts(seq_len) if win_axis is not None else (0,)
+    # position grids of [batch pos ...] activations: two cells' exact suffixes per sequence, one
+    # program per layer; pattern grids (whose key axis would be the packed one): window starts
+    packed = win_axis is not None and activation_name not in _PATTERN
+    starts = window_starts(seq_len) if win_axis is not None and not packed else (0,)
     resid_names = frozenset(f"blocks.{l}.hook_resid_pre" for l in layer_list)
     mesh = getattr(model, "mesh", None)  # cells over its batch axes; the prompts' batch replicated
     toks_j, mask_j = jnp.asarray(toks), jnp.asarray(mask)
     logits_c, resid, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg, capture=resid_names,
-                                         precision=model.precision, with_kv=len(starts) > 1)
+                                         precision=model.precision, with_kv=packed or len(starts) > 1)
     metric_pos = resolve_metric_positions(patching_metric, metric_positions, logits_c.shape, logits_c.dtype)
     cells = np.array(list(itertools.product(*[range(s) for s in sizes])), np.int32).reshape(-1, len(sizes))
+    if packed:
+        pairs = pack_suffixes(cells[:, win_axis], seq_len)
+        seqs = {k: jnp.asarray(v) for k, v in packed_rows(cells, pairs, win_axis, seq_len).items()}
+        kv = _with_room(kv, seq_len)
     group = np.zeros(len(cells), np.int64) if win_axis is None else np.searchsorted(starts, cells[:, win_axis], "right") - 1
     out = np.full((cfg.n_layers, len(cells)), np.nan, np.float32)
     plan, calls = [], []  # (layer, cells) and the call of their program, one per (layer, window start)
@@ -288,6 +451,15 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
         if clean.ndim < 3 or clean.shape[0] != toks.shape[0] or clean.shape[seq_axis] != seq_len:
             raise ValueError(f"clean_cache[{name!r}] has shape {clean.shape}, which does not match corrupted_tokens "
                              f"{toks.shape}: clean and corrupted prompts must have the same batch size and length")
+        if packed:
+            n = len(pairs)
+            chunk = _default_chunk(cfg, toks.shape[0], seq_len, l, 0, n, packed=True) if chunk_size is None \
+                else chunk_size
+            plan.append((l, pairs))
+            calls.append(((params, mask_j, resid[f"blocks.{l}.hook_resid_pre"], kv, logits_c, clean, seqs, metric),
+                          dict(cfg=cfg, name=name, axes=axes, layer=l, metric_positions=metric_pos,
+                               precision=model.precision, chunk_size=int(min(chunk, n)), mesh=mesh)))
+            continue
         for g, w in enumerate(starts):
             sel = np.flatnonzero(group == g)
             if not len(sel):
@@ -301,8 +473,14 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
                                chunk_size=int(min(chunk, len(sel))), mesh=mesh)))
     # every program compiled ahead, a few at a time; the results read back at the end, so that
     # dispatch runs ahead of them
-    for (l, sel), vals in zip(plan, run_compiled_ahead(_suffix_grid, calls)):
-        out[l, sel] = np.asarray(vals)
+    for (l, sel), vals in zip(plan, run_compiled_ahead(_packed_grid if packed else _suffix_grid, calls)):
+        if packed:  # sel: the sequences' cell pairs
+            vals = np.asarray(vals)
+            out[l, sel[:, 0]] = vals[:, 0]
+            two = sel[:, 1] >= 0
+            out[l, sel[two, 1]] = vals[two, 1]
+        else:
+            out[l, sel] = np.asarray(vals)
     return jnp.asarray(out.reshape((cfg.n_layers, *sizes)))
 
 

@@ -20,6 +20,7 @@ from jaxlens.hooks import WILDCARD, Hooks, RunCtx, collect_intermediates
 from jaxlens.model import Transformer
 from jaxlens.validate import index, indices
 from jaxlens.model.kv import KVCache
+from jaxlens.model.packed import PackedRows
 
 
 def is_scanned(params: dict[str, Any]) -> bool:
@@ -77,6 +78,7 @@ def forward(
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
     logit_positions: tuple[int, ...] | None = None,
+    packed: PackedRows | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
     """Run the model: returns (logits [batch pos vocab], {hook name: activation}, new KVCache or None).
 
@@ -98,6 +100,10 @@ def forward(
     `logit_positions`: static indices into this call's positions (negative from the end); the
     logits are [batch len(logit_positions) vocab], only there (final-norm hooks see those
     positions). Not with `stop_at_layer`.
+
+    `packed`: with `start_at_layer` and `kv`, the rows of `tokens` are several causal suffixes
+    after the cached positions, each row tagged with its prompt position and its suffix's start
+    (`jaxlens.model.packed.PackedRows`; the patching grids run two cells per sequence so).
     """
     if kv is not None and not isinstance(kv, KVCache):
         raise ValueError(f"kv must be a jaxlens KVCache (KVCache.init(cfg, batch, max_len)), got {type(kv).__name__}")
@@ -122,14 +128,14 @@ def forward(
     ctx = RunCtx(capture=capture, hooks=hooks)
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
         if capture:
-            (logits, new_kv), state = module.apply({"params": params}, tokens, attention_mask, ctx, kv,
+            (logits, new_kv), state = module.apply({"params": params}, tokens, attention_mask, ctx, kv, packed,
                                                    mutable=["intermediates"])
             inter = state.get("intermediates", {})
             if start and is_scanned(params):
                 inter = _shift_scanned(inter, start)
             acts = collect_intermediates(inter, capture)
         else:
-            logits, new_kv = module.apply({"params": params}, tokens, attention_mask, ctx, kv)
+            logits, new_kv = module.apply({"params": params}, tokens, attention_mask, ctx, kv, packed)
             acts = {}
     return logits, acts, new_kv
 

@@ -13,6 +13,7 @@ from jaxlens.hooks import EVERY_HOOK, RunCtx, hook_point
 from jaxlens.model.block import Block
 from jaxlens.model.kv import KVCache, LayerKV
 from jaxlens.model.layers import param, positions_from_mask, soft_cap, take_rows, weight_einsum
+from jaxlens.model.packed import PackedRows, packed_attention
 from jaxlens.model.rope import rotary_angles
 from jaxlens.model.norms import Norm
 
@@ -72,6 +73,8 @@ class Transformer(nn.Module):
     scanned params must then hold just those layers (`jaxlens.forward.forward` slices them).
     A start combines with a cache: the residual then continues the cached positions (a causal
     suffix run: the patching grids' earlier positions come from the cache, every layer's).
+    `packed` (`jaxlens.model.packed.PackedRows`, with a start and a cache, unrolled): the rows are
+    several such suffixes, each with its own start, tagged with their prompt positions.
 
     `logit_positions` (static indices into this call's positions, or None for all): the final
     norm and unembedding run only there, logits [batch len(logit_positions) vocab] (the
@@ -88,8 +91,11 @@ class Transformer(nn.Module):
     logit_positions: tuple[int, ...] | None = None
 
     @nn.compact
-    def __call__(self, tokens, attention_mask, ctx: RunCtx, kv: KVCache | None = None):
+    def __call__(self, tokens, attention_mask, ctx: RunCtx, kv: KVCache | None = None,
+                 packed: PackedRows | None = None):
         cfg = self.cfg
+        if packed is not None and (kv is None or self.start_at_layer is None or self.scan_layers):
+            raise ValueError("packed rows continue a KV cache from a start layer, unrolled: give kv and start_at_layer")
         ctx = ctx._replace(n_layers=cfg.n_layers)
         b, q = tokens.shape[:2]
         first = 0 if self.start_at_layer is None else self.start_at_layer
@@ -101,16 +107,17 @@ class Transformer(nn.Module):
         else:
             offset = kv.length
             full_mask = jax.lax.dynamic_update_slice(kv.mask, attention_mask.astype(kv.mask.dtype), (0, offset))
-        positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(full_mask), offset, q, axis=1)
-        k_len = full_mask.shape[1]
-        q_idx = offset + jnp.arange(q)
-        k_idx = jnp.arange(k_len)[None, :]
-        causal = k_idx <= q_idx[:, None]  # [q k]
-        allowed = causal[None, None] & (full_mask[:, None, None, :] > 0)  # [b 1 q k]
+        if packed is None:
+            k_pos = positions_from_mask(full_mask)
+            positions = jax.lax.dynamic_slice_in_dim(k_pos, offset, q, axis=1)
+            q_idx = offset + jnp.arange(q)
+            causal = jnp.arange(full_mask.shape[1])[None, :] <= q_idx[:, None]  # [q k]
+            allowed = causal[None, None] & (full_mask[:, None, None, :] > 0)  # [b 1 q k]
+        else:  # rows of several causal suffixes, each after the cached positions before its start
+            positions, allowed, k_pos = packed_attention(full_mask, offset, packed)
         local_layers = [cfg.is_local(l) for l in range(first, last)]
         allowed_local = allowed
         if any(local_layers):  # HF: a key is visible while q - k < window (positions, so padding cannot shift it)
-            k_pos = positions_from_mask(full_mask)
             allowed_local = allowed & ((positions[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window)[:, None]
 
         rotary = None if cfg.has_pos_embed else rotary_angles(positions, cfg)
