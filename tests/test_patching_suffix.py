@@ -21,6 +21,7 @@ from jaxlens.fingerprint import Fn
 from jaxlens.hooks import Hooks
 from jaxlens.model.forward import forward, unstack_layers
 from jaxlens.model.kv import KVCache
+from jaxlens.model.packed import PackedRows
 
 S = 8  # window starts 0, 4, 6: patch positions at the start, middle and end of each window
 RNG = np.random.default_rng(1)
@@ -279,3 +280,14 @@ def test_packed_grid_does_less_work_than_one_run_per_cell(gpt2):
                                         window=0, window_axis=0, chunk_size=S, **kw).compile()
     assert len(pairs) == S // 2 + 1
     assert flops(packed) < 0.85 * flops(plain), (flops(packed), flops(plain))
+
+
+def test_packed_rows_need_a_cache_and_a_start_layer(gpt2):
+    m, _ = gpt2
+    rows = PackedRows(*(jnp.zeros(S, jnp.int32) for _ in range(3)))
+    x = jnp.zeros((2, S, m.cfg.d_model))
+    with pytest.raises(ValueError, match="packed rows continue a KV cache"):
+        forward(m.params, m.cfg, x, start_at_layer=1, packed=rows)  # no kv
+    kv = KVCache.init(m.cfg, 2, 2 * S)
+    with pytest.raises(ValueError, match="packed rows continue a KV cache"):
+        forward(m.params, m.cfg, jnp.asarray(CORRUPT), kv=kv, packed=rows)  # tokens, no start layer
