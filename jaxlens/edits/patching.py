@@ -201,6 +201,15 @@ def map_cells(fn: Callable[[Any], jax.Array], cells: Any, chunk_size: int | None
     return out.reshape(n_pad, *out.shape[2:])[:n]
 
 
+def _scalar_metric(metric: Any, logits: jax.Array) -> jax.Array:
+    """The patching metric of one cell's logits, as float32; a clear error unless it is a scalar."""
+    out = call_metric(metric, logits)
+    if jnp.ndim(out) != 0:
+        raise ValueError(f"patching_metric must return a scalar, got shape {jnp.shape(out)}; reduce over the batch "
+                         "inside the metric (e.g. .mean())")
+    return out.astype(jnp.float32)
+
+
 @retry_static(eager=False)  # grid cells are vmapped: a stored value would be traced
 @partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "window", "window_axis", "metric_positions",
                                    "precision", "chunk_size", "mesh"))
@@ -237,11 +246,7 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
             logits, _, _ = forward(params, cfg, x, sub_mask, hooks=hooks, kv=kv, precision=precision,
                                    start_at_layer=layer, logit_positions=computed)
             full = _assemble(logits, base, window, computed)
-        out = call_metric(metric, full)
-        if jnp.ndim(out) != 0:
-            raise ValueError(f"patching_metric must return a scalar, got shape {jnp.shape(out)}; reduce over the "
-                             "batch inside the metric (e.g. .mean())")
-        return out.astype(jnp.float32)
+        return _scalar_metric(metric, full)
 
     return map_cells(one, cells, chunk_size, mesh)
 
@@ -344,14 +349,7 @@ def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, met
             x, sub_mask = jnp.take(resid, rows.positions, axis=1), jnp.take(mask, rows.positions, axis=1)
             logits, _, _ = forward(params, cfg, x, sub_mask, hooks=hooks, kv=kv, precision=precision,
                                    start_at_layer=layer, logit_positions=logit_rows, packed=rows)
-        outs = []
-        for slot in (0, 1):
-            out = call_metric(metric, assemble(logits, seq["cell_starts"][slot], slot))
-            if jnp.ndim(out) != 0:
-                raise ValueError(f"patching_metric must return a scalar, got shape {jnp.shape(out)}; reduce over "
-                                 "the batch inside the metric (e.g. .mean())")
-            outs.append(out.astype(jnp.float32))
-        return jnp.stack(outs)
+        return jnp.stack([_scalar_metric(metric, assemble(logits, seq["cell_starts"][slot], slot)) for slot in (0, 1)])
 
     return map_cells(one, seqs, chunk_size, mesh)
 
@@ -403,7 +401,8 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     Returns [n_layers, *sizes of index_axis_names[1:]] of `patching_metric` (float32), as
     TransformerLens's `generic_activation_patch` with `index_axis_names`. `chunk_size` bounds how
     many patched runs are vmapped at once (position grids: packed sequences of up to two runs;
-    None: as many as fit in `CHUNK_BYTES` of activations, all cells of a program for small grids). `layers` restricts the sweep (other rows are NaN).
+    None: as many as fit in `CHUNK_BYTES` of activations, all cells of a program for small
+    grids). `layers` restricts the sweep (other rows are NaN).
 
     `metric_positions`: the logit positions the metric reads (ints, negative from the end); None
     detects them from the metric's jaxpr (`jaxlens.edits.metric_positions`), falling back to every
