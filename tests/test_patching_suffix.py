@@ -140,13 +140,15 @@ def test_declared_metric_positions(gpt2):
     # declared = detected: the programs of test_resid_pre_every_window_and_position serve it
     ref = _check(m, cache, patching.get_act_patch_resid_pre, "resid_pre", 1, (1,), two_pos_metric,
                  metric_positions=[3, -1])[1]
-    # a metric reading a position it did not declare gets NaN, not a silent number: cells at p < 4
-    # (window 0) did not compute position 3; cells at p >= 4 (windows 4, 6) read the corrupted
-    # run's logits there, which no patch at p >= 4 changes, so they stay exact
+    # a metric reading a position it did not declare gets NaN, not a silent number: cells at
+    # 1 <= p < 4 did not compute position 3; cells at p >= 4 read the corrupted run's logits there,
+    # which no patch at p >= 4 changes, so they stay exact; and so does the cell at p = 0, before
+    # the prompts' first difference (its patch changes nothing: it is the corrupted run, all of it)
     wrong = np.asarray(patching.get_act_patch_resid_pre(m, CORRUPT, cache, two_pos_metric, layers=[1],
                                                         metric_positions=[S - 1]))
-    assert np.isnan(wrong[1, :4]).all()
+    assert np.isnan(wrong[1, 1:4]).all()
     assert_close(wrong[1, 4:], ref[4:], "cells whose window starts after the undeclared position")
+    assert_close(wrong[1, :1], ref[:1], "the cell before the first difference")
     with pytest.raises(ValueError, match="metric_positions"):
         patching.get_act_patch_resid_pre(m, CORRUPT, cache, last_metric, layers=[1], metric_positions=[S])
     with pytest.raises(ValueError, match="metric_positions"):

@@ -18,6 +18,15 @@ packing would change) run from the largest of a few static window starts (`windo
 S/2, 3S/4) <= p, one program per (layer, window start). Programs are compiled several at once
 (`jaxlens.compile_ahead`). Grids over all positions (layer × head) run from layer l.
 
+Two more things a patch cannot change. Before the first position where the clean activation
+differs from the corrupted one (compared bit for bit with the corrupted prompt run through the
+program that made the clean cache, `_mirror_run`), a patch writes the values already there: those
+cells are the corrupted run itself (its metric, no program), and every other cell of the layer
+starts there at the latest (rounded down to `start_bucket`, so prompt pairs share programs).
+Inside block l, a z patch cannot change that block's queries, keys, values or pattern, and a patch
+after the attention sublayer (attn_out, resid_mid, the MLP's hooks, mlp_out) cannot change that
+sublayer: the block resumes from the corrupted run's z or attn_out (`jaxlens.model.block.Resume`).
+
 Logits only where the metric reads: `metric_positions=` (or detected soundly from the metric's
 jaxpr, `jaxlens.edits.metric_positions`; otherwise all positions). The final norm and the
 unembedding, the costliest layer of a small model, run only there; the metric receives the full
@@ -45,6 +54,7 @@ from jaxlens.model.forward import forward, is_scanned, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
 from jaxlens.edits.interventions import register_edit
 from jaxlens.edits.metric_positions import resolve_metric_positions
+from jaxlens.model.block import Resume
 from jaxlens.model.kv import KVCache
 from jaxlens.model.packed import PackedRows
 from jaxlens.tokens import check_tokens
@@ -212,9 +222,9 @@ def _scalar_metric(metric: Any, logits: jax.Array) -> jax.Array:
 
 @retry_static(eager=False)  # grid cells are vmapped: a stored value would be traced
 @partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "window", "window_axis", "metric_positions",
-                                   "precision", "chunk_size", "mesh"))
-def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, metric, *, cfg, name, axes, layer,
-                 window, window_axis, metric_positions, precision, chunk_size, mesh=None):
+                                   "precision", "chunk_size", "mesh", "resume_at"))
+def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, metric, resume_value=None, *, cfg, name,
+                 axes, layer, window, window_axis, metric_positions, precision, chunk_size, mesh=None, resume_at=None):
     """Metric for every patch index (cells, [n_cells, len(axes)]) of one layer whose window-axis
     index is >= `window`: [n_cells].
 
@@ -225,7 +235,8 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
     positions (`metric_positions`, None: all); the metric sees the corrupted run's logits before
     `window` and NaN at positions neither computed nor earlier. `metric` is an `Fn` (keyed by
     what it reads, so a metric reading changed globals recompiles). On a `mesh` the cells are
-    split over its batch axes (`map_cells`)."""
+    split over its batch axes (`map_cells`). `resume_at` / `resume_value`: block `layer` starts at
+    that hook from the corrupted run's value ([batch pos ...], `_resume_point`)."""
     seq_len = mask.shape[1]
     base = jnp.where((jnp.arange(seq_len) < window)[None, :, None], corrupted_logits, jnp.nan)
     computed = None if metric_positions is None else tuple(p - window for p in metric_positions if p >= window)
@@ -237,6 +248,7 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
     if kv is not None:
         kv = KVCache(kv.keys, kv.values, kv.mask, jnp.asarray(window, jnp.int32))
     x, sub_mask = resid[:, window:], mask[:, window:]
+    resume = None if resume_at is None else Resume(resume_at, resume_value[:, window:])
 
     def one(index):
         if computed == ():  # the metric reads only positions before the window: the corrupted logits
@@ -244,7 +256,7 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
         else:
             hooks = Hooks(((frozenset({name}), IndexPatch(index - shift, clean, axes)),))
             logits, _, _ = forward(params, cfg, x, sub_mask, hooks=hooks, kv=kv, precision=precision,
-                                   start_at_layer=layer, logit_positions=computed)
+                                   start_at_layer=layer, logit_positions=computed, resume=resume)
             full = _assemble(logits, base, window, computed)
         return _scalar_metric(metric, full)
 
@@ -315,9 +327,9 @@ def _packed_logit_rows(metric_positions: tuple[int, ...] | None, seq_len: int
 
 @retry_static(eager=False)  # grid cells are vmapped: a stored value would be traced
 @partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "metric_positions", "precision", "chunk_size",
-                                   "mesh"))
-def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, metric, *, cfg, name, axes, layer,
-                 metric_positions, precision, chunk_size, mesh=None):
+                                   "mesh", "resume_at"))
+def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, metric, resume_value=None, *, cfg, name,
+                 axes, layer, metric_positions, precision, chunk_size, mesh=None, resume_at=None):
     """Metric of both cells of every packed sequence (`packed_rows`' arrays, `seqs`) of one
     layer's position grid: [n_sequences 2] (a sequence's second slot is meaningless where it
     holds one cell).
@@ -327,7 +339,7 @@ def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, met
     (`RowPatch`), the corrupted keys and values before each cell's start from `kv` (the cache of
     the prompt, with room for the rows after it). Logits only at the rows of the metric's
     positions; the metric of a cell sees the corrupted run's logits before its start and NaN at
-    positions neither computed nor earlier (as `_suffix_grid`)."""
+    positions neither computed nor earlier (as `_suffix_grid`, also for `resume_at`)."""
     seq_len = mask.shape[1]
     logit_rows, src = _packed_logit_rows(metric_positions, seq_len)
     read = np.zeros(seq_len, bool)
@@ -347,11 +359,79 @@ def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, met
             rows = PackedRows(seq["positions"], seq["starts"], seq["segments"])
             hooks = Hooks(((frozenset({name}), RowPatch(seq["cells"], seq["positions"], clean_act, axes)),))
             x, sub_mask = jnp.take(resid, rows.positions, axis=1), jnp.take(mask, rows.positions, axis=1)
+            resume = None if resume_at is None else Resume(resume_at, jnp.take(resume_value, rows.positions, axis=1))
             logits, _, _ = forward(params, cfg, x, sub_mask, hooks=hooks, kv=kv, precision=precision,
-                                   start_at_layer=layer, logit_positions=logit_rows, packed=rows)
+                                   start_at_layer=layer, logit_positions=logit_rows, packed=rows, resume=resume)
         return jnp.stack([_scalar_metric(metric, assemble(logits, seq["cell_starts"][slot], slot)) for slot in (0, 1)])
 
     return map_cells(one, seqs, chunk_size, mesh)
+
+
+_AFTER_ATTENTION = ("hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_mlp_out", "hook_resid_post")
+
+
+def _resume_point(name: str, layer: int) -> tuple[str, str] | None:
+    """Where a cell patching hook `name` of block `layer` can start that block, and the hook whose
+    corrupted value it starts from: z patches at hook_z (that block's queries, keys, values and
+    pattern are the corrupted run's), patches after the attention sublayer at hook_attn_out; None
+    for the others."""
+    b = f"blocks.{layer}."
+    if name == f"{b}attn.hook_z":
+        return "z", name
+    if name in {b + h for h in _AFTER_ATTENTION} or name.startswith((f"{b}mlp.", f"{b}ln2.")):
+        return "attn_out", f"{b}hook_attn_out"
+    return None
+
+
+MIRROR_BYTES = 1 << 30
+"""The largest clean cache (1 GiB) whose names the grids run the corrupted prompt with, to find
+where the two prompts' activations agree (`_mirror_run`); a larger cache costs that memory twice,
+so its grids start every cell at its own position."""
+
+
+def _mirror_run(model: Any, tokens: np.ndarray, attention_mask: Any, clean_cache: Any) -> dict[str, jax.Array] | None:
+    """The corrupted prompt's activations from the program that `run_with_cache` with the clean
+    cache's names compiles (no hooks, logits returned): where the prompts agree, those are the
+    clean cache's values bit for bit, whatever the rounding of other programs. None where the
+    model has no such run, the cache holds names it cannot capture or is over `MIRROR_BYTES` (then
+    no cell starts before its own position)."""
+    run = getattr(model, "_run", None)
+    names = frozenset(k for k in clean_cache.keys() if not k.endswith("_grad"))
+    size = sum(int(np.prod(np.shape(clean_cache[k]))) * np.dtype(clean_cache[k].dtype).itemsize for k in names)
+    if run is None or not names or size > MIRROR_BYTES:
+        return None
+    try:
+        return run(tokens, attention_mask, names, Hooks(), None, None, "logits")[1]
+    except ValueError:
+        return None
+
+
+def first_difference(clean: jax.Array, corrupted: jax.Array, qaxis: int) -> int:
+    """The first query position (along `qaxis`) at which `clean`, cast as a patch writes it, differs
+    from `corrupted` anywhere (any batch row, head or feature; NaN counts as different); the
+    length of that axis where they are equal everywhere. Patching an equal value changes nothing."""
+    diff = jnp.asarray(clean).astype(corrupted.dtype) != corrupted
+    per_pos = np.asarray(jnp.any(jnp.moveaxis(diff, qaxis, 0).reshape(diff.shape[qaxis], -1), axis=1))
+    hit = np.flatnonzero(per_pos)
+    return int(hit[0]) if len(hit) else int(diff.shape[qaxis])
+
+
+def start_bucket(p: int) -> int:
+    """`p` rounded down to 0, 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them):
+    the grid's programs are keyed by where its suffixes start, so prompt pairs that first differ at
+    nearby positions share programs (at most about 2 log2(seq_len) per layer), giving up less
+    than a third of the positions the exact start would skip."""
+    if p < 4:
+        return max(int(p), 0)
+    k = int(p).bit_length() - 1
+    return 3 << (k - 1) if p >= 3 << (k - 1) else 1 << k
+
+
+@retry_static(eager=False)
+@jax.jit
+def _metric_of(logits: jax.Array, metric: Any) -> jax.Array:
+    """The patching metric of the corrupted run's own logits (the cells whose patch changes nothing)."""
+    return _scalar_metric(metric, logits)
 
 
 def _with_room(kv: KVCache, rows: int) -> KVCache:
@@ -425,6 +505,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
             raise ValueError(f"clean_cache has no {n!r}: run the clean prompt with run_with_cache and a names_filter "
                              f"that includes {activation_name!r} for every layer")
     win_axis = _window_axis(activation_name, axes)
+    qaxis = 2 if activation_name in _PATTERN else 1  # the activation's query-position axis
     # position grids of [batch pos ...] activations: two cells' exact suffixes per sequence, one
     # program per layer; pattern grids (whose key axis would be the packed one): window starts
     packed = win_axis is not None and activation_name not in _PATTERN
@@ -432,44 +513,70 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     resid_names = frozenset(f"blocks.{l}.hook_resid_pre" for l in layer_list)
     mesh = getattr(model, "mesh", None)  # cells over its batch axes; the prompts' batch replicated
     toks_j, mask_j = jnp.asarray(toks), jnp.asarray(mask)
-    logits_c, resid, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg, capture=resid_names,
-                                         precision=model.precision, with_kv=packed or len(starts) > 1)
+    resumes = {l: _resume_point(n, l) for l, n in zip(layer_list, names)}
+    resume_names = frozenset(r[1] for r in resumes.values() if r is not None)
+    logits_c, acts_c, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg, capture=resid_names | resume_names,
+                                          precision=model.precision, with_kv=True)
+    mirror = _mirror_run(model, toks, attention_mask, clean_cache)
     metric_pos = resolve_metric_positions(patching_metric, metric_positions, logits_c.shape, logits_c.dtype)
     cells = np.array(list(itertools.product(*[range(s) for s in sizes])), np.int32).reshape(-1, len(sizes))
-    if packed:
-        pairs = pack_suffixes(cells[:, win_axis], seq_len)
-        seqs = {k: jnp.asarray(v) for k, v in packed_rows(cells, pairs, win_axis, seq_len).items()}
-        kv = _with_room(kv, seq_len)
-    group = np.zeros(len(cells), np.int64) if win_axis is None else np.searchsorted(starts, cells[:, win_axis], "right") - 1
+    kv_room = _with_room(kv, seq_len) if packed else None
     out = np.full((cfg.n_layers, len(cells)), np.nan, np.float32)
     plan, calls = [], []  # (layer, cells) and the call of their program, one per (layer, window start)
     metric = Fn(patching_metric)
+    noop: list[float] = []  # the metric of the corrupted run itself, computed when a cell's patch changes nothing
+    layouts: dict[int, tuple[np.ndarray, dict[str, jax.Array]]] = {}  # packed sequences by first live position
     for l, name in zip(layer_list, names):
         clean = jnp.asarray(clean_cache[name])
-        seq_axis = -1 if activation_name in _PATTERN else 1
-        if clean.ndim < 3 or clean.shape[0] != toks.shape[0] or clean.shape[seq_axis] != seq_len:
+        if clean.ndim < 3 or clean.shape[0] != toks.shape[0] or clean.shape[-1 if qaxis == 2 else 1] != seq_len:
             raise ValueError(f"clean_cache[{name!r}] has shape {clean.shape}, which does not match corrupted_tokens "
                              f"{toks.shape}: clean and corrupted prompts must have the same batch size and length")
+        # positions before the first at which the clean activation differs from the corrupted run's
+        # (bit for bit, in the program that made the clean cache) are patched with the values they
+        # have: those cells are the corrupted run, the others start there (the corrupted keys and
+        # values before it are theirs)
+        first = 0 if mirror is None else first_difference(clean, mirror[name], qaxis)
+        w = start_bucket(first) if first < seq_len else seq_len
+        live = np.full(len(cells), w < seq_len) if win_axis is None else cells[:, win_axis] >= w
+        if not live.all():
+            if not noop:
+                noop.append(float(np.asarray(_metric_of(logits_c, metric))))
+            out[l, ~live] = noop[0]
+        if not live.any():
+            continue
+        resid_l = acts_c[f"blocks.{l}.hook_resid_pre"]
+        resume_at, resume_value = (None, None) if resumes[l] is None else (resumes[l][0], acts_c[resumes[l][1]])
         if packed:
+            if w not in layouts:
+                live_idx = np.flatnonzero(live)
+                pairs = pack_suffixes(cells[live_idx, win_axis], seq_len)
+                seqs = {k: jnp.asarray(v) for k, v in packed_rows(cells[live_idx], pairs, win_axis, seq_len).items()}
+                layouts[w] = (np.where(pairs >= 0, live_idx[np.maximum(pairs, 0)], -1), seqs)
+            pairs, seqs = layouts[w]
             n = len(pairs)
             chunk = _default_chunk(cfg, toks.shape[0], seq_len, l, 0, n, packed=True) if chunk_size is None \
                 else chunk_size
             plan.append((l, pairs))
-            calls.append(((params, mask_j, resid[f"blocks.{l}.hook_resid_pre"], kv, logits_c, clean, seqs, metric),
+            calls.append(((params, mask_j, resid_l, kv_room, logits_c, clean, seqs, metric, resume_value),
                           dict(cfg=cfg, name=name, axes=axes, layer=l, metric_positions=metric_pos,
-                               precision=model.precision, chunk_size=int(min(chunk, n)), mesh=mesh)))
+                               precision=model.precision, chunk_size=int(min(chunk, n)), mesh=mesh,
+                               resume_at=resume_at)))
             continue
-        for g, w in enumerate(starts):
-            sel = np.flatnonzero(group == g)
+        layer_starts = tuple(sorted({w} | {s for s in starts if s > w}))
+        group = np.zeros(len(cells), np.int64) if win_axis is None else \
+            np.searchsorted(layer_starts, cells[:, win_axis], "right") - 1
+        for g, ws in enumerate(layer_starts):
+            sel = np.flatnonzero(live & (group == g))
             if not len(sel):
                 continue
-            chunk = _default_chunk(cfg, toks.shape[0], seq_len, l, w, len(sel)) if chunk_size is None else chunk_size
+            chunk = _default_chunk(cfg, toks.shape[0], seq_len, l, ws, len(sel)) if chunk_size is None \
+                else chunk_size
             plan.append((l, sel))
-            calls.append(((params, mask_j, resid[f"blocks.{l}.hook_resid_pre"], kv if w else None, logits_c, clean,
-                           jnp.asarray(cells[sel]), metric),
-                          dict(cfg=cfg, name=name, axes=axes, layer=l, window=w, window_axis=win_axis,
+            calls.append(((params, mask_j, resid_l, kv if ws else None, logits_c, clean, jnp.asarray(cells[sel]),
+                           metric, resume_value),
+                          dict(cfg=cfg, name=name, axes=axes, layer=l, window=ws, window_axis=win_axis,
                                metric_positions=metric_pos, precision=model.precision,
-                               chunk_size=int(min(chunk, len(sel))), mesh=mesh)))
+                               chunk_size=int(min(chunk, len(sel))), mesh=mesh, resume_at=resume_at)))
     # every program compiled ahead, a few at a time; the results read back at the end, so that
     # dispatch runs ahead of them
     for (l, sel), vals in zip(plan, run_compiled_ahead(_packed_grid if packed else _suffix_grid, calls)):

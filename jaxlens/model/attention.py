@@ -51,13 +51,17 @@ class Attention(nn.Module):
     `rows` (static positions of this call, or None for all): queries only there, keys and values
     at every position; attn_out is then [batch len(rows) d_model] (the last block when only some
     positions' logits are read; no hook of the block may be captured or edited).
+
+    `z_given` ([batch pos head d_head]): the z that these inputs give, from an earlier run of the
+    same residual (a patching cell that edits this layer's z): the projections and the scores
+    are skipped, hook_z sees it, and `kv` is returned unwritten.
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None, rows: tuple[int, ...] | None = None,
-                 heads_in: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+                 heads_in: tuple[jax.Array, jax.Array, jax.Array] | None = None, z_given: jax.Array | None = None):
         cfg = self.cfg
         H, K, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
         dt = x.dtype
@@ -66,6 +70,8 @@ class Attention(nn.Module):
         W_V = param(self, "W_V", _init, (K, M, D), dt)
         W_O = param(self, "W_O", _init, (H, D, M), dt)
         take = (lambda a: a) if rows is None else (lambda a: a[:, jnp.asarray(rows, jnp.int32)])  # query rows
+        if z_given is not None:
+            return self._output(take(z_given).astype(dt), W_O, ctx), kv
         if heads_in is None:
             q, k, v = _project(take(x), W_Q), _project(x, W_K), _project(x, W_V)
         else:  # per-head inputs [batch pos head|kv_head d_model] (`Block._forked_inputs`)
@@ -115,6 +121,13 @@ class Attention(nn.Module):
             pattern = hook_point(self, f"{P}.hook_pattern", masked_softmax(scores, allowed).astype(dt), ctx)
             z = jnp.einsum("nqk,nkd->nqd", pattern.reshape(b * K, G * q_len, n_k), vn, preferred_element_type=f32)
             z = z.astype(dt).reshape(b, H, q_len, D).transpose(0, 2, 1, 3)
+        return self._output(z, W_O, ctx), kv
+
+    def _output(self, z: jax.Array, W_O: jax.Array, ctx: RunCtx) -> jax.Array:
+        """hook_z, then z [batch pos head d_head] through W_O (and b_O) -> [batch pos d_model]."""
+        cfg = self.cfg
+        b, q_len, H, D = z.shape
+        M = W_O.shape[-1]
         z = hook_point(self, f"{P}.hook_z", z, ctx)
         if ctx.wants(f"{P}.hook_result"):
             result = hook_point(self, f"{P}.hook_result", jnp.einsum("bqhd,hdm->bqhm", z, W_O), ctx)
@@ -122,8 +135,8 @@ class Attention(nn.Module):
         else:  # contract (head, d_head) as one axis of length H*D: W_O is read in place, not transposed
             out = weight_einsum("rk,km->rm", z.reshape(b * q_len, H * D), W_O.reshape(H * D, M)).reshape(b, q_len, M)
         if cfg.use_o_bias:
-            out = out + param(self, "b_O", nn.initializers.zeros, (M,), dt)
-        return out, kv
+            out = out + param(self, "b_O", nn.initializers.zeros, (M,), z.dtype)
+        return out
 
     def _qk_norm(self, which: str, x: jax.Array, ctx: RunCtx) -> jax.Array:
         """RMSNorm of queries or keys x [batch pos head d_head] before RoPE, hooked as TransformerLens

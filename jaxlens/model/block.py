@@ -3,6 +3,8 @@ before each sublayer (`pre`), before and after (`pre_post`: Gemma 2/3) or after 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,18 @@ B = "blocks.{l}"
 FORKS = ("attn_in", "q_input", "k_input", "v_input")  # per-head copies of the attention input
 
 
+class Resume(NamedTuple):
+    """Where a block starts when it resumes an earlier run of the same input: `at` "z" (before
+    hook_z: queries, keys, values and pattern skipped) or "attn_out" (before hook_attn_out: the
+    whole attention sublayer skipped), with that run's `value` there (rows as this call's)."""
+
+    at: str
+    value: jax.Array
+
+
+RESUME_POINTS = ("z", "attn_out")
+
+
 class Block(nn.Module):
     """resid_pre -> [ln1] -> attn -> [ln1_post] -> (+) resid_mid -> [ln2] -> mlp -> [ln2_post] -> (+) resid_post.
 
@@ -28,6 +42,9 @@ class Block(nn.Module):
     Returns (resid_post, the attention's updated `LayerKV` or None). With `rows` (static
     positions) only those positions leave the block (resid_post [batch len(rows) d_model]):
     keys and values are computed at every position, the rest only at `rows` (see `Attention`).
+
+    `resume` (`Resume`): the block starts inside, from what an earlier run of the same resid_pre
+    gave at `resume.at` (the patching cells that edit a later hook of this block).
     """
 
     cfg: ModelConfig
@@ -71,16 +88,22 @@ class Block(nn.Module):
         return q_in, q_in[:, :, :cfg.n_kv_heads], q_in[:, :, :cfg.n_kv_heads]
 
     @nn.compact
-    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None, rows: tuple[int, ...] | None = None):
+    def __call__(self, x, allowed, rotary, ctx: RunCtx, kv: LayerKV | None = None, rows: tuple[int, ...] | None = None,
+                 resume: Resume | None = None):
         cfg = self.cfg
         attn = Attention(cfg, name="attn")
         mlp = (MoE if cfg.num_experts else MLP)(cfg, name="mlp")
         x = hook_point(self, f"{B}.hook_resid_pre", x, ctx)
         forked = any(ctx.wants(f"{B}.hook_{n}") for n in FORKS)
-        attn_out, new_kv = self._normed(1, lambda y, ln1: attn(
-            y, allowed, rotary, ctx, kv, rows, heads_in=self._forked_inputs(x, ln1, ctx) if forked else None), x, ctx)
-        if rows is not None:  # the residual stream continues at the query rows only
-            x = x[:, jnp.asarray(rows, jnp.int32)]
+        take = (lambda a: a) if rows is None else (lambda a: a[:, jnp.asarray(rows, jnp.int32)])  # query rows
+        if resume is not None and resume.at == "attn_out":
+            attn_out, new_kv = take(resume.value).astype(x.dtype), kv
+        else:
+            z_given = None if resume is None else resume.value
+            attn_out, new_kv = self._normed(1, lambda y, ln1: attn(
+                y, allowed, rotary, ctx, kv, rows, heads_in=self._forked_inputs(x, ln1, ctx) if forked else None,
+                z_given=z_given), x, ctx)
+        x = take(x)  # the residual stream continues at the query rows only
         attn_out = hook_point(self, f"{B}.hook_attn_out", attn_out, ctx)
         if cfg.parallel_attn_mlp:
             mid = x
@@ -94,4 +117,4 @@ class Block(nn.Module):
         return out, new_kv
 
 
-__all__ = ["Block"]
+__all__ = ["Block", "Resume", "RESUME_POINTS"]

@@ -21,6 +21,7 @@ from jaxlens.model import Transformer
 from jaxlens.validate import index, indices
 from jaxlens.model.kv import KVCache
 from jaxlens.model.packed import PackedRows
+from jaxlens.model.block import Resume
 
 
 def is_scanned(params: dict[str, Any]) -> bool:
@@ -79,6 +80,7 @@ def forward(
     stop_at_layer: int | None = None,
     logit_positions: tuple[int, ...] | None = None,
     packed: PackedRows | None = None,
+    resume: Resume | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
     """Run the model: returns (logits [batch pos vocab], {hook name: activation}, new KVCache or None).
 
@@ -104,6 +106,11 @@ def forward(
     `packed`: with `start_at_layer` and `kv`, the rows of `tokens` are several causal suffixes
     after the cached positions, each row tagged with its prompt position and its suffix's start
     (`jaxlens.model.packed.PackedRows`; the patching grids run two cells per sequence so).
+
+    `resume` (`jaxlens.model.block.Resume`, with `start_at_layer`): block `start_at_layer` starts
+    at its hook_z or hook_attn_out from the value an earlier run of the same residual gave there
+    (`tokens` rows), skipping what precedes it (a patch of that hook cannot change it); that
+    block's cache layer is not written.
     """
     if kv is not None and not isinstance(kv, KVCache):
         raise ValueError(f"kv must be a jaxlens KVCache (KVCache.init(cfg, batch, max_len)), got {type(kv).__name__}")
@@ -128,14 +135,14 @@ def forward(
     ctx = RunCtx(capture=capture, hooks=hooks)
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
         if capture:
-            (logits, new_kv), state = module.apply({"params": params}, tokens, attention_mask, ctx, kv, packed,
+            (logits, new_kv), state = module.apply({"params": params}, tokens, attention_mask, ctx, kv, packed, resume,
                                                    mutable=["intermediates"])
             inter = state.get("intermediates", {})
             if start and is_scanned(params):
                 inter = _shift_scanned(inter, start)
             acts = collect_intermediates(inter, capture)
         else:
-            logits, new_kv = module.apply({"params": params}, tokens, attention_mask, ctx, kv, packed)
+            logits, new_kv = module.apply({"params": params}, tokens, attention_mask, ctx, kv, packed, resume)
             acts = {}
     return logits, acts, new_kv
 

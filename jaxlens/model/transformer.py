@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import EVERY_HOOK, RunCtx, hook_point
-from jaxlens.model.block import Block
+from jaxlens.model.block import RESUME_POINTS, Block, Resume
 from jaxlens.model.kv import KVCache, LayerKV
 from jaxlens.model.layers import param, positions_from_mask, soft_cap, take_rows, weight_einsum
 from jaxlens.model.packed import PackedRows, packed_attention
@@ -75,6 +75,8 @@ class Transformer(nn.Module):
     suffix run: the patching grids' earlier positions come from the cache, every layer's).
     `packed` (`jaxlens.model.packed.PackedRows`, with a start and a cache, unrolled): the rows are
     several such suffixes, each with its own start, tagged with their prompt positions.
+    `resume` (`jaxlens.model.block.Resume`, with a start, unrolled): block `start` begins inside,
+    from an earlier run's z or attn_out at these rows (its cache layer is then left unwritten).
 
     `logit_positions` (static indices into this call's positions, or None for all): the final
     norm and unembedding run only there, logits [batch len(logit_positions) vocab] (the
@@ -92,10 +94,13 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, attention_mask, ctx: RunCtx, kv: KVCache | None = None,
-                 packed: PackedRows | None = None):
+                 packed: PackedRows | None = None, resume: Resume | None = None):
         cfg = self.cfg
         if packed is not None and (kv is None or self.start_at_layer is None or self.scan_layers):
             raise ValueError("packed rows continue a KV cache from a start layer, unrolled: give kv and start_at_layer")
+        if resume is not None and (self.start_at_layer is None or self.scan_layers or resume.at not in RESUME_POINTS):
+            raise ValueError(f"resume starts the first block of an unrolled run from start_at_layer at one of "
+                             f"{RESUME_POINTS}; got at={resume.at!r}, start_at_layer={self.start_at_layer}")
         ctx = ctx._replace(n_layers=cfg.n_layers)
         b, q = tokens.shape[:2]
         first = 0 if self.start_at_layer is None else self.start_at_layer
@@ -165,7 +170,8 @@ class Transformer(nn.Module):
             for l in range(first, last):
                 view = LayerKV(kv.keys[l], kv.values[l], kv.length)
                 x, view = Block(cfg, name=f"blocks_{l}")(x, *kinds.pick(cfg.is_local(l)), ctx.at_layer(l), view,
-                                                         rows if l == last - 1 else None)
+                                                         rows if l == last - 1 else None,
+                                                         resume if l == first else None)
                 new_k.append(view.keys)
                 new_v.append(view.values)
             if new_k:
@@ -177,7 +183,8 @@ class Transformer(nn.Module):
             for l in range(first, last):
                 x, layer_kv = Block(cfg, name=f"blocks_{l}")(x, *kinds.pick(cfg.is_local(l)), ctx.at_layer(l),
                                                              None if kv is None else kv.at_layer(l),
-                                                             rows if l == last - 1 else None)
+                                                             rows if l == last - 1 else None,
+                                                             resume if l == first else None)
                 if layer_kv is not None:
                     kv = kv.written(l, layer_kv)
         if self.stop_at_layer is not None:
