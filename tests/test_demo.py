@@ -107,3 +107,30 @@ def test_report_renders_in_headless_chromium(demo_out, tmp_path):
     assert img.shape[0] == 2400 and img.shape[1] == 1280
     ink = (img[..., :3].mean(-1) < 0.5).mean()
     assert 0.005 < ink < 0.5, f"the page looks blank or broken (dark-pixel share {ink:.4f})"
+
+
+def test_report_inlines_every_figure(demo_out):
+    page = (demo_out / "report.html").read_text()
+    assert "<!--figure:" not in page, "every placeholder is replaced by its PNG"
+    pytest.importorskip("matplotlib")
+    assert page.count('src="data:image/png;base64,') == 3
+
+
+def test_plotter_errors(tmp_path):
+    """The figures' process: an unknown figure is refused at once; a figure that fails raises, with
+    the child's traceback, when the demo waits for it; a killed plotter leaves nothing running."""
+    pytest.importorskip("matplotlib")
+    from jaxlens.apps.plots import Plotter
+
+    p = Plotter()
+    with pytest.raises(ValueError, match="unknown figure 'nope'"):
+        p.draw(tmp_path / "x.png", "nope")
+    p.draw(tmp_path / "ok.png", "induction", scores=[[0.1, 0.9], [0.5, 0.2]])
+    p.draw(tmp_path / "bad.png", "induction", scores="not a grid")
+    with pytest.raises(RuntimeError, match="drawing the demo's figures failed") as e:
+        p.finish()
+    assert "Traceback" in str(e.value)
+    assert (tmp_path / "ok.png").read_bytes()[:4] == b"\x89PNG"
+    q = Plotter()
+    q.kill()
+    assert q._proc.poll() is not None

@@ -156,3 +156,22 @@ def test_resume_needs_a_start_layer(models):
         forward(m.params, m.cfg, x, start_at_layer=0, resume=Resume("mlp_out", x))
     out = forward(m.params, m.cfg, x, start_at_layer=0, resume=Resume("attn_out", x), hooks=Hooks())[0]
     assert out.shape == (2, S, m.cfg.d_vocab)
+
+
+def test_first_differences_fall_back_to_the_clean_cache_program(models):
+    """Where the grid's own corrupted run differs from the clean cache at position 0 only by
+    rounding (another program), the corrupted prompt runs through the clean cache's program, which
+    gives the clean values bit for bit where the prompts agree; unless the embeddings already
+    differ at position 0 (then nothing can be skipped and no forward is spent)."""
+    m, cache = models("gpt2")
+    name, emb = "blocks.1.hook_resid_mid", patching.EMBEDDED
+    own = m.run_with_cache(CORRUPT, names_filter=[name, emb])[1]
+    rounded = {name: own[name] * (1 + 2 ** -20), emb: own[emb]}  # off at every position, as another program
+    cleans = {name: jnp.asarray(cache[name])}
+    got = patching._first_differences(m, CORRUPT, None, cache, cleans, rounded, 1)
+    assert got == {name: FIRST}
+    assert patching.first_difference(cache[name], rounded[name], 1) == 0
+    other = CORRUPT.copy()
+    other[:, 0] = (other[:, 0] + 1) % 150
+    moved = {name: rounded[name], emb: m.run_with_cache(other, names_filter=emb)[1][emb]}
+    assert patching._first_differences(m, CORRUPT, None, cache, cleans, moved, 1) == {name: 0}

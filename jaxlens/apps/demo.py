@@ -10,6 +10,7 @@ folder.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxlens.apps import data
+from jaxlens.apps.plots import Plotter
 from jaxlens.apps.probes import induction_scores, ioi_batch, ioi_scores
 from jaxlens.apps.report import Report, attention_grid, esc, png, show_token, table
 from jaxlens.utils import softmax_np
@@ -40,12 +42,12 @@ MAX_PATTERN_TOKENS = 48  # longer prompts are cut for the heatmaps
 class _Demo:
     """State shared by the stages: model, output folder, report, summary, terminal log."""
 
-    def __init__(self, model: Any, out: Path, prompts: Sequence[str]):
-        self.m, self.out, self.prompts = model, out, list(prompts)
+    def __init__(self, model: Any, out: Path, prompts: Sequence[str], plots: Plotter | None = None):
+        self.m, self.out, self.prompts, self.plots = model, out, list(prompts), plots
         self.report = Report(f"jaxlens demo: {model.cfg.model_name}")
         self.summary: dict[str, Any] = {"model": model.cfg.model_name, "n_layers": model.cfg.n_layers}
         self.lines: list[str] = []
-        self.plt = _pyplot()
+        self.figures: dict[str, Path] = {}  # report placeholder -> the PNG it becomes
         self._ioi: dict[str, Any] | None = None
 
     def say(self, s: str = "") -> None:
@@ -54,12 +56,27 @@ class _Demo:
         tqdm.write(s)
         self.lines.append(s)
 
-    def savefig(self, fig: Any, name: str) -> str:
+    def figure(self, name: str, figure: str, **data: Any) -> str:
+        """Queue figure `figure` (`jaxlens.apps.plots`) of `data` as PNG `name` in the output folder;
+        returns the report's placeholder for it, inlined by `finish_figures`."""
         path = self.out / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        self.plt.close(fig)
-        return png(path, name)
+        self.plots.draw(path, figure, **data)
+        mark = f"<!--figure:{name}-->"
+        self.figures[mark] = path
+        return mark
+
+    def finish_figures(self) -> None:
+        """Wait for the figures and inline each PNG where its placeholder is in the report."""
+        if self.plots is None:
+            return
+        self.plots.finish()
+        self.report.sections = [(t, self._inline(b)) for t, b in self.report.sections]
+
+    def _inline(self, body: str) -> str:
+        for mark, path in self.figures.items():
+            if mark in body:
+                body = body.replace(mark, png(path, path.name))
+        return body
 
     def ioi(self) -> dict[str, Any]:
         """Held-out IOI prompts, left-padded so position -1 is every prompt's last token, and their cache."""
@@ -71,17 +88,6 @@ class _Demo:
             self._ioi = {"examples": exs, "io": ids["io"], "s": ids["s"], "logits": np.asarray(logits[:, -1]),
                          "cache": cache}
         return self._ioi
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -137,14 +143,8 @@ def stage_logit_lens(d: _Demo) -> None:
                        "residual stream after each layer, through the final LayerNorm and unembedding.")
     body += table(["component", "P(IO)", "P(S)", "top token, example 0"],
                   [[lab, a, b, show_token(t)] for lab, a, b, t in zip(labels, p_io, p_s, top0)])
-    if d.plt:
-        fig, ax = d.plt.subplots(figsize=(6, 3.2))
-        ax.plot(labels, p_io, "o-", label="P(IO) (right)")
-        ax.plot(labels, p_s, "s--", label="P(S) (repeated)")
-        ax.set_ylabel("probability")
-        ax.set_title("logit lens on held-out IOI prompts")
-        ax.legend()
-        body += d.savefig(fig, "logit_lens.png")
+    if d.plots:
+        body += d.figure("logit_lens.png", "logit_lens", labels=list(labels), p_io=p_io.tolist(), p_s=p_s.tolist())
     d.report.add("Logit lens", body)
 
 
@@ -189,20 +189,8 @@ def stage_dla(d: _Demo) -> None:
                        f"{hlabels[best]} ({by_head[best]:+.2f}).")
     body += table(["component", "attribution"], [[lab, float(v)] for lab, v in zip(labels, by_comp)])
     body += table(["layer", *[f"H{h}" for h in range(H)]], [[l, *map(float, grid[l])] for l in range(L)])
-    if d.plt:
-        fig, (a1, a2) = d.plt.subplots(1, 2, figsize=(10, 3.4))
-        a1.bar(labels, by_comp, color=["#4c72b0" if v >= 0 else "#c44e52" for v in by_comp])
-        a1.set_title("by component")
-        a1.tick_params(axis="x", rotation=45)
-        lim = float(np.abs(grid).max()) or 1.0
-        im = a2.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim)
-        a2.set_xticks(range(H))
-        a2.set_yticks(range(L))
-        a2.set_xlabel("head")
-        a2.set_ylabel("layer")
-        a2.set_title("by head")
-        fig.colorbar(im, ax=a2)
-        body += d.savefig(fig, "dla.png")
+    if d.plots:
+        body += d.figure("dla.png", "dla", labels=list(labels), by_component=by_comp.tolist(), by_head=grid.tolist())
     d.report.add("Direct logit attribution (IOI-like task)", body)
 
 
@@ -223,16 +211,8 @@ def stage_induction(d: _Demo) -> None:
     body = Report.text(f"Mean attention from each token of the second half to the token after its earlier "
                        f"occurrence. Best induction head: L{l}H{h}, score {sc[l, h]:.2f}.")
     body += table(["layer", *[f"H{k}" for k in range(sc.shape[1])]], [[i, *map(float, sc[i])] for i in range(len(sc))])
-    if d.plt:
-        fig, ax = d.plt.subplots(figsize=(4.5, 3))
-        im = ax.imshow(sc, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(sc.shape[1]))
-        ax.set_yticks(range(sc.shape[0]))
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_title("induction score")
-        fig.colorbar(im, ax=ax)
-        body += d.savefig(fig, "induction_scores.png")
+    if d.plots:
+        body += d.figure("induction_scores.png", "induction", scores=sc.tolist())
     short = data.repeated_tokens(np.random.default_rng(SEED + 1), 1, 10, m.cfg.d_vocab, m.tokenizer.bos_token_id)
     _, c2 = m.run_with_cache(short, names_filter=lambda n: n.endswith("attn.hook_pattern"))
     pats = np.stack([np.asarray(c2["pattern", i])[0] for i in range(m.cfg.n_layers)])
@@ -285,24 +265,37 @@ def run_demo(model: str | Path | None, out: Path, prompts: Sequence[str] | None 
     `prompts` replaces the demo's prompts for top predictions and attention patterns.
     Returns 0 (the CLI's exit code).
     """
-    from tqdm.auto import tqdm
-
-    import jaxlens
     from jaxlens.assets import model_dir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(model) if model is not None else model_dir()
-    m = jaxlens.from_pretrained(path)
-    if m.tokenizer is None:
-        raise ValueError(f"{path} has no tokenizer; the demo needs text (pass a folder saved with its tokenizer)")
     prompts = list(prompts) if prompts is not None else list(PROMPTS)
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
-    d = _Demo(m, out, prompts)
+    # the figures' process starts first: it imports matplotlib while this one loads the model
+    plots = Plotter() if importlib.util.find_spec("matplotlib") is not None else None
+    try:
+        return _run_stages(path, out, prompts, plots)
+    except BaseException:
+        if plots is not None:
+            plots.kill()
+        raise
+
+
+def _run_stages(path: Path, out: Path, prompts: list[str], plots: Plotter | None) -> int:
+    """`run_demo` once its checks pass and the figures' process runs: load, every stage, the files."""
+    from tqdm.auto import tqdm
+
+    import jaxlens
+
+    m = jaxlens.from_pretrained(path)
+    if m.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer; the demo needs text (pass a folder saved with its tokenizer)")
+    d = _Demo(m, out, prompts, plots)
     d.say(f"model: {path} ({m.cfg.model_type}, {m.cfg.n_layers} layers, {m.cfg.n_heads} heads, "
           f"d_model {m.cfg.d_model}, vocab {m.cfg.d_vocab})")
-    if d.plt is None:
+    if d.plots is None:
         d.say("plots: matplotlib is not installed, so no PNG files (pip install 'jaxlens[plots]'); "
               "the HTML report is written without them")
     log = path / "training_log.json"
@@ -313,6 +306,7 @@ def run_demo(model: str | Path | None, out: Path, prompts: Sequence[str] | None 
                                           f"with: {info.get('command')}"))
     for name, fn in tqdm(STAGES, desc="jaxlens demo", unit="stage", disable=None):  # no bar off a terminal
         fn(d)
+    d.finish_figures()
     d.report.write(out / "report.html")
     (out / "summary.json").write_text(json.dumps(d.summary, indent=1, default=float) + "\n")
     (out / "demo.txt").write_text("\n".join(d.lines) + "\n")

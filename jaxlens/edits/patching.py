@@ -19,10 +19,11 @@ S/2, 3S/4) <= p, one program per (layer, window start). Programs are compiled se
 (`jaxlens.compile_ahead`). Grids over all positions (layer × head) run from layer l.
 
 Two more things a patch cannot change. Before the first position where the clean activation
-differs from the corrupted one (compared bit for bit with the corrupted prompt run through the
-program that made the clean cache, `_mirror_run`), a patch writes the values already there: those
-cells are the corrupted run itself (its metric, no program), and every other cell of the layer
-starts there at the latest (rounded down to `start_bucket`, so prompt pairs share programs).
+differs from the corrupted one (bit for bit: with the grid's corrupted run, or else the corrupted
+prompt run through the program that made the clean cache, `_first_differences`), a patch writes
+the values already there: those cells are the corrupted run itself (its metric, no program), and
+every other cell of the layer starts there at the latest (rounded down to `start_bucket`, so
+prompt pairs share programs).
 Inside block l, a z patch cannot change that block's queries, keys, values or pattern, and a patch
 after the attention sublayer (attn_out, resid_mid, the MLP's hooks, mlp_out) cannot change that
 sublayer: the block resumes from the corrupted run's z or attn_out (`jaxlens.model.block.Resume`).
@@ -406,6 +407,32 @@ def _mirror_run(model: Any, tokens: np.ndarray, attention_mask: Any, clean_cache
         return None
 
 
+EMBEDDED = "blocks.0.hook_resid_pre"
+"""The first residual (embeddings, position embeddings): a gather and an add, the same bits in
+every program, so where a clean cache's differs from the corrupted run's the prompts differ."""
+
+
+def _first_differences(model: Any, tokens: np.ndarray, attention_mask: Any, clean_cache: Any,
+                       cleans: dict[str, jax.Array], corrupted: dict[str, jax.Array], qaxis: int) -> dict[str, int]:
+    """For each patched activation (`cleans`), the first query position where the clean value
+    differs from the corrupted prompt's, bit for bit: before it a patch writes the values already
+    there (the corrupted run's, to within the rounding of the program that computed them).
+
+    Compared with the grid's own corrupted run (`corrupted`: free, and the values its suffixes
+    continue). Where that finds a difference at position 0 (often only rounding: another program,
+    other fusions), the corrupted prompt is run again through the clean cache's own program
+    (`_mirror_run`, one forward) unless the prompts' embeddings already differ at position 0."""
+    firsts = {n: first_difference(c, corrupted[n], qaxis) for n, c in cleans.items()}
+    if all(firsts.values()):
+        return firsts
+    if EMBEDDED in clean_cache and first_difference(clean_cache[EMBEDDED], corrupted[EMBEDDED], 1) == 0:
+        return firsts  # the prompts differ at their first token: nothing before it to skip
+    mirror = _mirror_run(model, tokens, attention_mask, clean_cache)
+    if mirror is None:
+        return firsts
+    return {n: max(f, first_difference(cleans[n], mirror[n], qaxis)) for n, f in firsts.items()}
+
+
 def first_difference(clean: jax.Array, corrupted: jax.Array, qaxis: int) -> int:
     """The first query position (along `qaxis`) at which `clean`, cast as a patch writes it, differs
     from `corrupted` anywhere (any batch row, head or feature; NaN counts as different); the
@@ -515,9 +542,17 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     toks_j, mask_j = jnp.asarray(toks), jnp.asarray(mask)
     resumes = {l: _resume_point(n, l) for l, n in zip(layer_list, names)}
     resume_names = frozenset(r[1] for r in resumes.values() if r is not None)
-    logits_c, acts_c, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg, capture=resid_names | resume_names,
+    seq_axis = -1 if qaxis == 2 else 1
+    cleans = {}
+    for name in names:
+        clean = cleans[name] = jnp.asarray(clean_cache[name])
+        if clean.ndim < 3 or clean.shape[0] != toks.shape[0] or clean.shape[seq_axis] != seq_len:
+            raise ValueError(f"clean_cache[{name!r}] has shape {clean.shape}, which does not match corrupted_tokens "
+                             f"{toks.shape}: clean and corrupted prompts must have the same batch size and length")
+    logits_c, acts_c, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg,
+                                          capture=resid_names | resume_names | frozenset(names) | {EMBEDDED},
                                           precision=model.precision, with_kv=True)
-    mirror = _mirror_run(model, toks, attention_mask, clean_cache)
+    firsts = _first_differences(model, toks, attention_mask, clean_cache, cleans, acts_c, qaxis)
     metric_pos = resolve_metric_positions(patching_metric, metric_positions, logits_c.shape, logits_c.dtype)
     cells = np.array(list(itertools.product(*[range(s) for s in sizes])), np.int32).reshape(-1, len(sizes))
     kv_room = _with_room(kv, seq_len) if packed else None
@@ -527,15 +562,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     noop: list[float] = []  # the metric of the corrupted run itself, computed when a cell's patch changes nothing
     layouts: dict[int, tuple[np.ndarray, dict[str, jax.Array]]] = {}  # packed sequences by first live position
     for l, name in zip(layer_list, names):
-        clean = jnp.asarray(clean_cache[name])
-        if clean.ndim < 3 or clean.shape[0] != toks.shape[0] or clean.shape[-1 if qaxis == 2 else 1] != seq_len:
-            raise ValueError(f"clean_cache[{name!r}] has shape {clean.shape}, which does not match corrupted_tokens "
-                             f"{toks.shape}: clean and corrupted prompts must have the same batch size and length")
-        # positions before the first at which the clean activation differs from the corrupted run's
-        # (bit for bit, in the program that made the clean cache) are patched with the values they
-        # have: those cells are the corrupted run, the others start there (the corrupted keys and
-        # values before it are theirs)
-        first = 0 if mirror is None else first_difference(clean, mirror[name], qaxis)
+        clean, first = cleans[name], firsts[name]
         w = start_bucket(first) if first < seq_len else seq_len
         live = np.full(len(cells), w < seq_len) if win_axis is None else cells[:, win_axis] >= w
         if not live.all():
