@@ -144,5 +144,7 @@ def _serve() -> int:
             return 1
 
 
+__all__ = ["DPI", "FIGURES", "Plotter", "logit_lens", "dla", "induction"]
+
 if __name__ == "__main__":
     sys.exit(_serve())

@@ -542,6 +542,10 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     toks_j, mask_j = jnp.asarray(toks), jnp.asarray(mask)
     resumes = {l: _resume_point(n, l) for l, n in zip(layer_list, names)}
     resume_names = frozenset(r[1] for r in resumes.values() if r is not None)
+    logits_c, acts_c, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg,
+                                          capture=resid_names | resume_names | frozenset(names) | {EMBEDDED},
+                                          precision=model.precision, with_kv=True)
+    metric_pos = resolve_metric_positions(patching_metric, metric_positions, logits_c.shape, logits_c.dtype)
     seq_axis = -1 if qaxis == 2 else 1
     cleans = {}
     for name in names:
@@ -549,11 +553,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
         if clean.ndim < 3 or clean.shape[0] != toks.shape[0] or clean.shape[seq_axis] != seq_len:
             raise ValueError(f"clean_cache[{name!r}] has shape {clean.shape}, which does not match corrupted_tokens "
                              f"{toks.shape}: clean and corrupted prompts must have the same batch size and length")
-    logits_c, acts_c, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg,
-                                          capture=resid_names | resume_names | frozenset(names) | {EMBEDDED},
-                                          precision=model.precision, with_kv=True)
     firsts = _first_differences(model, toks, attention_mask, clean_cache, cleans, acts_c, qaxis)
-    metric_pos = resolve_metric_positions(patching_metric, metric_positions, logits_c.shape, logits_c.dtype)
     cells = np.array(list(itertools.product(*[range(s) for s in sizes])), np.int32).reshape(-1, len(sizes))
     kv_room = _with_room(kv, seq_len) if packed else None
     out = np.full((cfg.n_layers, len(cells)), np.nan, np.float32)
