@@ -403,7 +403,7 @@ def _mirror_run(model: Any, tokens: np.ndarray, attention_mask: Any, clean_cache
         return None
     try:
         return run(tokens, attention_mask, names, Hooks(), None, None, "logits")[1]
-    except ValueError:
+    except (ValueError, TypeError, KeyError):  # names this model cannot capture: an optimisation lost, no error
         return None
 
 
@@ -514,7 +514,9 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     `metric_positions`: the logit positions the metric reads (ints, negative from the end); None
     detects them from the metric's jaxpr (`jaxlens.edits.metric_positions`), falling back to every
     position. Logits are computed only there: a metric reading another position gets NaN (the
-    corrupted run's logits before the cell's suffix start, which a patch cannot change).
+    corrupted run's logits before the cell's suffix start, which a patch cannot change). A cell
+    whose patch writes the values already there (before the prompts' first difference) is the
+    corrupted run: its metric of the corrupted logits, all of them.
     """
     cfg = model.cfg
     toks, mask = check_tokens(np.asarray(corrupted_tokens), cfg, attention_mask)
