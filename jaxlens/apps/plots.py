@@ -35,6 +35,17 @@ def _save(plt: Any, fig: Any, path: str) -> None:
     plt.close(fig)
 
 
+def _layer_head_map(fig: Any, ax: Any, grid: Any, title: str, **imshow: Any) -> None:
+    """A [layer head] heatmap on `ax`, every layer and head ticked, with its colour bar."""
+    im = ax.imshow(grid, **imshow)
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(grid.shape[0]))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+
+
 def logit_lens(path: str, labels: list[str], p_io: list[float], p_s: list[float]) -> None:
     """P(IO) and P(S) read off the residual stream after each component."""
     plt = _pyplot()
@@ -58,13 +69,7 @@ def dla(path: str, labels: list[str], by_component: list[float], by_head: list[l
     a1.set_title("by component")
     a1.tick_params(axis="x", rotation=45)
     lim = float(np.abs(grid).max()) or 1.0
-    im = a2.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim)
-    a2.set_xticks(range(grid.shape[1]))
-    a2.set_yticks(range(grid.shape[0]))
-    a2.set_xlabel("head")
-    a2.set_ylabel("layer")
-    a2.set_title("by head")
-    fig.colorbar(im, ax=a2)
+    _layer_head_map(fig, a2, grid, "by head", cmap="RdBu", vmin=-lim, vmax=lim)
     _save(plt, fig, path)
 
 
@@ -75,13 +80,7 @@ def induction(path: str, scores: list[list[float]]) -> None:
     plt = _pyplot()
     sc = np.asarray(scores, np.float64)
     fig, ax = plt.subplots(figsize=(4.5, 3))
-    im = ax.imshow(sc, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(sc.shape[1]))
-    ax.set_yticks(range(sc.shape[0]))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title("induction score")
-    fig.colorbar(im, ax=ax)
+    _layer_head_map(fig, ax, sc, "induction score", cmap="Blues", vmin=0, vmax=1)
     _save(plt, fig, path)
 
 
