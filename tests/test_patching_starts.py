@@ -7,6 +7,8 @@ whose blocks differ (parallel attention and MLP, norms after the sublayers, GQA)
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,12 +70,18 @@ GRIDS = {  # function, activation, patched axes of the activation, the grid's po
     "resid_mid": (patching.get_act_patch_resid_mid, "resid_mid", (1,), 0),
     "head_out_by_pos": (patching.get_act_patch_attn_head_out_by_pos, "z", (1, 2), 0),
     "pattern_by_pos": (patching.get_act_patch_attn_head_pattern_by_pos, "pattern", (1, 2), 1),  # [head dest_pos]
+    # generic grids of hooks after the attention: they resume at hook_attn_out too
+    "mlp_post": (partial(patching.generic_activation_patch, activation_name="post", index_axis_names=("layer", "pos")),
+                 "post", (1,), 0),
+    "resid_post": (partial(patching.generic_activation_patch, activation_name="resid_post",
+                           index_axis_names=("layer", "pos")), "resid_post", (1,), 0),
 }
 CASES = [("gpt2", g, 1) for g in GRIDS] + [
     ("gpt_neox", "mlp_out", 0), ("gpt_neox", "head_out_all_pos", 1),  # parallel attention and MLP
     ("gemma2", "attn_out", 1), ("gemma2", "head_out_all_pos", 0),  # norms before and after each sublayer
     ("olmo2", "resid_mid", 0), ("olmo2", "head_out_all_pos", 1),  # norms after each sublayer
     ("llama", "head_out_all_pos", 1), ("llama", "v_all_pos", 0),  # grouped-query attention
+    ("llama", "mlp_post", 1),  # gated MLP
 ]
 
 
