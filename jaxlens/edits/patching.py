@@ -561,16 +561,15 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     out = np.full((cfg.n_layers, len(cells)), np.nan, np.float32)
     plan, calls = [], []  # (layer, cells) and the call of their program, one per (layer, window start)
     metric = Fn(patching_metric)
-    noop: list[float] = []  # the metric of the corrupted run itself, computed when a cell's patch changes nothing
+    noop = None  # the metric of the corrupted run itself, computed once a cell's patch changes nothing
     layouts: dict[int, tuple[np.ndarray, dict[str, jax.Array]]] = {}  # packed sequences by first live position
     for l, name in zip(layer_list, names):
         clean, first = cleans[name], firsts[name]
         w = start_bucket(first) if first < seq_len else seq_len
         live = np.full(len(cells), w < seq_len) if win_axis is None else cells[:, win_axis] >= w
         if not live.all():
-            if not noop:
-                noop.append(float(np.asarray(_metric_of(logits_c, metric))))
-            out[l, ~live] = noop[0]
+            noop = float(np.asarray(_metric_of(logits_c, metric))) if noop is None else noop
+            out[l, ~live] = noop
         if not live.any():
             continue
         resid_l = acts_c[f"blocks.{l}.hook_resid_pre"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.kv import LayerKV
-from jaxlens.model.layers import (KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, param, repeat_kv, takes_rows_kernel,
+from jaxlens.model.layers import (KEY_BLOCK, apply_rotary, blocked_attention, masked_softmax, param, query_rows, repeat_kv,
+                                  takes_rows_kernel,
                                   soft_cap, weight_einsum)
 from jaxlens.model.norms import Norm
 
@@ -69,7 +71,7 @@ class Attention(nn.Module):
         W_K = param(self, "W_K", _init, (K, M, D), dt)
         W_V = param(self, "W_V", _init, (K, M, D), dt)
         W_O = param(self, "W_O", _init, (H, D, M), dt)
-        take = (lambda a: a) if rows is None else (lambda a: a[:, jnp.asarray(rows, jnp.int32)])  # query rows
+        take = partial(query_rows, rows=rows)
         if z_given is not None:
             return self._output(take(z_given).astype(dt), W_O, ctx), kv
         if heads_in is None:

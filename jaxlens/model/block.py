@@ -3,6 +3,7 @@ before each sublayer (`pre`), before and after (`pre_post`: Gemma 2/3) or after 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ from jaxlens.config import ModelConfig
 from jaxlens.hooks import RunCtx, hook_point
 from jaxlens.model.attention import Attention
 from jaxlens.model.kv import LayerKV
+from jaxlens.model.layers import query_rows
 from jaxlens.model.mlp import MLP
 from jaxlens.model.moe import MoE
 from jaxlens.model.norms import Norm
@@ -95,7 +97,7 @@ class Block(nn.Module):
         mlp = (MoE if cfg.num_experts else MLP)(cfg, name="mlp")
         x = hook_point(self, f"{B}.hook_resid_pre", x, ctx)
         forked = any(ctx.wants(f"{B}.hook_{n}") for n in FORKS)
-        take = (lambda a: a) if rows is None else (lambda a: a[:, jnp.asarray(rows, jnp.int32)])  # query rows
+        take = partial(query_rows, rows=rows)
         if resume is not None and resume.at == "attn_out":
             attn_out, new_kv = take(resume.value).astype(x.dtype), kv
         else:

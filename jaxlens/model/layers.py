@@ -185,6 +185,12 @@ def takes_rows_kernel(spec: str, x: jax.Array, W: jax.Array) -> bool:
             and cpu_kernels.available())
 
 
+def query_rows(a: jax.Array, rows: tuple[int, ...] | None) -> jax.Array:
+    """`a` [batch pos ...] at the static positions `rows` only (None: all of them): the last block
+    when only some positions' logits are read."""
+    return a if rows is None else a[:, jnp.asarray(rows, jnp.int32)]
+
+
 def take_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
     """`table[idx]` (an embedding lookup). A bf16 table is gathered through its 16-bit integer view:
     inside a decode loop XLA:CPU widens a bf16 gather's whole table to f32 once per call (154 MB
@@ -205,5 +211,5 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids from a [batch pos] 0/1 mask: the count of real tokens before each one."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
-__all__ = ["ACTIVATIONS", "activation", "apply_rotary", "soft_cap", "KEY_BLOCK", "blocked_attention", "masked_softmax", "repeat_kv",
+__all__ = ["ACTIVATIONS", "activation", "apply_rotary", "soft_cap", "KEY_BLOCK", "blocked_attention", "masked_softmax", "repeat_kv", "query_rows",
            "positions_from_mask", "take_rows", "takes_rows_kernel", "weight_einsum"]
