@@ -33,6 +33,8 @@ jaxpr, `jaxlens.edits.metric_positions`; otherwise all positions). The final nor
 unembedding, the costliest layer of a small model, run only there; the metric receives the full
 [batch pos vocab] logits with the corrupted run's values before w and NaN at positions that were
 not computed, so a metric reading an undeclared position gives NaN, never a silent number.
+The unembedding computes only the vocabulary columns the metric provably reads, when they are
+few (`metric_columns`: a logit difference reads two); the others are NaN, never read.
 
 `patching_metric(logits) -> scalar` must be a JAX function (it is traced, under vmap, once per
 program); `logits` are [batch pos d_vocab] of the corrupted batch with one patch applied.
@@ -54,7 +56,7 @@ from jaxlens.fingerprint import Fn, call_metric, retry_static
 from jaxlens.model.forward import forward, is_scanned, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
 from jaxlens.edits.interventions import register_edit
-from jaxlens.edits.metric_positions import resolve_metric_positions
+from jaxlens.edits.metric_positions import metric_columns, resolve_metric_positions
 from jaxlens.model.block import Resume
 from jaxlens.model.kv import KVCache
 from jaxlens.model.packed import PackedRows
@@ -171,6 +173,17 @@ def window_starts(seq_len: int, fractions: Sequence[float] | None = None) -> tup
     return tuple(sorted({0} | {int(seq_len * f) for f in fractions if 0 <= f < 1}))
 
 
+def _widen(logits: jax.Array, columns: tuple[int, ...] | None, vocab: int) -> jax.Array:
+    """[... vocab] logits from those of the vocabulary `columns` alone (None: already whole), NaN
+    in every other column (which the metric provably never reads). A select of a broadcast, fused
+    into the metric's read."""
+    if columns is None:
+        return logits
+    sel, src = np.zeros(vocab, bool), np.zeros(vocab, np.int32)
+    sel[list(columns)], src[list(columns)] = True, np.arange(len(columns))
+    return jnp.where(sel, jnp.take(logits, src, axis=-1), jnp.nan)
+
+
 def _assemble(logits: jax.Array, base: jax.Array, window: int, computed: tuple[int, ...] | None) -> jax.Array:
     """Full [batch pos vocab] logits for the metric: the suffix run's `logits` at the `computed`
     suffix positions (None: all of them), `base` elsewhere (the corrupted run's before `window`,
@@ -223,9 +236,10 @@ def _scalar_metric(metric: Any, logits: jax.Array) -> jax.Array:
 
 @retry_static(eager=False)  # grid cells are vmapped: a stored value would be traced
 @partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "window", "window_axis", "metric_positions",
-                                   "precision", "chunk_size", "mesh", "resume_at"))
+                                   "metric_columns", "precision", "chunk_size", "mesh", "resume_at"))
 def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, metric, resume_value=None, *, cfg, name,
-                 axes, layer, window, window_axis, metric_positions, precision, chunk_size, mesh=None, resume_at=None):
+                 axes, layer, window, window_axis, metric_positions, precision, chunk_size, mesh=None, resume_at=None,
+                 metric_columns=None):
     """Metric for every patch index (cells, [n_cells, len(axes)]) of one layer whose window-axis
     index is >= `window`: [n_cells].
 
@@ -233,8 +247,9 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
     there is the corrupted run's (`resid` [batch pos d_model]) and the earlier positions' keys
     and values come from the corrupted run's cache `kv` (None when window = 0), which no patch at
     or after `window` can change (causal attention). Logits are computed only at the metric's
-    positions (`metric_positions`, None: all); the metric sees the corrupted run's logits before
-    `window` and NaN at positions neither computed nor earlier. `metric` is an `Fn` (keyed by
+    positions (`metric_positions`, None: all) and vocabulary columns (`metric_columns`, None:
+    all); the metric sees the corrupted run's logits before `window` and NaN at positions
+    neither computed nor earlier, and in columns not computed. `metric` is an `Fn` (keyed by
     what it reads, so a metric reading changed globals recompiles). On a `mesh` the cells are
     split over its batch axes (`map_cells`). `resume_at` / `resume_value`: block `layer` starts at
     that hook from the corrupted run's value ([batch pos ...], `_resume_point`)."""
@@ -257,8 +272,9 @@ def _suffix_grid(params, mask, resid, kv, corrupted_logits, clean_act, cells, me
         else:
             hooks = Hooks(((frozenset({name}), IndexPatch(index - shift, clean, axes)),))
             logits, _, _ = forward(params, cfg, x, sub_mask, hooks=hooks, kv=kv, precision=precision,
-                                   start_at_layer=layer, logit_positions=computed, resume=resume)
-            full = _assemble(logits, base, window, computed)
+                                   start_at_layer=layer, logit_positions=computed, logit_columns=metric_columns,
+                                   resume=resume)
+            full = _assemble(_widen(logits, metric_columns, base.shape[-1]), base, window, computed)
         return _scalar_metric(metric, full)
 
     return map_cells(one, cells, chunk_size, mesh)
@@ -327,10 +343,10 @@ def _packed_logit_rows(metric_positions: tuple[int, ...] | None, seq_len: int
 
 
 @retry_static(eager=False)  # grid cells are vmapped: a stored value would be traced
-@partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "metric_positions", "precision", "chunk_size",
-                                   "mesh", "resume_at"))
+@partial(jax.jit, static_argnames=("cfg", "name", "axes", "layer", "metric_positions", "metric_columns", "precision",
+                                   "chunk_size", "mesh", "resume_at"))
 def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, metric, resume_value=None, *, cfg, name,
-                 axes, layer, metric_positions, precision, chunk_size, mesh=None, resume_at=None):
+                 axes, layer, metric_positions, precision, chunk_size, mesh=None, resume_at=None, metric_columns=None):
     """Metric of both cells of every packed sequence (`packed_rows`' arrays, `seqs`) of one
     layer's position grid: [n_sequences 2] (a sequence's second slot is meaningless where it
     holds one cell).
@@ -340,7 +356,8 @@ def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, met
     (`RowPatch`), the corrupted keys and values before each cell's start from `kv` (the cache of
     the prompt, with room for the rows after it). Logits only at the rows of the metric's
     positions; the metric of a cell sees the corrupted run's logits before its start and NaN at
-    positions neither computed nor earlier (as `_suffix_grid`, also for `resume_at`)."""
+    positions neither computed nor earlier (as `_suffix_grid`, also for `resume_at` and
+    `metric_columns`)."""
     seq_len = mask.shape[1]
     logit_rows, src = _packed_logit_rows(metric_positions, seq_len)
     read = np.zeros(seq_len, bool)
@@ -351,7 +368,7 @@ def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, met
         base = jnp.where((pos < start)[None, :, None], corrupted_logits, jnp.nan)
         if logits is None:
             return base
-        own = jnp.take(logits.astype(base.dtype), src[slot], axis=1)
+        own = jnp.take(_widen(logits, metric_columns, base.shape[-1]).astype(base.dtype), src[slot], axis=1)
         return jnp.where((read[None, :] & (pos >= start)[None, :])[..., None], own, base)
 
     def one(seq):
@@ -362,7 +379,8 @@ def _packed_grid(params, mask, resid, kv, corrupted_logits, clean_act, seqs, met
             x, sub_mask = jnp.take(resid, rows.positions, axis=1), jnp.take(mask, rows.positions, axis=1)
             resume = None if resume_at is None else Resume(resume_at, jnp.take(resume_value, rows.positions, axis=1))
             logits, _, _ = forward(params, cfg, x, sub_mask, hooks=hooks, kv=kv, precision=precision,
-                                   start_at_layer=layer, logit_positions=logit_rows, packed=rows, resume=resume)
+                                   start_at_layer=layer, logit_positions=logit_rows, logit_columns=metric_columns,
+                                   packed=rows, resume=resume)
         return jnp.stack([_scalar_metric(metric, assemble(logits, seq["cell_starts"][slot], slot)) for slot in (0, 1)])
 
     return map_cells(one, seqs, chunk_size, mesh)
@@ -548,6 +566,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
                                           capture=resid_names | resume_names | frozenset(names) | {EMBEDDED},
                                           precision=model.precision, with_kv=True)
     metric_pos = resolve_metric_positions(patching_metric, metric_positions, logits_c.shape, logits_c.dtype)
+    metric_cols = metric_columns(patching_metric, logits_c.shape, logits_c.dtype)  # None: every column
     seq_axis = -1 if qaxis == 2 else 1
     cleans = {}
     for name in names:
@@ -587,8 +606,8 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
             plan.append((l, pairs))
             calls.append(((params, mask_j, resid_l, kv_room, logits_c, clean, seqs, metric, resume_value),
                           dict(cfg=cfg, name=name, axes=axes, layer=l, metric_positions=metric_pos,
-                               precision=model.precision, chunk_size=int(min(chunk, n)), mesh=mesh,
-                               resume_at=resume_at)))
+                               metric_columns=metric_cols, precision=model.precision, chunk_size=int(min(chunk, n)),
+                               mesh=mesh, resume_at=resume_at)))
             continue
         layer_starts = tuple(sorted({w} | {s for s in starts if s > w}))
         group = np.zeros(len(cells), np.int64) if win_axis is None else \
@@ -603,7 +622,7 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
             calls.append(((params, mask_j, resid_l, kv if ws else None, logits_c, clean, jnp.asarray(cells[sel]),
                            metric, resume_value),
                           dict(cfg=cfg, name=name, axes=axes, layer=l, window=ws, window_axis=win_axis,
-                               metric_positions=metric_pos, precision=model.precision,
+                               metric_positions=metric_pos, metric_columns=metric_cols, precision=model.precision,
                                chunk_size=int(min(chunk, len(sel))), mesh=mesh, resume_at=resume_at)))
     # every program compiled ahead, a few at a time; the results read back at the end, so that
     # dispatch runs ahead of them

@@ -79,6 +79,7 @@ def forward(
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
     logit_positions: tuple[int, ...] | None = None,
+    logit_columns: tuple[int, ...] | None = None,
     packed: PackedRows | None = None,
     resume: Resume | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
@@ -101,7 +102,9 @@ def forward(
 
     `logit_positions`: static indices into this call's positions (negative from the end); the
     logits are [batch len(logit_positions) vocab], only there (final-norm hooks see those
-    positions). Not with `stop_at_layer`.
+    positions). Not with `stop_at_layer`. `logit_columns`: static vocabulary indices (negative
+    from the end); the logits' last axis holds only those columns (the unembedding computes no
+    other), in that order. Not with `stop_at_layer`.
 
     `packed`: with `start_at_layer` and `kv`, the rows of `tokens` are several causal suffixes
     after the cached positions, each row tagged with its prompt position and its suffix's start
@@ -122,6 +125,11 @@ def forward(
             raise ValueError("logit_positions cannot be combined with stop_at_layer (no logits are computed)")
         q_len = jnp.shape(tokens)[1]
         logit_positions = tuple(indices(logit_positions, q_len, "logit_positions", context=f"for {q_len} positions"))
+    if logit_columns is not None:
+        if stop is not None:
+            raise ValueError("logit_columns cannot be combined with stop_at_layer (no logits are computed)")
+        logit_columns = tuple(indices(logit_columns, cfg.d_vocab, "logit_columns",
+                                      context=f"for a vocabulary of {cfg.d_vocab}"))
     if start is not None and (jnp.ndim(tokens) != 3 or tokens.shape[-1] != cfg.d_model):
         raise ValueError(f"with start_at_layer the input is the residual stream [batch pos d_model={cfg.d_model}], "
                          f"got shape {jnp.shape(tokens)}")
@@ -130,7 +138,8 @@ def forward(
     if eager_active() and is_scanned(params):  # nn.scan traces its body even eagerly: hooks that store
         params = unstack_layers(params, cfg.n_layers)  # must see concrete values, so run the layers unrolled
     module = Transformer(cfg, scan_layers=is_scanned(params), dtype=params["W_E"].dtype,
-                         start_at_layer=start, stop_at_layer=stop, logit_positions=logit_positions)
+                         start_at_layer=start, stop_at_layer=stop, logit_positions=logit_positions,
+                         logit_columns=logit_columns)
     params = _run_layers(params, start, stop)
     ctx = RunCtx(capture=capture, hooks=hooks)
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():

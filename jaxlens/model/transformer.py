@@ -82,7 +82,9 @@ class Transformer(nn.Module):
     norm and unembedding run only there, logits [batch len(logit_positions) vocab] (the
     unembedding is the costliest layer of a small model; a metric reading one position needs one),
     and so does the last block's work after its keys and values when no hook inside it is used
-    (`_last_block_rows`).
+    (`_last_block_rows`). `logit_columns` (static vocabulary indices, or None for all): the
+    unembedding computes only those columns, logits [... len(logit_columns)] (a logit-difference
+    metric reads two of a 50k vocabulary).
     """
 
     cfg: ModelConfig
@@ -91,6 +93,7 @@ class Transformer(nn.Module):
     start_at_layer: int | None = None
     stop_at_layer: int | None = None
     logit_positions: tuple[int, ...] | None = None
+    logit_columns: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, tokens, attention_mask, ctx: RunCtx, kv: KVCache | None = None,
@@ -195,11 +198,14 @@ class Transformer(nn.Module):
         x = Norm(cfg, "ln_final", name="ln_final")(x, ctx)
         # weight_einsum: a bf16 unembedding accumulates in f32 and, from two rows up, is XLA:CPU's
         # native bf16 dot (a plain bf16 einsum widened the table to f32 on every decode step)
-        if cfg.tie_word_embeddings:
-            logits = weight_einsum("bpd,vd->bpv", x, W_E)  # not x @ W_E.T: XLA would copy the transpose every call
+        cols = None if self.logit_columns is None else jnp.asarray(self.logit_columns, jnp.int32)
+        b_U = param(self, "b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
+        if cfg.tie_word_embeddings:  # not x @ W_E.T: XLA would copy the transpose every call
+            logits = weight_einsum("bpd,vd->bpv", x, W_E if cols is None else W_E[cols])
         else:
-            logits = weight_einsum("bpd,dv->bpv", x, param(self, "W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype))
-        logits = logits + param(self, "b_U", nn.initializers.zeros, (cfg.d_vocab,), self.dtype)
+            W_U = param(self, "W_U", _init, (cfg.d_model, cfg.d_vocab), self.dtype)
+            logits = weight_einsum("bpd,dv->bpv", x, W_U if cols is None else W_U[:, cols])
+        logits = logits + (b_U if cols is None else b_U[cols])
         if cfg.output_logits_soft_cap is not None:  # Gemma 2: after the unembedding (TL's hook_unembed is before)
             logits = soft_cap(logits, cfg.output_logits_soft_cap)
         if kv is None:
