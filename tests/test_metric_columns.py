@@ -33,6 +33,8 @@ SHAPE, DT = (2, 8, 100), jnp.float32
     (lambda lg: lg[:, 2].sum(), (2,), None),
     (lambda lg: lg[:, -1, jnp.argmax(lg[0, 0])].sum(), (0, 7), None),  # a column chosen by the logits
     (lambda lg: jax.jit(lambda row: row)(lg[:, -1])[:, 3].sum(), (7,), None),  # a view returned by a call
+    (lambda lg: jax.jit(lambda r: jax.lax.slice(r, (0, 0), (2, 100)))(lg[:, -1])[:, 3].sum(), (7,), None),  # made inside
+    (lambda lg: jax.jit(lambda row: row[:, 3])(lg[:, -1]).sum(), (7,), (3,)),  # columns read inside a call
     (lambda lg: jax.nn.log_softmax(lg, axis=-1)[:, -1, 3].sum(), None, None),  # positions unknown: columns too
 ])
 def test_detect_metric_reads(metric, pos, cols):

@@ -155,9 +155,7 @@ def _reads(jaxpr: Any, targets: set[Any], views: dict[Any, int], known: dict[Any
             inner_views = {inner.invars[i]: views[eqn.invars[i]] for i in viewed}
             if any(v in inner_targets for v in inner.outvars if not isinstance(v, Literal)):
                 raise _All  # the logits pass through the call: its result would need following too
-            out.merge(_reads(inner, inner_targets, inner_views, inner_known, shape))
-            if any(v in inner_views for v in inner.outvars if not isinstance(v, Literal)):
-                out.add_cols(None)
+            out.merge(_reads(inner, inner_targets, inner_views, inner_known, shape))  # a view it returns: all
             continue
         if viewed:  # a use of a column view: only its columns are in question
             cols, axis = _axis_read(eqn, views[eqn.invars[0]], known, vocab) if viewed == [0] else (None, None)
@@ -184,6 +182,8 @@ def _reads(jaxpr: Any, targets: set[Any], views: dict[Any, int], known: dict[Any
             out.add_cols(cols)
     if any(not isinstance(v, Literal) and v in targets for v in jaxpr.outvars):
         raise _All
+    if any(not isinstance(v, Literal) and v in views for v in jaxpr.outvars):
+        out.add_cols(None)  # a view returned whole: every column is in the result
     return out
 
 
