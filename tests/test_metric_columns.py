@@ -12,8 +12,8 @@ import pytest
 
 import jaxlens
 from conftest import assert_close, built
-from jaxlens.edits import patching
-from jaxlens.edits.metric_positions import detect_metric_reads, metric_columns
+from jaxlens.edits import metric_positions, patching
+from jaxlens.edits.metric_positions import detect_metric_reads, resolve_metric_reads
 from jaxlens.model.forward import forward
 
 SHAPE, DT = (2, 8, 100), jnp.float32
@@ -41,10 +41,14 @@ def test_detect_metric_reads(metric, pos, cols):
     assert detect_metric_reads(metric, SHAPE, DT) == (pos, cols)
 
 
+def columns(metric):
+    return resolve_metric_reads(metric, None, SHAPE, DT)[1]
+
+
 def test_metric_columns_only_when_few():
-    assert metric_columns(lambda lg: lg[:, -1, 11] - lg[:, -1, 12], SHAPE, DT) == (11, 12)
-    assert metric_columns(lambda lg: lg[:, -1, :60].sum(), SHAPE, DT) is None  # over half: the whole unembedding
-    assert metric_columns(lambda lg: lg[:, -1, :50].sum(), SHAPE, DT) == tuple(range(50))
+    assert columns(lambda lg: lg[:, -1, 11] - lg[:, -1, 12]) == (11, 12)
+    assert columns(lambda lg: lg[:, -1, :60].sum()) is None  # over half: the whole unembedding
+    assert columns(lambda lg: lg[:, -1, :50].sum()) == tuple(range(50))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # untied W_U; tied W_E with Gemma 2's logit soft cap
@@ -86,11 +90,21 @@ def test_grids_with_columns_equal_the_whole_vocabulary(hf_root, monkeypatch):
             asked.append(kw.get("logit_columns"))
         return real_forward(*a, **kw)
 
+    traces = []
+    real_detect = metric_positions.detect_metric_reads
+
+    def counted(*a):
+        traces.append(1)
+        return real_detect(*a)
+
     monkeypatch.setattr(patching, "forward", spy)
+    monkeypatch.setattr(metric_positions, "detect_metric_reads", counted)
     fns = (patching.get_act_patch_attn_head_out_all_pos, patching.get_act_patch_resid_pre)
     cut = [np.asarray(fn(m, corrupt, cache, answer_metric)) for fn in fns]
     assert set(asked) == {(3, 4, 9)}, asked
-    monkeypatch.setattr(patching, "metric_columns", lambda *a: None)
+    assert len(traces) == len(fns), "one trace of the metric per grid call answers both positions and columns"
+    real_resolve = patching.resolve_metric_reads
+    monkeypatch.setattr(patching, "resolve_metric_reads", lambda *a: (real_resolve(*a)[0], None))
     asked.clear()
     whole = [np.asarray(fn(m, corrupt, cache, answer_metric)) for fn in fns]
     assert set(asked) == {None}

@@ -16,7 +16,7 @@ import pytest
 import jaxlens
 from conftest import assert_close, built
 from jaxlens.edits import patching
-from jaxlens.edits.metric_positions import detect_metric_positions, resolve_metric_positions
+from jaxlens.edits.metric_positions import detect_metric_positions, resolve_metric_reads
 from jaxlens.fingerprint import Fn
 from jaxlens.hooks import Hooks
 from jaxlens.model.forward import forward, unstack_layers
@@ -169,7 +169,8 @@ def test_detect_metric_positions():
     scanned = lambda lg: jax.lax.scan(lambda c, x: (c + x[-1, 0], None), 0.0, lg)[0]  # noqa: E731  (x: [pos vocab])
     assert detect_metric_positions(scanned, shape, dt) is None
     assert detect_metric_positions(jax.checkpoint(lambda lg: lg[:, 1, 0].sum()), shape, dt) == (1,)
-    assert resolve_metric_positions(last_metric, [-1, 2, 2], shape, dt) == (2, S - 1)
+    assert resolve_metric_reads(last_metric, [-1, 2, 2], shape, dt) == ((2, S - 1), (A, B))  # given positions win
+    assert resolve_metric_reads(last_metric, 3, shape, dt)[0] == (3,)
 
 
 def test_forward_suffix_with_cache_and_logit_positions(gpt2, hf_root):

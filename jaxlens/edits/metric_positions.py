@@ -10,7 +10,7 @@ reshape, an index computed from the logits) means "every position": the answer i
 guess, so a grid that trusts it computes exactly what the metric needs.
 
 The same reads give the vocabulary columns (axis 2): a logit difference reads two, and a grid
-then unembeds only those (`metric_columns`). A read whose columns are not constants, or any
+then unembeds only those (`resolve_metric_reads`, which answers both from one trace). A read whose columns are not constants, or any
 read of whole rows, means every column; the positions stay known.
 """
 
@@ -25,7 +25,7 @@ from jax.extend.core import Literal
 from jaxlens.fingerprint import call_metric
 from jaxlens.validate import indices
 
-__all__ = ["detect_metric_positions", "detect_metric_reads", "metric_columns", "resolve_metric_positions"]
+__all__ = ["detect_metric_positions", "detect_metric_reads", "resolve_metric_reads"]
 
 _MISSING = object()
 _ALIASES = ("convert_element_type", "copy", "copy_p")  # same axes, same positions: follow the result
@@ -211,21 +211,19 @@ def detect_metric_positions(metric: Callable[[jax.Array], Any], shape: Sequence[
     return detect_metric_reads(metric, shape, dtype)[0]
 
 
-def metric_columns(metric: Callable[[jax.Array], Any], shape: Sequence[int], dtype: Any) -> tuple[int, ...] | None:
-    """The vocabulary columns worth computing alone for `metric` on logits of `shape`: those it
-    provably reads, or None (every column) when unknown or when they are over half the vocabulary."""
-    cols = detect_metric_reads(metric, shape, dtype)[1]
-    return None if cols is None or 2 * len(cols) > shape[2] else cols
+def resolve_metric_reads(metric: Callable[[jax.Array], Any], metric_positions: Any, shape: Sequence[int],
+                         dtype: Any) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(positions, columns) a grid computes for `metric` on logits of `shape`, from one trace of it.
 
-
-def resolve_metric_positions(metric: Callable[[jax.Array], Any], metric_positions: Any, shape: Sequence[int],
-                             dtype: Any) -> tuple[int, ...] | None:
-    """`metric_positions` checked and made non-negative (sorted, unique), or detected when None;
-    None in the result means every position."""
+    positions: `metric_positions` checked and made non-negative (sorted, unique), or detected when
+    None; columns: those the metric provably reads, kept only when at most half the vocabulary
+    (fewer are worth an unembedding of their own). None in either means all of that axis."""
     seq_len = int(shape[1])
-    if metric_positions is None:
-        return detect_metric_positions(metric, shape, dtype)
-    if isinstance(metric_positions, (int, np.integer)) and not isinstance(metric_positions, bool):
-        metric_positions = [metric_positions]
-    pos = indices(metric_positions, seq_len, "metric_positions", context=f"for prompts of {seq_len} positions")
-    return tuple(sorted(set(pos)))
+    if metric_positions is not None:  # checked before the trace: a bad argument fails first, clearly
+        if isinstance(metric_positions, (int, np.integer)) and not isinstance(metric_positions, bool):
+            metric_positions = [metric_positions]
+        given = indices(metric_positions, seq_len, "metric_positions", context=f"for prompts of {seq_len} positions")
+        metric_positions = tuple(sorted(set(given)))
+    pos, cols = detect_metric_reads(metric, shape, dtype)
+    cols = None if cols is None or 2 * len(cols) > shape[2] else cols
+    return (pos if metric_positions is None else metric_positions), cols

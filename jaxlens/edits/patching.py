@@ -56,7 +56,7 @@ from jaxlens.fingerprint import Fn, call_metric, retry_static
 from jaxlens.model.forward import forward, is_scanned, unstack_layers
 from jaxlens.hooks import HookPoint, Hooks, get_act_name
 from jaxlens.edits.interventions import register_edit
-from jaxlens.edits.metric_positions import metric_columns, resolve_metric_positions
+from jaxlens.edits.metric_positions import resolve_metric_reads
 from jaxlens.model.block import Resume
 from jaxlens.model.kv import KVCache
 from jaxlens.model.packed import PackedRows
@@ -565,8 +565,8 @@ def generic_activation_patch(model: Any, corrupted_tokens: Any, clean_cache: Any
     logits_c, acts_c, kv = _corrupted_run(params, toks_j, mask_j, cfg=cfg,
                                           capture=resid_names | resume_names | frozenset(names) | {EMBEDDED},
                                           precision=model.precision, with_kv=True)
-    metric_pos = resolve_metric_positions(patching_metric, metric_positions, logits_c.shape, logits_c.dtype)
-    metric_cols = metric_columns(patching_metric, logits_c.shape, logits_c.dtype)  # None: every column
+    metric_pos, metric_cols = resolve_metric_reads(patching_metric, metric_positions, logits_c.shape,
+                                                   logits_c.dtype)  # None: every position / column
     seq_axis = -1 if qaxis == 2 else 1
     cleans = {}
     for name in names:
