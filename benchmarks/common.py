@@ -30,6 +30,26 @@ from typing import Any, Callable, Sequence
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+
+def _host_memory() -> Any:
+    """`jaxlens.host_memory`, loaded from its file: importing the package would import jax into
+    the torch side's process too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_jaxlens_host_memory", Path(__file__).resolve().parents[1] / "jaxlens" / "host_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# Both sides of every comparison keep freed host memory for reuse (glibc malloc: no trim, no munmap,
+# one arena): fresh pages cost a fault each, and torch's allocations gain from it too (HF forward
+# -3%, TL run_with_cache -11% on 2026-12-07's EPYC). Set before either side allocates; JAXLENS_RETAIN_MEMORY=0
+# measures glibc's defaults.
+HOST_MEMORY = _host_memory()
+MALLOC_RETAINED = HOST_MEMORY.retain_freed_memory()
 CACHE = Path(os.environ.get("JAXLENS_BENCH_DIR", "/tmp/jaxlens_bench"))
 NOISY_SHARE = 0.10  # other processes may take at most this share of our cores during a timed section
 SIDE_TAG = "JAXLENS_BENCH_SIDE "  # prefixes the JSON line a `--side` subprocess prints
@@ -145,6 +165,12 @@ def _version(pkg: str) -> str:
         return "-"
 
 
+def _malloc_report() -> str:
+    if MALLOC_RETAINED:
+        return "freed memory retained on both sides (" + ", ".join(f"{k} {v}" for k, v in HOST_MEMORY.SETTINGS.items()) + ")"
+    return f"the C library's defaults ({HOST_MEMORY.ENV}=0, or not glibc)"
+
+
 def machine_report() -> str:
     """Everything a figure depends on besides the code: CPU, cores, versions, threads, flags, load."""
     n = cores()
@@ -167,6 +193,7 @@ def machine_report() -> str:
         f"transformers {_version('transformers')}, transformer_lens {_version('transformer-lens')}",
         f"threads: torch {torch_threads}; jax devices {jax_devices}; {env_threads or 'no thread env vars'}",
         f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '') or '(none)'}",
+        f"malloc: {_malloc_report()}",
         f"load average: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}",
     ])
 

@@ -169,8 +169,9 @@ def os_error_message(e: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; a user error (bad input, a bad or unreadable path, a full disk) prints
     `jaxlens: error: ...` on stderr and returns 2, without a traceback."""
-    from jaxlens import compile_cache
+    from jaxlens import compile_cache, host_memory
 
+    host_memory.retain_freed_memory()  # no page faults on each call's fresh outputs; JAXLENS_RETAIN_MEMORY=0: off
     compile_cache.enable(warn=True)  # compile once across runs; JAXLENS_COMPILE_CACHE=0 turns it off
     a = build_parser().parse_args(argv)
     try:
