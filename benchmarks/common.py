@@ -31,7 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
 def _host_memory() -> Any:
     """`jaxlens.host_memory`, loaded from its file: importing the package would import jax into
     the torch side's process too."""
@@ -167,7 +166,8 @@ def _version(pkg: str) -> str:
 
 def _malloc_report() -> str:
     if MALLOC_RETAINED:
-        return "freed memory retained on both sides (" + ", ".join(f"{k} {v}" for k, v in HOST_MEMORY.SETTINGS.items()) + ")"
+        settings = ", ".join(f"{k} {v}" for k, v in HOST_MEMORY.SETTINGS.items())
+        return f"freed memory retained on both sides ({settings})"
     return f"the C library's defaults ({HOST_MEMORY.ENV}=0, or not glibc)"
 
 

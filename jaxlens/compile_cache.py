@@ -29,10 +29,11 @@ import os
 import sys
 from pathlib import Path
 
+from jaxlens.host_memory import OFF_VALUES  # the one set of "off" values of jaxlens's env switches
+
 __all__ = ["ENV", "OFF_VALUES", "cache_dir", "enable", "disable", "user_cache_root"]
 
 ENV = "JAXLENS_COMPILE_CACHE"
-OFF_VALUES = frozenset({"0", "off", "false", "no", "none", "disable", "disabled"})
 
 
 def cache_dir(path: str | os.PathLike[str] | None = None) -> Path | None:

@@ -27,16 +27,16 @@ import ctypes.util
 import os
 import warnings
 
-__all__ = ["ENV", "SETTINGS", "retain_freed_memory", "retained"]
+__all__ = ["ENV", "OFF_VALUES", "SETTINGS", "retain_freed_memory", "retained"]
 
 ENV = "JAXLENS_RETAIN_MEMORY"
-_OFF = frozenset({"0", "off", "false", "no", "none", "disable", "disabled"})
-# glibc's mallopt parameters (malloc.h) and the values set: one arena, so a worker thread's frees
-# go back to the heap every thread reuses; never trim the heap's top; mmap only above 1 GiB.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+# The values of a jaxlens env switch that turn its process setting off (this one, the compile
+# cache's, the CPU kernels'). Defined here, the one module of them that imports nothing of jaxlens.
+OFF_VALUES = frozenset({"0", "off", "false", "no", "none", "disable", "disabled"})
+# The values set: one arena, so a worker thread's frees go back to the heap every thread reuses;
+# never trim the heap's top; mmap only above 1 GiB. With glibc's mallopt codes (malloc.h's M_*).
 SETTINGS = {"arena_max": 1, "trim_threshold": 2**31 - 1, "mmap_threshold": 2**30, "top_pad": 64 << 20}
-_PARAMS = {"arena_max": _M_ARENA_MAX, "trim_threshold": _M_TRIM_THRESHOLD, "mmap_threshold": _M_MMAP_THRESHOLD,
-           "top_pad": _M_TOP_PAD}
+_CODES = {"arena_max": -8, "trim_threshold": -1, "mmap_threshold": -3, "top_pad": -2}
 _applied = False
 
 
@@ -59,14 +59,14 @@ def retain_freed_memory() -> bool:
     glibc. Idempotent. Call it before the work starts: threads that already allocated keep the
     arena they have (their frees still stay in the process: no trim, no munmap)."""
     global _applied
-    if os.environ.get(ENV, "").strip().lower() in _OFF:
+    if os.environ.get(ENV, "").strip().lower() in OFF_VALUES:
         return False
     if _applied:
         return True
     libc = _glibc()
     if libc is None:
         return False
-    refused = [f"{name}={value}" for name, value in SETTINGS.items() if libc.mallopt(_PARAMS[name], value) != 1]
+    refused = [f"{name}={value}" for name, value in SETTINGS.items() if libc.mallopt(_CODES[name], value) != 1]
     if refused:  # speed only: say so, and go on with what this glibc took
         warnings.warn(f"glibc's mallopt refused {', '.join(refused)}: freed memory is only partly retained "
                       f"(set {ENV}=0 to leave malloc as it is)", RuntimeWarning, stacklevel=2)

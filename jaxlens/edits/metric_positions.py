@@ -10,8 +10,8 @@ reshape, an index computed from the logits) means "every position": the answer i
 guess, so a grid that trusts it computes exactly what the metric needs.
 
 The same reads give the vocabulary columns (axis 2): a logit difference reads two, and a grid
-then unembeds only those (`resolve_metric_reads`, which answers both from one trace). A read whose columns are not constants, or any
-read of whole rows, means every column; the positions stay known.
+then unembeds only those. A read whose columns are not constants, or any read of whole rows,
+means every column; the positions stay known. `resolve_metric_reads` answers both from one trace.
 """
 
 from __future__ import annotations
