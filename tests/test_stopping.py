@@ -5,6 +5,9 @@ against the bridge's loop."""
 from __future__ import annotations
 
 import copy
+import gc
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -256,6 +259,32 @@ def test_generate_stream_closed_early_stops_the_loop(gpt2):
     assert first.shape == (1, 6)
     stream.close()  # returns once the worker has finished: the loop stopped within a step or two
     assert len(seen) < 40 and not HostStop._live
+
+    # an idle reader holds the loop one yield ahead; it resumes where it was, and the tokens are generate's
+    seen.clear()
+    kw = dict(max_new_tokens=40, max_tokens_per_yield=3, stop_at_eos=False, do_sample=False)
+    stream = model.generate_stream(one, **kw, stopping_criteria=lambda ids, s: seen.append(ids.shape[1]) or False)
+    parts = [np.asarray(next(stream))]
+    time.sleep(1.0)  # an unbounded queue let the loop run all 40 steps in this time
+    held = len(seen)
+    assert held <= 2 * 3 + 2, f"the loop ran {held} steps ahead of a reader that took one yield"
+    other: list = []  # the held loop blocks nothing else: a forward and another generate run meanwhile
+    side = threading.Thread(target=lambda: other.extend([model(one), model.generate(one, **KW)]), daemon=True)
+    side.start()
+    side.join(timeout=120)
+    assert len(other) == 2, "a forward or a generate hung while a stream was held"
+    parts += [np.asarray(x) for x in stream]
+    plain = {k: v for k, v in kw.items() if k != "max_tokens_per_yield"}
+    whole = np.asarray(model.generate(one, return_type="tokens", **plain))
+    np.testing.assert_array_equal(np.concatenate(parts, 1), whole)
+    # dropping the last reference to a suspended stream stops its loop and its worker
+    seen.clear()
+    stream = model.generate_stream(one, **kw, stopping_criteria=lambda ids, s: seen.append(ids.shape[1]) or False)
+    next(stream)
+    del stream
+    gc.collect()
+    assert len(seen) < 40 and not HostStop._live
+    assert not [t for t in threading.enumerate() if t.name == "jaxlens-generate-stream"]
 
     def boom(ids, scores):
         raise KeyError("criterion failed")

@@ -578,7 +578,9 @@ def generate_stream(model: Any, input: Any = "", max_new_tokens: int = 10, max_t
     list for more), a character whose bytes are not all generated yet held back to the next.
     Joined, the yields are `generate(..., return_type="tokens")`'s output, token for token: the
     same program runs (in a worker thread), its per-step host callback feeding this generator.
-    Closing the generator early stops the loop at its next step. Other arguments: `generate`'s.
+    The loop runs at most one yield ahead of the reader: a consumer that stops reading holds it
+    at that step (no work past what it may still read). Closing the generator, or dropping the
+    last reference to it, stops the loop at its next step. Other arguments: `generate`'s.
     """
     import queue
     import threading
@@ -598,20 +600,31 @@ def generate_stream(model: Any, input: Any = "", max_new_tokens: int = 10, max_t
     if as_text and tok is None:
         raise ValueError("return_type='str' needs a tokenizer; this model has none: use return_type='tokens'")
     toks, mask = parse_input(tok, input, model.cfg, attention_mask, prepend_bos, "left")
-    steps: queue.Queue = queue.Queue()
+    # Bounded: the loop's callback waits while a yield's worth of steps is unread, so an idle reader
+    # holds the loop instead of letting it run to max_new_tokens; `closed` releases any wait.
+    steps: queue.Queue = queue.Queue(maxsize=max_tokens_per_yield)
     closed = threading.Event()
 
+    def send(item: tuple[str, Any]) -> None:
+        """Queue item for the reader, waiting for room; dropped once the reader has gone."""
+        while not closed.is_set():
+            try:
+                steps.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+
     def on_step(tokens: np.ndarray, done: np.ndarray) -> bool:
-        steps.put(("step", tokens))
+        send(("step", tokens))
         return closed.is_set()
 
     def work() -> None:
         try:
             generate(model, toks, max_new_tokens, attention_mask=mask, return_type="tokens", on_step=on_step,
                      **kwargs)
-            steps.put(("end", None))
+            send(("end", None))
         except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
-            steps.put(("error", e))
+            send(("error", e))
 
     worker = threading.Thread(target=work, name="jaxlens-generate-stream", daemon=True)
     worker.start()
