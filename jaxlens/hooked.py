@@ -799,6 +799,36 @@ class HookedTransformer:
         as "blocks.0.attn" included)."""
         return HookPointRef(self, hook_name) if hook_name in self._hook_name_set else None
 
+    def block_submodules(self, layer_idx: int) -> list[str]:
+        """TransformerLens 4's `block_submodules`: the block's parts in the bridge's order (its
+        `hook_mlp_in` point, the norms it has (`ln1`, `ln1_post`, ..., by `norm_placement`), `attn`,
+        `mlp`; GPT-2's adapter lists them in forward order). Negative indices count from the end."""
+        self.blocks[layer_idx]  # the index check: an IndexError naming the range
+        post = self.cfg.norm_placement != "pre"
+        norms = [[f"ln{n}"] * (self.cfg.norm_placement != "post") + [f"ln{n}_post"] * post for n in (1, 2)]
+        if self.cfg.original_architecture == "GPT2LMHeadModel":
+            return ["hook_mlp_in", *norms[0], "attn", *norms[1], "mlp"]
+        return ["hook_mlp_in", *norms[0], *norms[1], "attn", "mlp"]
+
+    def layer_types(self) -> list[str]:
+        """TransformerLens 4's `layer_types`: per block, its mixer then its other non-norm parts,
+        joined by "+" ("attn+hook_mlp_in+mlp" in every jaxlens family: no hybrid blocks)."""
+        out = []
+        for l in range(self.cfg.n_layers):
+            parts = [p for p in self.block_submodules(l) if not p.startswith("ln")]
+            out.append("+".join(["attn"] + sorted(p for p in parts if p != "attn")))
+        return out
+
+    def block_hooks(self, layer_idx: int) -> list[str]:
+        """TransformerLens 4's `block_hooks`: the hook names on block `layer_idx`, relative to it,
+        sorted: jaxlens's hook points, under TransformerLens's names. The bridge also lists its own
+        aliases (`hook_in` / `hook_out` points, rotary `attn.hook_cos` / `hook_sin`, the attention's
+        copies of the block's input hooks, the router's of the expert hooks), which are not points
+        here; jaxlens adds `mlp.hook_expert_outputs`. Negative indices count from the end (the
+        bridge answers [] for them)."""
+        prefix = f"blocks.{self.blocks[layer_idx]._layer}."
+        return sorted(n[len(prefix):] for n in self.hook_names() if n.startswith(prefix))
+
     def composition_layer_indices(self) -> list[int]:
         """The layers with attention: the positions `all_composition_scores` indexes."""
         return [l for l, _ in self.blocks_with("attn")]

@@ -88,6 +88,20 @@ def test_every_hook_matches_transformer_lens(hf_model, jl_model):
     assert len(shared) >= 20
     for k in shared:
         assert_close(cache[k], ref[k].numpy(), k)
+    # TL 4's per-block queries. block_hooks: our hook points, which are the bridge's less its own aliases
+    # (hook_in/out, rotary cos/sin, the attention's and router's copies of block and expert hooks)
+    assert jl_model.layer_types() == bridge.layer_types()
+    bridge_only = ("hook_in", "hook_out", "hook_cos", "hook_sin", "hook_hidden_states", "hook_router_scores",
+                   "gate.hook_expert_weights", "gate.hook_expert_indices")
+    for l in range(jl_model.cfg.n_layers):
+        assert jl_model.block_submodules(l) == bridge.block_submodules(l), f"block_submodules({l})"
+        ours, theirs = jl_model.block_hooks(l), set(bridge.block_hooks(l))
+        assert ours == sorted(ours) and set(ours) - theirs <= {"mlp.hook_expert_outputs"}, f"block_hooks({l})"
+        left = [n for n in theirs - set(ours) if not n.endswith(bridge_only) and n.removeprefix("attn.") not in ours]
+        assert not left, f"block {l} hooks the bridge has and jaxlens lacks: {left}"
+    assert jl_model.block_submodules(-1) == bridge.block_submodules(-1)
+    with pytest.raises(IndexError, match="out of range"):
+        jl_model.block_hooks(jl_model.cfg.n_layers)
     # text input: the same tokens, so BOS is prepended (or not) as TransformerLens 4 decides per family
     assert jl_model.cfg.default_prepend_bos == bridge.cfg.default_prepend_bos, "default_prepend_bos"
     text = "Alice and Bob went to the market"
