@@ -268,11 +268,13 @@ def test_generate_stream_closed_early_stops_the_loop(gpt2):
     time.sleep(1.0)  # an unbounded queue let the loop run all 40 steps in this time
     held = len(seen)
     assert held <= 2 * 3 + 2, f"the loop ran {held} steps ahead of a reader that took one yield"
-    other: list = []  # the held loop blocks nothing else: a forward and another generate run meanwhile
-    side = threading.Thread(target=lambda: other.extend([model(one), model.generate(one, **KW)]), daemon=True)
+    other: list = []  # the held loop blocks nothing else: a forward, a generate and a stream (host callbacks) run
+    side = threading.Thread(target=lambda: other.extend([
+        model(one), model.generate(one, **KW, stopping_criteria=lambda ids, s: False),
+        list(model.generate_stream(one, max_new_tokens=3, max_tokens_per_yield=1, do_sample=False))]), daemon=True)
     side.start()
     side.join(timeout=120)
-    assert len(other) == 2, "a forward or a generate hung while a stream was held"
+    assert len(other) == 3, "a forward, a generate or a second stream hung while a stream was held"
     parts += [np.asarray(x) for x in stream]
     plain = {k: v for k, v in kw.items() if k != "max_tokens_per_yield"}
     whole = np.asarray(model.generate(one, return_type="tokens", **plain))
