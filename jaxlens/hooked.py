@@ -804,8 +804,8 @@ class HookedTransformer:
         `hook_mlp_in` point, the norms it has (`ln1`, `ln1_post`, ..., by `norm_placement`), `attn`,
         `mlp`; GPT-2's adapter lists them in forward order). Negative indices count from the end."""
         self.blocks[layer_idx]  # the index check: an IndexError naming the range
-        post = self.cfg.norm_placement != "pre"
-        norms = [[f"ln{n}"] * (self.cfg.norm_placement != "post") + [f"ln{n}_post"] * post for n in (1, 2)]
+        pre, post = self.cfg.norm_placement != "post", self.cfg.norm_placement != "pre"
+        norms = [[f"ln{n}"] * pre + [f"ln{n}_post"] * post for n in (1, 2)]
         if self.cfg.original_architecture == "GPT2LMHeadModel":
             return ["hook_mlp_in", *norms[0], "attn", *norms[1], "mlp"]
         return ["hook_mlp_in", *norms[0], *norms[1], "attn", "mlp"]
